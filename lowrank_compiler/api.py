@@ -1,0 +1,105 @@
+"""The public Python API: transform, adapters, merge/unmerge, summaries."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import InitError
+from .graph_utils import META_KEY, lrc_meta, run_passes
+from .methods.base import AdapterMethod
+from .passes.insert import adapter_nodes, insert
+from .passes.match import match
+from .passes.merge import merge as _merge_pass
+from .passes.merge import set_merged
+from .spec import Spec, parse_spec
+from .trace import trace
+
+
+def transform(
+    model: nn.Module,
+    spec: str | Spec,
+    example_inputs: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    init_batches: int | None = None,
+    strategy: str = "auto",
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model``, insert the adapters ``spec`` asks for, and initialize them.
+
+    The returned GraphModule shares the model's (now frozen) base parameters; only adapter
+    parameters require grad. Data-dependent methods (e.g. ``loraga``) need ``data`` (an iterable
+    of batches, each passed to the graph as ``gm(*batch)`` / ``gm(**batch)``) and
+    ``loss_fn(output, batch) -> scalar``.
+
+    Raises:
+        SpecError: bad spec, a rule that matches no site, or arguments that don't fit a site.
+        TraceError: the model could not be traced.
+        InitError: a data-dependent method is missing ``data``/``loss_fn`` or saw non-finite gradients.
+    """
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
+    gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
+    res = run_passes(gm, [("match", lambda g: match(g, parsed)), ("insert", insert)])
+    gm = res.gm
+    needs_data = [n.meta[META_KEY].site for n in adapter_nodes(gm)
+                  if getattr(gm.get_submodule(n.meta[META_KEY].module_path), "data_dependent", False)]
+    if needs_data:
+        if data is None or loss_fn is None:
+            missing = " and ".join(x for x, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
+            raise InitError(
+                f"sites {needs_data[:3]}{'...' if len(needs_data) > 3 else ''} use a data-dependent method; "
+                f"pass {missing} to transform(): data=an iterable of batches (each called as gm(*batch) "
+                "or gm(**batch)), loss_fn=lambda output, batch: scalar loss"
+            )
+        from .passes.initialize import initialize
+
+        initialize(gm, data, loss_fn, batches=init_batches, progress=progress)
+    return gm
+
+
+def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
+    """``{site_name: adapter_module}`` in graph order."""
+    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}
+
+
+def merge(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+    """A plain GraphModule with every adapter folded into its weight (a copy unless ``inplace``)."""
+    target = gm if inplace else copy.deepcopy(gm)
+    return _merge_pass(target).gm
+
+
+def merge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold adapters into the weights in place but keep them, so ``unmerge_adapters`` can undo it."""
+    return set_merged(gm, True).gm
+
+
+def unmerge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
+    """Undo ``merge_adapters``: restore the base weights and the separate adapter branch."""
+    return set_merged(gm, False).gm
+
+
+def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in gm.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(gm: nn.Module) -> str:
+    """Print and return 'trainable params: N || all params: M || trainable%: P' (PEFT's format)."""
+    t, a = trainable_parameters(gm)
+    line = f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
+    print(line)
+    return line
+
+
+def specs_of(gm: fx.GraphModule) -> list[str]:
+    """The spec strings that were applied to ``gm``, in order."""
+    return list(lrc_meta(gm).get("specs", []))

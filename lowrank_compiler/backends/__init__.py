@@ -1,0 +1,1 @@
+"""Lowerings of a transformed GraphModule: torch.compile and ONNX Runtime."""

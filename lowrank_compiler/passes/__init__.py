@@ -1,0 +1,1 @@
+"""Graph passes, one per file: mode, match, insert, initialize, merge, strip."""

@@ -1,0 +1,37 @@
+"""Strip: a base-only view of a transformed graph (adapters removed, weights NOT folded)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from ..graph_utils import META_KEY, PassResult, finalize
+from .insert import AdapterMark
+
+_aten = torch.ops.aten
+
+
+def strip(gm: fx.GraphModule) -> PassResult:
+    """A new GraphModule over the same parameters with every adapter call replaced by its base linear.
+
+    Cases:
+      1. adapter node ``adapter(x, W, b)`` → ``aten.linear(x, W, b)``.
+    ``gm`` itself is not changed. Without adapter nodes the copy is returned with ``modified=False``.
+    """
+    graph = copy.deepcopy(gm.graph)
+    modified = False
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(node.meta.get(META_KEY), AdapterMark):
+            x, w, b = node.args
+            with graph.inserting_after(node):
+                new = graph.call_function(_aten.linear.default, (x, w, b) if b is not None else (x, w))
+            new.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            modified = True
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(copy.copy(gm.meta))
+    out.train(gm.training)
+    return PassResult(finalize(out), modified)

@@ -1,0 +1,161 @@
+"""model → GraphModule: ``fx.symbolic_trace`` where it works, else ``torch.export`` (non-strict)."""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+from .graph_utils import lrc_meta
+from .passes.mode import make_mode_switchable
+
+_ROOT = "m"  # attribute of the binding wrapper that holds the user's model
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    strategy: str = "auto",
+) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule whose dropout follows train()/eval().
+
+    ``strategy``: ``"auto"`` tries ``fx.symbolic_trace`` then ``torch.export``; ``"fx"`` or
+    ``"export"`` forces one. For export, tensor inputs get dynamic batch (dim 0) and sequence
+    (dim 1) sizes; non-tensor kwargs (``use_cache=False``) are baked into the graph.
+
+    Raises:
+        TraceError: every strategy failed; the message names each failure.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if strategy not in ("auto", "fx", "export"):
+        raise TraceError(f"strategy must be 'auto', 'fx' or 'export', got {strategy!r}")
+    if isinstance(model, fx.GraphModule) and "lrc" in model.meta:
+        return model
+    example_inputs = tuple(example_inputs or ())
+    example_kwargs = dict(example_kwargs or {})
+    failures: list[str] = []
+    was_training = model.training
+    if strategy in ("auto", "fx"):
+        try:
+            gm = fx.symbolic_trace(model)
+            lrc_meta(gm).update(trace="fx", example_inputs=example_inputs, example_kwargs=example_kwargs,
+                                input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
+            gm.train(was_training)
+            return gm
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(f"fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
+    if strategy in ("auto", "export"):
+        if not example_inputs and not example_kwargs:
+            failures.append("torch.export: needs example inputs; pass example_inputs=(input_ids,) "
+                            "and/or example_kwargs={...}")
+        else:
+            try:
+                return _export(model, example_inputs, example_kwargs, was_training)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"torch.export (non-strict): {type(e).__name__}: {_first_line(e)}")
+            finally:
+                model.train(was_training)
+    raise TraceError(f"could not trace {type(model).__name__}:\n  - " + "\n  - ".join(failures))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _binding_wrapper(model: nn.Module, names: list[str], n_pos: int, consts: dict[str, Any]) -> nn.Module:
+    """A module whose forward(name1, name2, ...) calls model(pos..., kw=..., **consts)."""
+    for n in names:
+        if not n.isidentifier() or keyword.iskeyword(n):
+            raise TraceError(f"input name {n!r} is not a Python identifier")
+    call = ", ".join(names[:n_pos] + [f"{n}={n}" for n in names[n_pos:]])
+    src = f"def forward(self, {', '.join(names)}):\n    return self.{_ROOT}({call}, **self._lrc_consts)\n"
+    ns: dict[str, Any] = {}
+    exec(compile(src, "<lrc-binding>", "exec"), ns)  # our own generated source, identifiers only
+    cls = type("LrcBinding", (nn.Module,), {"forward": ns["forward"]})
+    wrapper = cls()
+    setattr(wrapper, _ROOT, model)
+    wrapper._lrc_consts = consts
+    return wrapper
+
+
+def _positional_names(model: nn.Module, n: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params[:n]]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input_{i}" for i in range(len(names), n)]
+
+
+def _dynamic_dims(t: torch.Tensor) -> dict[int, Any]:
+    dims = (0, 1) if t.dim() in (2, 3) else (0,) if t.dim() >= 1 else ()
+    return {d: torch.export.Dim.AUTO for d in dims}
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> fx.GraphModule:
+    tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    consts = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise TraceError("example_inputs must all be tensors; pass other values in example_kwargs")
+    names = _positional_names(model, len(args)) + list(tensor_kw)
+    wrapper = _binding_wrapper(model, names, len(args), consts)
+    inputs = tuple(args) + tuple(tensor_kw.values())
+    model.eval()  # eval-mode trace: matches eager exactly; mode pass restores train-time dropout
+    ep = torch.export.export(wrapper, inputs, dynamic_shapes=tuple(_dynamic_dims(t) for t in inputs),
+                             strict=False)
+    em = ep.module(check_guards=False)
+    graph = em.graph
+    prefix = _ROOT + "."
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target.startswith(prefix):
+            node.target = node.target[len(prefix):]
+    gm = fx.GraphModule(model, graph)
+    gm.meta.update({k: v for k, v in em.meta.items() if k != "lrc"})
+    make_mode_switchable(gm, _sdpa_dropout(model, gm))
+    gm.train(was_training)
+    lrc_meta(gm).update(trace="export", example_inputs=inputs, example_kwargs={}, input_names=names,
+                        const_kwargs=consts, model_class=type(model).__name__)
+    return gm
+
+
+_P_FLOAT_ATTRS = ("attention_dropout", "dropout_prob", "attn_dropout_p", "attention_probs_dropout_prob")
+_P_MODULE_ATTRS = ("attn_dropout", "dropout", "attention_dropout")
+
+
+def _sdpa_dropout(model: nn.Module, gm: fx.GraphModule) -> dict[str, float]:
+    """Attention-dropout p for each SDPA node, read from the module that called it."""
+    out: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            continue
+        path = list(stack.values())[-1][0]
+        path = path[len(_ROOT) + 1:] if path.startswith(_ROOT + ".") else path
+        try:
+            owner = model.get_submodule(path) if path != _ROOT else model
+        except AttributeError:
+            continue
+        out[node.name] = _owner_p(owner)
+    return out
+
+
+def _owner_p(owner: nn.Module) -> float:
+    for attr in _P_FLOAT_ATTRS:
+        v = getattr(owner, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    for attr in _P_MODULE_ATTRS:
+        v = getattr(owner, attr, None)
+        if isinstance(v, nn.Dropout):
+            return float(v.p)
+    return 0.0
