@@ -15,6 +15,7 @@ from .methods.base import SiteInfo
 _aten = torch.ops.aten
 _LINEAR_FNS = {_aten.linear.default, F.linear, torch._C._nn.linear}
 _ADDMM_FNS = {_aten.addmm.default, torch.addmm}
+_T_FNS = {_aten.t.default, torch.t}
 _MM_FNS = {_aten.mm.default, torch.mm, torch.matmul, operator.matmul}
 
 
@@ -56,15 +57,18 @@ def _site_of(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     if node.op == "call_function":
         tgt = node.target
         if tgt in _LINEAR_FNS and len(node.args) >= 2:
-            w = _param(gm, node.args[1])
+            wnode, layout = node.args[1], "linear"
+            if isinstance(wnode, fx.Node) and wnode.target in _T_FNS and len(wnode.users) == 1:
+                wnode, layout = wnode.args[0], "conv1d"  # linear(x, t(W)): a Conv1D-layout weight
+            w = _param(gm, wnode)
             if w is None or w.dim() != 2:
                 return None
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bpath = b.target if isinstance(b, fx.Node) and b.op == "get_attr" else None
             if b is not None and bpath is None:
                 return None
-            return Site(site_name(node.args[1].target), node, "function", "linear", node.args[1].target, bpath,
-                        w.shape[1], w.shape[0], w.dtype)
+            d_out, d_in = w.shape if layout == "linear" else w.shape[::-1]
+            return Site(site_name(wnode.target), node, "function", layout, wnode.target, bpath, d_in, d_out, w.dtype)
         if tgt in _ADDMM_FNS and len(node.args) == 3 and not node.kwargs:
             w, b = _param(gm, node.args[2]), get_attr_tensor(gm, node.args[0])
             if w is None or w.dim() != 2 or b is None or b.dim() != 1:

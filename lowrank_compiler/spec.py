@@ -26,7 +26,7 @@ class Rule:
     args: dict[str, Any] = field(default_factory=dict)
     exclude: bool = False
     regex: bool = False
-    column: int = 0
+    column: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         if not self.pattern:

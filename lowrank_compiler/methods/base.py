@@ -26,6 +26,15 @@ class Arg:
     doc: str = ""
 
 
+def suggest(word: str, options: list[str] | tuple[str, ...] | dict) -> str:
+    """' (did you mean X?)' for the closest option, or ''."""
+    opts = list(options)
+    close = difflib.get_close_matches(word, opts, n=1)
+    if not close:
+        close = [o for o in opts if word.startswith(o) or o.startswith(word)][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
@@ -91,10 +100,8 @@ class AdapterMethod(nn.Module):
         problems: list[str] = []
         for key in given:
             if key not in cls.args:
-                hint = difflib.get_close_matches(key, cls.args, n=1)
-                hint_s = f" (did you mean {hint[0]!r}?)" if hint else ""
                 problems.append(
-                    f"{cls.name}: unknown argument {key!r}{hint_s}; valid: {', '.join(cls.args)}"
+                    f"{cls.name}: unknown argument {key!r}{suggest(key, cls.args)}; valid: {', '.join(cls.args)}"
                 )
         out: dict[str, Any] = {}
         for key, spec in cls.args.items():
@@ -177,11 +184,8 @@ def get_method(name: str) -> type[AdapterMethod]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        hint = difflib.get_close_matches(name, list(_REGISTRY) + [SKIP], n=1)
-        hint_s = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise SpecError(
-            f"unknown method {name!r}{hint_s}; valid: {', '.join(sorted(_REGISTRY) + [SKIP])}"
-        ) from None
+        options = sorted(_REGISTRY) + [SKIP]
+        raise SpecError(f"unknown method {name!r}{suggest(name, options)}; valid: {', '.join(options)}") from None
 
 
 def method_names() -> list[str]:

@@ -14,6 +14,7 @@ from .match import SiteMark
 
 _aten = torch.ops.aten
 ADAPTER_ATTR = "adapter"
+_LINEAR_TARGETS = (_aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def insert(gm: fx.GraphModule) -> PassResult:
 
     Cases:
       1. ``aten.linear(x, W, b)`` / ``F.linear`` → ``adapter(x, W, b)``.
-      2. ``addmm(b, x, W)`` / ``mm(x, W)`` (W stored d_in × d_out) → ``adapter(x, t(W), b)``.
+      2. ``addmm(b, x, W)`` / ``mm(x, W)`` (W stored d_in × d_out) → ``adapter(x, t(W), b)``;
+         ``linear(x, t(W), b)`` (what merge/strip emit for such weights) keeps its ``t`` node.
       3. ``call_module`` nn.Linear / HF Conv1D → get_attr W, b + case 1 or 2; the module is
          replaced by a plain container holding W and b, so the user's module is not mutated.
     Nodes that are already adapters are not marked: ``modified=False``.
@@ -75,15 +77,14 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark) -> bool:
         with g.inserting_before(node):
             w = g.get_attr(site.weight_path)
             b = g.get_attr(site.bias_path) if site.bias_path else None
-    elif site.layout == "linear":  # case 1
+    elif node.target in (_aten.addmm.default, torch.addmm):  # case 2
+        b, x, w = node.args
+    elif node.target not in _LINEAR_TARGETS:  # case 2, mm
+        (x, w), b = node.args, None
+    else:  # case 1 (also linear(x, t(W)), whose weight arg is already d_out x d_in)
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    else:  # case 2
-        if node.target in (_aten.addmm.default, torch.addmm):
-            b, x, w = node.args
-        else:
-            (x, w), b = node.args, None
-    if site.layout == "conv1d":
+    if site.layout == "conv1d" and not (isinstance(w, fx.Node) and w.op == "call_function"):
         with g.inserting_before(node):
             w = g.call_function(_aten.t.default, (w,))
     weight = gm.get_parameter(site.weight_path)
