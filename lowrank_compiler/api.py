@@ -66,7 +66,9 @@ def transform(
 
 def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
     """``{site_name: adapter_module}`` in graph order."""
-    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}
+    from .io import adapters_of
+
+    return adapters_of(gm)
 
 
 def merge(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:

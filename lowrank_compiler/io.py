@@ -54,6 +54,11 @@ def _tensors(d: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().cpu().contiguous().clone() for k, v in d.items()})
 
 
+def adapters_of(gm: fx.GraphModule) -> dict[str, Any]:
+    """{site: adapter module} in graph order."""
+    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}
+
+
 def adapter_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
     """One JSON-able record per adapter: site, method, args, merged flag."""
     out = []
@@ -164,8 +169,9 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
                         specs=manifest.get("specs", []))
     apply_records(gm, manifest["adapters"])
     _load_adapter_tensors(gm, adapters, str(path))
-    for rec in manifest["adapters"]:
-        gm.get_submodule(f"{rec['site']}.adapter").merged = bool(rec.get("merged", False))
+    merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}
+    for site, mod in adapters_of(gm).items():
+        mod.merged = merged[site]
     return gm
 
 

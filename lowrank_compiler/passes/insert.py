@@ -35,9 +35,19 @@ class AdapterMark:
 
 def freeze_base(gm: fx.GraphModule) -> None:
     """Every parameter that is not inside an adapter stops requiring grad."""
-    for name, p in gm.named_parameters():
-        if f".{ADAPTER_ATTR}." not in f".{name}":
+    keep = {id(p) for n in adapter_nodes(gm) for p in gm.get_submodule(n.meta[META_KEY].module_path).parameters()}
+    for p in gm.parameters():
+        if id(p) not in keep:
             p.requires_grad_(False)
+
+
+def adapter_path(gm: fx.GraphModule, site: str) -> str:
+    """Where a site's adapter lives: ``<site>.adapter``, or ``<site>_adapter`` when the site is a bare parameter."""
+    try:
+        gm.get_submodule(site)
+        return f"{site}.{ADAPTER_ATTR}"
+    except AttributeError:
+        return f"{site}_{ADAPTER_ATTR}"
 
 
 def insert(gm: fx.GraphModule) -> PassResult:
@@ -91,7 +101,7 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark) -> bool:
     info = site.info()
     method = get_method(mark.method)(info, **dict(mark.args))
     method.to(device=weight.device)
-    path = f"{site.name}.{ADAPTER_ATTR}"
+    path = adapter_path(gm, site.name)
     new = replace_with_module(gm, node, path, method, (x, w, b))
     new.meta[META_KEY] = AdapterMark(site.name, mark.method, site.layout, site.weight_path, site.bias_path, path)
     return True
