@@ -99,6 +99,9 @@ def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_pa
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if not out.exists():
+            from .io import _umask
+
+            os.chmod(tmp, 0o777 & ~_umask())
             os.replace(tmp, out)
         else:
             for name in (WEIGHTS, CONFIG):
@@ -142,6 +145,19 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings, modules_to_save) can be read: "
                         + "; ".join(problems[:5]))
     return config, sites
+
+
+def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A PEFT LoRA directory as ONNX Runtime adapter tensors: ``<site>.lora_A.weight`` = Aᵀ, ``lora_B`` = (s·B)ᵀ."""
+    config, sites = read_peft(path)
+    out: dict[str, Any] = {}
+    for site, d in sites.items():
+        r = int(d["lora_A"].shape[0])
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
+        s = alpha / (r ** 0.5) if config.get("use_rslora", False) else alpha / r
+        out[f"{site}.lora_A.weight"] = d["lora_A"].float().t().contiguous().numpy()
+        out[f"{site}.lora_B.weight"] = (d["lora_B"].float() * s).t().contiguous().numpy()
+    return out
 
 
 def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,

@@ -73,7 +73,8 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         rd = ort.AdapterFormat.read_adapter(str(p))
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{p} is not an ONNX Runtime .onnx_adapter file: {str(e).strip().splitlines()[0]}") from None
+        reason = str(e).strip().splitlines()[0].rsplit(") ", 1)[-1]
+        raise ExportError(f"{p} is not an ONNX Runtime .onnx_adapter file ({reason})") from None
     return {k: v.numpy() for k, v in rd.get_parameters().items()}
 
 
