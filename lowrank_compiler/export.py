@@ -89,7 +89,13 @@ def convert_adapter(gm: fx.GraphModule, src: str | os.PathLike, out_dir: str | o
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
-    from .backends.onnx_adapters import LORA_R, check_adapter_fits, input_name, lora_adapter_tensors, write_onnx_adapter
+    from .backends.onnx_adapters import (
+        check_adapter_fits,
+        input_name,
+        lora_adapter_tensors,
+        rank_dim,
+        write_onnx_adapter,
+    )
     from .errors import LoadError
 
     src = Path(src)
@@ -105,8 +111,8 @@ def convert_adapter(gm: fx.GraphModule, src: str | os.PathLike, out_dir: str | o
         for node in adapter_nodes(gm):
             mark = node.meta[META_KEY]
             m = gm.get_submodule(mark.module_path)
-            shapes[input_name(mark.site, "lora_A")] = (m.d_in, LORA_R)
-            shapes[input_name(mark.site, "lora_B")] = (LORA_R, m.d_out)
+            shapes[input_name(mark.site, "lora_A")] = (m.d_in, rank_dim(mark.site))
+            shapes[input_name(mark.site, "lora_B")] = (rank_dim(mark.site), m.d_out)
         check_adapter_fits(shapes, tensors, str(src))
     else:
         from .io import load_adapters

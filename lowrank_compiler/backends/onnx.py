@@ -27,6 +27,7 @@ from .onnx_adapters import (
     LORA_A,
     check_adapter_fits,
     input_name,
+    is_rank_dim,
     lora_adapter_tensors,
     make_lora_inputs,
     read_onnx_adapter,
@@ -102,7 +103,7 @@ class OrtSession:
         """``{name: dims}`` of the overridable LoRA inputs (empty for a merged model)."""
         if self._lora_shapes is None:
             self._lora_shapes = {i.name: tuple(i.shape) for i in self.session.get_overridable_initializers()
-                                 if "lora_r" in tuple(i.shape) or str(i.name).endswith((".lora_A.weight", ".lora_B.weight"))}
+                                 if any(is_rank_dim(d) for d in i.shape)}
         return self._lora_shapes
 
     def run_options(self, adapter: str | os.PathLike | None) -> Any:
@@ -115,8 +116,7 @@ class OrtSession:
             la = None
             if adapter is not None:
                 tensors = read_onnx_adapter(adapter)
-                shapes = {k: tuple("lora_r" if isinstance(d, str) else d for d in v) for k, v in self.lora_inputs().items()}
-                check_adapter_fits(shapes, tensors, str(adapter))
+                check_adapter_fits(self.lora_inputs(), tensors, str(adapter))
                 la = ort.LoraAdapter()
                 la.Load(str(adapter))
                 ro.add_active_adapter(la)
@@ -226,8 +226,8 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     """Write ``gm`` as an ONNX model; returns a report ``{path, inputs, outputs, adapters, max_abs_diff}``.
 
     ``merge=True``: every adapter (any method) is folded into its weight. ``merge=False``: the base
-    graph with each LoRA pair as an overridable input (``<site>.lora_A.weight`` [d_in, lora_r],
-    ``<site>.lora_B.weight`` [lora_r, d_out], r=0 defaults = base model), and this model's own adapters
+    graph with each LoRA pair as an overridable input (``<site>.lora_A.weight`` [d_in, <site>.lora_r],
+    ``<site>.lora_B.weight`` [<site>.lora_r, d_out], r=0 defaults = base model), and this model's own adapters
     written to ``<adapters_dir>/<adapter_name>.onnx_adapter``. Both are ``onnx.checker``-clean with
     dynamic ``batch``/``seq`` axes. ``validate`` runs ORT on the example inputs and reports the max
     absolute difference to torch. The file appears only when everything succeeded.

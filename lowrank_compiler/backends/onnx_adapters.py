@@ -14,7 +14,17 @@ from ..graph_utils import META_KEY
 from ..passes.insert import adapter_nodes
 from ..passes.separate import LORA_A, LORA_B, is_separable, onnx_lora_tensors
 
-LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai convention)
+LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...
+
+
+def rank_dim(site: str) -> str:
+    """... made per site (``<site>.lora_r``): ORT's memory planner treats equal dim_params as equal
+    sizes, so one shared ``lora_r`` breaks adapters whose sites have different ranks."""
+    return f"{site}.{LORA_R}"
+
+
+def is_rank_dim(d: object) -> bool:
+    return isinstance(d, str) and d.endswith(LORA_R)
 
 
 def input_name(site: str, which: str) -> str:
@@ -79,11 +89,11 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def lora_input_shapes(model: object) -> dict[str, tuple[object, ...]]:
-    """``{name: dims}`` of the model's LoRA inputs (an ``onnx.ModelProto``), dims with ``'lora_r'``."""
+    """``{name: dims}`` of the model's LoRA inputs (an ``onnx.ModelProto``), dims with a ``'<site>.lora_r'`` rank."""
     shapes = {}
     for i in model.graph.input:  # type: ignore[attr-defined]
         dims = tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
-        if LORA_R in dims:
+        if any(is_rank_dim(d) for d in dims):
             shapes[i.name] = dims
     return shapes
 
@@ -94,7 +104,7 @@ def check_adapter_fits(shapes: dict[str, tuple[object, ...]], tensors: dict[str,
     for k, v in tensors.items():
         if k in shapes:
             want = shapes[k]
-            if len(want) != v.ndim or any(w != LORA_R and w != s for w, s in zip(want, v.shape)):
+            if len(want) != v.ndim or any(not is_rank_dim(w) and w != s for w, s in zip(want, v.shape)):
                 problems.append(f"{k}: shape {tuple(v.shape)} does not fit {want}")
     present = {k.rsplit(".", 2)[0] for k in tensors}
     problems += [f"{s}: has only one of lora_A/lora_B" for s in sorted(present)
@@ -109,7 +119,7 @@ def make_lora_inputs(model: object, renames: dict[str, tuple[str, int]]) -> obje
     """Turn initializers into overridable LoRA inputs with r=0 defaults (ONNX_FACTS §1, approach B).
 
     ``renames``: ``{initializer name: (input name, rank axis)}``. Each initializer becomes a graph
-    input ``[d_in, 'lora_r']`` / ``['lora_r', d_out]`` plus a same-name zero-size initializer, so no
+    input ``[d_in, '<site>.lora_r']`` / ``['<site>.lora_r', d_out]`` plus a same-name zero-size initializer, so no
     adapter means the base output. Only the value_info that carries the traced rank is dropped
     (dropping all of it breaks ORT's SkipLayerNorm fusion).
     """
@@ -124,7 +134,7 @@ def make_lora_inputs(model: object, renames: dict[str, tuple[str, int]]) -> obje
         new, axis = renames[old]
         arr = numpy_helper.to_array(init)
         dims: list[object] = list(arr.shape)
-        dims[axis] = LORA_R
+        dims[axis] = rank_dim(new.rsplit(".", 2)[0])
         zshape = list(arr.shape)
         zshape[axis] = 0
         g.input.append(helper.make_tensor_value_info(new, init.data_type, dims))
