@@ -12,7 +12,7 @@ from export_helpers import transformed
 import lowrank_compiler as lrc
 from lowrank_compiler.errors import ExportError, LoadError
 
-TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "attn.c_proj"], "llama": ["q_proj", "v_proj"]}
 
 
 def _out(model, ids, mask):
