@@ -55,13 +55,16 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     path = Path(path)
     if fmt == "onnx":
         from .backends.onnx import export_onnx
+        from .backends.onnx_adapters import write_onnx_adapter
 
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
+        extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         report = export_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
                              validate=validate)
-        for src in extra_adapters or []:
-            report["adapters"].append(str(convert_adapter(gm, src, adir)))
+        for stem, tensors in extra:
+            write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
+            report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))
         return report
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
@@ -83,8 +86,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     return {"path": str(path), "format": fmt}
 
 
-def convert_adapter(gm: fx.GraphModule, src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Turn an lrc adapter file (``lrc.save_adapters``) or a PEFT directory into ``<out_dir>/<stem>.onnx_adapter``.
+def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str, Any]:
+    """ONNX Runtime adapter tensors from an lrc adapter file (``lrc.save_adapters``) or a PEFT directory.
 
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
@@ -94,12 +97,10 @@ def convert_adapter(gm: fx.GraphModule, src: str | os.PathLike, out_dir: str | o
         input_name,
         lora_adapter_tensors,
         rank_dim,
-        write_onnx_adapter,
     )
     from .errors import LoadError
 
     src = Path(src)
-    out = Path(out_dir) / f"{src.stem}.onnx_adapter"
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
         from .peft_io import peft_onnx_tensors
 
@@ -123,8 +124,7 @@ def convert_adapter(gm: fx.GraphModule, src: str | os.PathLike, out_dir: str | o
         except LoadError as e:
             raise ExportError(f"adapter {src} does not fit the model: {e}") from None
         tensors = lora_adapter_tensors(target)
-    write_onnx_adapter(tensors, out)
-    return out
+    return tensors
 
 
 def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
