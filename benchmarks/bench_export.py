@@ -116,10 +116,42 @@ def main() -> None:
     for k, v in results.items():
         print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} | {statistics.median(v) / base:.2f}x |")
     if torch.cuda.is_available():
-        print("\nGPU present: CUDA rows are not implemented in this script version; run with onnxruntime-gpu.")
+        _gpu_rows(model, gm, tmp, ids, mask, a)
     else:
         print("\nNo GPU here: torch.compile/ORT CUDA EP rows not measured.")
 
+
+def _gpu_rows(model, gm, tmp: Path, ids, mask, a) -> None:
+    """The same comparison on CUDA (written without a GPU at hand: untested)."""
+    import onnxruntime as ort
+
+    def timed(f) -> float:
+        def g():
+            f()
+            torch.cuda.synchronize()
+        g()
+        return statistics.median(_median_ms(g, a.iters) for _ in range(a.rounds))
+
+    dev_ids, dev_mask = ids.cuda(), mask.cuda()
+    base, merged = model.cuda(), lrc.merge(gm).cuda().eval()
+    rows = {}
+    with torch.no_grad():
+        rows["torch eager base (CUDA)"] = timed(lambda: base(dev_ids, attention_mask=dev_mask))
+        rows["torch eager merged (CUDA)"] = timed(lambda: merged(dev_ids, attention_mask=dev_mask))
+        if not a.no_compile:
+            fast = torch.compile(merged)
+            rows["torch.compile merged (CUDA)"] = timed(lambda: fast(dev_ids, attention_mask=dev_mask))
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        s_m, s_s = lo.session(tmp / "merged.onnx", providers="cuda"), lo.session(tmp / "sep.onnx", providers="cuda")
+        rows["ORT CUDA EP merged"] = timed(lambda: s_m(feeds))
+        rows["ORT CUDA EP separate, adapter active"] = timed(lambda: s_s(feeds, adapter=tmp / "task.onnx_adapter"))
+    else:
+        print("onnxruntime-gpu is not installed: no ORT CUDA EP rows")
+    ref = rows["torch eager base (CUDA)"]
+    print("\n| variant (CUDA, host feeds for ORT) | ms (median) | ratio to torch eager base (CUDA) |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v:.2f} | {v / ref:.2f}x |")
 
 if __name__ == "__main__":
     main()
