@@ -109,3 +109,22 @@ def test_run_rejects_adapter_that_does_not_fit(saved, capsys, tmp_path):
     assert main(["run", str(tmp_path / "m.onnx"), "--adapter", str(tmp_path / "bad.onnx_adapter")]) == 2
     lines = _err_lines(capsys)
     assert len(lines) == 1 and "up.lora_A.weight: shape (9, 2) does not fit" in lines[0]
+
+
+def test_peft_directory_converts_to_onnx_adapter(saved, tmp_path):
+    """A PEFT directory given to --adapter becomes an .onnx_adapter equal to the model's own."""
+    import numpy as np
+
+    from lowrank_compiler.backends.onnx import read_onnx_adapter, session
+
+    assert main(["export", str(saved / "task_a.pt"), "-o", str(tmp_path / "peft_a"), "--format", "peft"]) == 0
+    assert main(["export", str(saved / "task_a.pt"), "-o", str(tmp_path / "m.onnx"), "--adapter-name", "own",
+                 "--adapter", str(tmp_path / "peft_a")]) == 0
+    own, conv = read_onnx_adapter(tmp_path / "own.onnx_adapter"), read_onnx_adapter(tmp_path / "peft_a.onnx_adapter")
+    assert sorted(own) == sorted(conv) and len(own) == 4
+    for k in own:
+        np.testing.assert_allclose(conv[k], own[k], rtol=1e-6, atol=1e-7)
+    sess = session(tmp_path / "m.onnx", "cpu")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    np.testing.assert_allclose(sess({"x": x}, adapter=tmp_path / "peft_a.onnx_adapter")[0],
+                               sess({"x": x}, adapter=tmp_path / "own.onnx_adapter")[0], atol=1e-6)

@@ -85,7 +85,8 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001
         reason = str(e).strip().splitlines()[0].rsplit(") ", 1)[-1]
         raise ExportError(f"{p} is not an ONNX Runtime .onnx_adapter file ({reason})") from None
-    return {k: v.numpy() for k, v in rd.get_parameters().items()}
+    # copy while `rd` is alive: the OrtValues' numpy views point into its (mmapped) buffer
+    return {k: np.array(v.numpy(), copy=True) for k, v in rd.get_parameters().items()}
 
 
 def lora_input_shapes(model: object) -> dict[str, tuple[object, ...]]:
