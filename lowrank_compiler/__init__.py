@@ -23,3 +23,12 @@ __all__ = [
     "parse_spec", "print_trainable_parameters", "register_method", "save", "save_adapters", "trace",
     "trainable_parameters", "transform", "unmerge_adapters",
 ]
+
+# export / lowering (issue 5)
+from . import backends  # noqa: E402
+from .backends import onnx as _onnx_backend  # noqa: E402,F401  (makes lrc.backends.onnx available)
+from .backends.torch_compile import compile  # noqa: E402
+from .export import export  # noqa: E402
+from .peft_io import load_peft, save_peft  # noqa: E402
+
+__all__ += ["backends", "compile", "export", "load_peft", "save_peft"]

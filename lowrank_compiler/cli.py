@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import LrcError
 
-EXPORT_FORMATS = ("pt",)  # extended by the ONNX/PEFT lowering ("onnx", "pt2", "safetensors", "peft")
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")  # lowrank_compiler.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
@@ -71,18 +71,25 @@ def _cmd_transform(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .api import merge
-    from .errors import ExportError
-    from .io import save
+    from .export import export, infer_format
 
-    if a.format not in EXPORT_FORMATS:
-        raise ExportError(f"unknown --format {a.format!r}; valid: {', '.join(EXPORT_FORMATS)}")
+    fmt = infer_format(a.output, a.format)  # unknown formats fail before the model is loaded
     gm = load_model(a.model, a.trust)
-    if a.merge:
-        gm = merge(gm)
-    save(gm, a.output)
-    print(f"wrote {a.output}")
+    name = a.adapter_name or Path(a.model).stem
+    report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
+                    extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate)
+    print(f"wrote {report['path']} ({fmt}{', merged' if a.merge else ''})")
+    for p in report.get("adapters", []):
+        print(f"wrote {p}")
+    if "max_abs_diff" in report:
+        print(f"validated with ONNX Runtime on the example inputs: max |ORT - torch| = {report['max_abs_diff']:.3g}")
     return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .run_onnx import run_cli
+
+    return run_cli(a)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -115,9 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help)
     p.add_argument("-o", "--output", required=True, help="output path")
     p.add_argument("--merge", action="store_true", help="fold adapters into the base weights")
-    p.add_argument("--format", default="pt", help="output format (default: pt, an lrc model file)")
+    p.add_argument("--format", default=None,
+                   help=f"one of {', '.join(EXPORT_FORMATS)} (default: from the output's suffix; no suffix = peft)")
+    p.add_argument("--adapters-dir", default=None,
+                   help="ONNX without --merge: where <name>.onnx_adapter files go (default: beside the output)")
+    p.add_argument("--adapter-name", default=None, help="name of the model's own .onnx_adapter (default: model stem)")
+    p.add_argument("--adapter", action="append", default=None, metavar="FILE",
+                   help="also convert this lrc adapter file / PEFT directory to an .onnx_adapter (repeatable)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 18+)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check after export")
     p.add_argument("--trust", action="store_true", help="allow loading a legacy pickle")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("run", help="run an exported ONNX model in ONNX Runtime (optionally with adapters)")
+    p.add_argument("model", help="an .onnx file written by `lrc export`")
+    p.add_argument("--adapter", action="append", default=None, metavar="FILE", help=".onnx_adapter to activate (repeatable: one run each)")
+    p.add_argument("--input", action="append", default=None, metavar="NAME=FILE.npy", help="an input array (default: random ids)")
+    p.add_argument("--shape", default="2x16", help="BATCHxSEQ of the random inputs (default: 2x16)")
+    p.add_argument("--vocab", type=int, default=None, help="random ids are drawn below this (default: the model's vocab)")
+    p.add_argument("--providers", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded all-MiniLM-L6-v2")
     p.add_argument("--out-dir", default="lrc-demo", help="where the demo writes its files (default: lrc-demo)")

@@ -43,11 +43,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> bytes:
@@ -137,6 +144,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"{path}: no such file")
+    _register_output_pytrees()
     if _is_pickle(path):
         if not trust:
             raise LoadError(f"{path} is a pickle (legacy torch.save), which can run arbitrary code when loaded; "
@@ -173,6 +181,14 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     for site, mod in adapters_of(gm).items():
         mod.merged = merged[site]
     return gm
+
+
+def _register_output_pytrees() -> None:
+    """HF output classes register their pytree node on import; a saved program's out_spec needs them."""
+    try:
+        import transformers.modeling_outputs  # noqa: F401
+    except ImportError:
+        pass
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[float] | None = None) -> fx.GraphModule:

@@ -1,0 +1,164 @@
+"""``lrc.export``: one entry point for every deployment format (onnx, pt2, safetensors, peft, pt)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import ExportError
+from .graph_utils import META_KEY
+from .passes.insert import adapter_nodes
+
+FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
+_SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
+
+
+def infer_format(path: str | os.PathLike, format: str | None) -> str:
+    """``format`` if given (validated), else from the suffix of ``path`` (a suffix-less path means peft)."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ExportError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix in _SUFFIX:
+        return _SUFFIX[suffix]
+    if not suffix or str(path).endswith(("/", os.sep)):
+        return "peft"
+    raise ExportError(f"cannot tell the format of {str(path)!r} from its suffix; pass format= (--format), one of "
+                      f"{', '.join(FORMATS)}")
+
+
+def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = None, *, merge: bool = False,
+           adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
+           extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True) -> dict[str, Any]:
+    """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
+
+    - ``onnx``: ``merge=True`` folds every adapter in (any method). Otherwise the base graph takes each
+      LoRA pair as an ONNX Runtime adapter input and the model's adapters go to
+      ``<adapters_dir>/<adapter_name>.onnx_adapter`` (default: beside ``path``, named after it);
+      ``extra_adapters`` (lrc adapter files or PEFT directories) are converted next to it.
+    - ``pt2``: a ``torch.export`` archive (merged, or with the adapters inline).
+    - ``safetensors``: the adapters only (``lrc.save_adapters``); with ``merge`` the merged weights.
+    - ``peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    - ``pt``: an lrc model file (``lrc.save``).
+    Every file is written atomically: on error nothing is left behind.
+
+    Raises:
+        ExportError: unknown format, a method the format cannot express, exporter failure.
+    """
+    fmt = infer_format(path, format)
+    path = Path(path)
+    if fmt == "onnx":
+        from .backends.onnx import export_onnx
+        from .backends.onnx_adapters import write_onnx_adapter
+
+        name = adapter_name or path.stem
+        adir = Path(adapters_dir) if adapters_dir is not None else path.parent
+        extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
+        report = export_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
+                             validate=validate)
+        for stem, tensors in extra:
+            write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
+            report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))
+        return report
+    if extra_adapters:
+        raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
+    if fmt == "peft":
+        from .peft_io import save_peft
+
+        if merge:
+            raise ExportError("PEFT format holds adapters only; drop --merge (or export merged as onnx/pt2/pt)")
+        save_peft(gm, path)
+    elif fmt == "pt":
+        from .api import merge as merged_copy
+        from .io import save
+
+        save(merged_copy(gm) if merge else gm, path)
+    elif fmt == "safetensors":
+        _save_safetensors(gm, path, merge)
+    else:
+        _save_pt2(gm, path, merge)
+    return {"path": str(path), "format": fmt}
+
+
+def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str, Any]:
+    """ONNX Runtime adapter tensors from an lrc adapter file (``lrc.save_adapters``) or a PEFT directory.
+
+    Raises:
+        ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
+    """
+    from .backends.onnx_adapters import (
+        check_adapter_fits,
+        input_name,
+        lora_adapter_tensors,
+        rank_dim,
+    )
+    from .errors import LoadError
+
+    src = Path(src)
+    if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
+        from .peft_io import peft_onnx_tensors
+
+        try:
+            tensors = peft_onnx_tensors(src)
+        except LoadError as e:
+            raise ExportError(str(e)) from None
+        shapes: dict[str, tuple[object, ...]] = {}
+        for node in adapter_nodes(gm):
+            mark = node.meta[META_KEY]
+            m = gm.get_submodule(mark.module_path)
+            shapes[input_name(mark.site, "lora_A")] = (m.d_in, rank_dim(mark.site))
+            shapes[input_name(mark.site, "lora_B")] = (rank_dim(mark.site), m.d_out)
+        check_adapter_fits(shapes, tensors, str(src))
+    else:
+        from .io import load_adapters
+
+        target = copy.deepcopy(gm)
+        try:
+            load_adapters(target, src)
+        except LoadError as e:
+            raise ExportError(f"adapter {src} does not fit the model: {e}") from None
+        tensors = lora_adapter_tensors(target)
+    return tensors
+
+
+def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
+    from safetensors.torch import save as st_save
+
+    from .api import merge as merged_copy
+    from .io import atomic_write, save_adapters
+
+    if not merge:
+        save_adapters(gm, path)
+        return
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in merged_copy(gm).state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    data = st_save(state, metadata={"format": "pt"})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
+    import io
+
+    from .api import merge as merged_copy
+    from .backends.onnx import example_inputs_of
+    from .io import atomic_write
+    from .trace import _dynamic_dims
+
+    inputs, _ = example_inputs_of(gm)
+    was = gm.training
+    target = (merged_copy(gm) if merge else gm).eval()
+    try:
+        ep = torch.export.export(target, inputs, dynamic_shapes=tuple(_dynamic_dims(t) for t in inputs), strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
+    finally:
+        gm.train(was)
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))

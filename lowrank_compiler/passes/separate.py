@@ -1,0 +1,107 @@
+"""Separate: LoRA-family adapters → explicit ``(x @ A_in) @ B_out`` branches in ONNX layout."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..errors import ExportError
+from ..graph_utils import META_KEY, PassResult, delete_submodule, finalize
+from ..methods.base import AdapterMethod
+from ..methods.lora import LoRA
+from .insert import AdapterMark, adapter_nodes
+
+_aten = torch.ops.aten
+LORA_A, LORA_B = "lora_A", "lora_B"
+
+
+def is_separable(method: nn.Module) -> bool:
+    """True for LoRA and subclasses that keep LoRA's forward and ΔW = s·B·A (e.g. LoRA-GA)."""
+    cls = type(method)
+    return isinstance(method, LoRA) and cls.forward is LoRA.forward and cls.delta_weight is LoRA.delta_weight
+
+
+def onnx_lora_tensors(method: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_in, B_out)`` = ``(Aᵀ, s·Bᵀ)``: shapes [d_in, r] and [r, d_out], so ``Δy = (x @ A_in) @ B_out``."""
+    a = method.lora_A.detach().t().contiguous()
+    b = (method.lora_B.detach().float() * method.scaling).t().to(method.lora_B.dtype).contiguous()
+    return a, b
+
+
+class SeparateLoRA(nn.Module):
+    """Holds one site's LoRA pair in ONNX/Olive layout (``lora_A`` [d_in, r], ``lora_B`` [r, d_out])."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(a, requires_grad=False)
+        self.lora_B = nn.Parameter(b, requires_grad=False)
+
+
+def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassResult:
+    """A copy of ``gm`` where each LoRA adapter is an explicit branch over ONNX-layout parameters.
+
+    Cases:
+      1. adapter node ``adapter(x, W, b)`` with a separable method (``is_separable``) →
+         ``linear(x, W, b) + matmul(matmul(x, <site>.adapter.lora_A), <site>.adapter.lora_B)``.
+         A merged adapter is unmerged first (on the copy), so ``W`` is the base weight.
+    ``placeholder_seed``: fill A/B with distinct random values instead of the adapter's (the
+    dynamo exporter merges identical initializers, e.g. every zero-init B, into one).
+    A graph without adapters is returned as a copy with ``modified=False``.
+
+    Raises:
+        ExportError: an adapter's method cannot be written as ``x·A·B`` (e.g. DoRA); merge instead.
+    """
+    out = copy.deepcopy(gm)
+    nodes = adapter_nodes(out)
+    bad = [(n.meta[META_KEY].site, n.meta[META_KEY].method) for n in nodes
+           if not is_separable(out.get_submodule(n.meta[META_KEY].module_path))]
+    if bad:
+        raise ExportError(
+            f"separate adapters need LoRA-family methods (y = Wx + s·B·A·x); these sites use others: "
+            f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; export with merge=True (`--merge`) instead")
+    gen = torch.Generator().manual_seed(placeholder_seed) if placeholder_seed is not None else None
+    for node in nodes:
+        _try_rewrite(out, node, gen)
+    if nodes:
+        finalize(out)
+    return PassResult(out, bool(nodes))
+
+
+def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None) -> bool:
+    from .merge import logical_weight, set_logical_weight
+
+    mark: AdapterMark = node.meta[META_KEY]
+    method: AdapterMethod = gm.get_submodule(mark.module_path)
+    if method.merged:
+        with torch.no_grad():
+            set_logical_weight(gm, mark, method.unmerged_weight(logical_weight(gm, mark)))
+        method.merged = False
+    a, b = onnx_lora_tensors(method)
+    if gen is not None:
+        a = torch.rand(a.shape, generator=gen).to(a.dtype) + 0.5
+        b = torch.rand(b.shape, generator=gen).to(b.dtype) + 0.5
+    delete_submodule(gm, mark.module_path)
+    gm.add_submodule(mark.module_path, SeparateLoRA(a, b))
+    x, w, bias = node.args
+    g = gm.graph
+    with g.inserting_before(node):
+        lin = g.call_function(_aten.linear.default, (x, w, bias) if bias is not None else (x, w))
+        pa = g.get_attr(f"{mark.module_path}.{LORA_A}")
+        pb = g.get_attr(f"{mark.module_path}.{LORA_B}")
+        if a.dtype != _dtype_of(x):
+            x = g.call_function(_aten._to_copy.default, (x,), {"dtype": a.dtype})
+        h = g.call_function(_aten.matmul.default, (x, pa))
+        d = g.call_function(_aten.matmul.default, (h, pb))
+        y = g.call_function(_aten.add.Tensor, (lin, d))
+    lin.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
+    y.meta["lrc_separate"] = mark.site
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
+    return True
+
+
+def _dtype_of(x: object) -> torch.dtype | None:
+    val = getattr(x, "meta", {}).get("val") if isinstance(x, fx.Node) else None
+    return getattr(val, "dtype", None)

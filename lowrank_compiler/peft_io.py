@@ -1,0 +1,199 @@
+"""PEFT-format LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx, nn
+
+from .errors import ExportError, LoadError
+from .graph_utils import META_KEY, lrc_meta
+from .passes.insert import adapter_nodes
+from .passes.separate import is_separable
+
+CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+_KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors with PEFT key names, adapter_config dict) for the LoRA-family adapters of ``gm``.
+
+    Per-site ranks/scales go to PEFT's ``rank_pattern``/``alpha_pattern`` (keys are full module paths).
+
+    Raises:
+        ExportError: a method PEFT's plain LoRA cannot express (DoRA, or a method that changed the base
+        weight, such as LoRA-GA, unless it offers ``peft_lora() -> (A, B, scaling)``).
+    """
+    sites: list[tuple[str, torch.Tensor, torch.Tensor, float, dict[str, Any], str]] = []
+    bad = []
+    for node in adapter_nodes(gm):
+        mark = node.meta[META_KEY]
+        m = gm.get_submodule(mark.module_path)
+        if hasattr(m, "peft_lora"):
+            a, b, s = m.peft_lora()
+        elif is_separable(m) and not getattr(m, "modifies_base", False):
+            a, b, s = m.lora_A, m.lora_B, m.scaling
+        else:
+            bad.append((mark.site, mark.method))
+            continue
+        sites.append((mark.site, a.detach(), b.detach(), float(s), dict(m.config), mark.layout))
+    if bad:
+        raise ExportError(f"PEFT format holds plain LoRA only (base weights unchanged, y = Wx + s·B·A·x); "
+                          f"sites {bad[:4]} use other methods; export merged or in lrc format instead")
+    if not sites:
+        raise ExportError("the model has no adapters to write in PEFT format")
+    rslora = all(c.get("rslora", False) for *_, c, _ in sites)
+
+    def alpha_of(r: int, s: float, c: dict[str, Any]) -> float:
+        return float(c["alpha"]) if "alpha" in c and (bool(c.get("rslora", False)) == rslora) else (
+            s * (r ** 0.5 if rslora else r))
+
+    ranks = Counter(a.shape[0] for _, a, *_ in sites)
+    r0 = ranks.most_common(1)[0][0]
+    alphas = Counter(alpha_of(a.shape[0], s, c) for _, a, _, s, c, _ in sites)
+    alpha0 = alphas.most_common(1)[0][0]
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    for site, a, b, s, c, _ in sites:
+        tensors[f"{PREFIX}{site}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"{PREFIX}{site}.lora_B.weight"] = b.contiguous().clone()
+        if a.shape[0] != r0:
+            rank_pattern[site] = int(a.shape[0])
+        if alpha_of(a.shape[0], s, c) != alpha0:
+            alpha_pattern[site] = alpha_of(a.shape[0], s, c)
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": lrc_meta(gm).get("base_model_name_or_path"),
+        "inference_mode": True, "r": int(r0), "lora_alpha": alpha0, "use_rslora": rslora,
+        "lora_dropout": float(sites[0][4].get("dropout", 0.0)),
+        "target_modules": sorted(s[0] for s in sites), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none", "modules_to_save": None,
+        "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return tensors, config
+
+
+def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained(original_model, path)`` loads.
+
+    Both files are written to a temp dir and moved in only when complete.
+    """
+    tensors, config = peft_state(gm)
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; PEFT format writes a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if not out.exists():
+            from .io import _umask
+
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.replace(tmp, out)
+        else:
+            for name in (WEIGHTS, CONFIG):
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
+    for key, value in patterns.items():  # PEFT's get_pattern_key: regex over a dot-aligned suffix
+        if re.match(rf"(.*\.)?({key})$", site):
+            return value
+    return default
+
+
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle)."""
+    p = Path(path)
+    if not (p / CONFIG).is_file():
+        raise LoadError(f"{p}: not a PEFT adapter directory (no {CONFIG})")
+    if not (p / WEIGHTS).is_file():
+        extra = " (adapter_model.bin is a pickle and is not loaded; re-save with safe_serialization=True)" \
+            if (p / "adapter_model.bin").exists() else ""
+        raise LoadError(f"{p}: no {WEIGHTS}{extra}")
+    try:
+        config = json.loads((p / CONFIG).read_text())
+        tensors = load_file(str(p / WEIGHTS))
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0]}") from None
+    problems = [f"{k}={config.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"),
+                                                     ("lora_bias", False)) if config.get(k, ok) != ok]
+    sites: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        if not m:
+            problems.append(f"unsupported tensor {key!r}")
+            continue
+        sites.setdefault(m["site"], {})[m["which"]] = t
+    problems += [f"{s}: missing {w}" for s, d in sites.items() for w in ("lora_A", "lora_B") if w not in d]
+    if problems:
+        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings, modules_to_save) can be read: "
+                        + "; ".join(problems[:5]))
+    return config, sites
+
+
+def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A PEFT LoRA directory as ONNX Runtime adapter tensors: ``<site>.lora_A.weight`` = Aᵀ, ``lora_B`` = (s·B)ᵀ."""
+    config, sites = read_peft(path)
+    out: dict[str, Any] = {}
+    for site, d in sites.items():
+        r = int(d["lora_A"].shape[0])
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
+        s = alpha / (r ** 0.5) if config.get("use_rslora", False) else alpha / r
+        out[f"{site}.lora_A.weight"] = d["lora_A"].float().t().contiguous().numpy()
+        out[f"{site}.lora_B.weight"] = (d["lora_B"].float() * s).t().contiguous().numpy()
+    return out
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,
+              example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Trace ``model`` (or take an adapter-free lrc GraphModule) and insert the PEFT adapters at ``path``.
+
+    Without example inputs, an HF model gets ``input_ids`` [2, 16] + ``attention_mask``.
+
+    Raises:
+        LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
+    """
+    from .io import _load_adapter_tensors, apply_records
+    from .trace import trace
+
+    config, sites = read_peft(path)
+    if isinstance(model, fx.GraphModule) and adapter_nodes(model):
+        raise LoadError("the model already has adapters; load PEFT adapters onto the base model")
+    if example_inputs is None and example_kwargs is None and hasattr(model, "config"):
+        vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+        g = torch.Generator().manual_seed(0)
+        example_inputs = (torch.randint(0, vocab, (2, 16), generator=g),)
+        example_kwargs = {"attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    if isinstance(model, fx.GraphModule):
+        import copy
+
+        model = copy.deepcopy(model)
+    gm = trace(model, example_inputs, example_kwargs)
+    rslora = bool(config.get("use_rslora", False))
+    records = []
+    for site, d in sites.items():
+        r = int(d["lora_A"].shape[0])
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
+        records.append({"site": site, "method": "lora",
+                        "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
+                                 "rslora": rslora}})
+    apply_records(gm, records)
+    _load_adapter_tensors(gm, {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}, str(path))
+    lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
+    return gm
