@@ -70,7 +70,7 @@ def test_hf_directory_as_model(tmp_path, capsys):
         (["inspect", "/nonexistent/model.pt"], "no such file"),
         (["inspect", "BASE", "--spec", "attention.*:lorra(r=2)"], "did you mean 'lora'"),
         (["transform", "BASE", "--spec", "nothing.here:lora", "-o", "OUT"], "matched no site"),
-        (["export", "BASE", "-o", "OUT", "--format", "tflite"], "unknown --format"),
+        (["export", "BASE", "-o", "OUT", "--format", "tflite"], "unknown format 'tflite'"),
     ],
 )
 def test_errors_exit_2_one_line(saved_base, tmp_path, capsys, argv, fragment):
