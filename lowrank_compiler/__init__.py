@@ -12,6 +12,7 @@ from .api import (
 from .errors import ExportError, InitError, LoadError, LrcError, SpecError, TraceError
 from .io import load, load_adapters, save, save_adapters
 from .methods import get_method, method_names, register_method
+from .passes.train import optimizer, trainer_optimizers
 from .spec import Spec, parse_spec
 from .trace import trace
 
@@ -23,3 +24,4 @@ __all__ = [
     "parse_spec", "print_trainable_parameters", "register_method", "save", "save_adapters", "trace",
     "trainable_parameters", "transform", "unmerge_adapters",
 ]
+__all__ += ["optimizer", "trainer_optimizers"]
