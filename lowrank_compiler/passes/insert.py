@@ -95,6 +95,7 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark,
     info.extra["group_shape"] = group_shape or (site.d_out, site.d_in)  # max (d_out, d_in) over the sites sharing this method+args (VeRA)
     method = get_method(mark.method)(info, **dict(mark.args))
     method.to(device=weight.device)
+    method.train(gm.training)  # a new module defaults to train mode; follow the graph's (dropout)
     method.init_from_base(weight.t() if site.layout == "conv1d" else weight)
     path = f"{site.name}.{ADAPTER_ATTR}"
     new = replace_with_module(gm, node, path, method, (x, w, b))
