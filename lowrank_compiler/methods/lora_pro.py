@@ -49,7 +49,7 @@ class LoRAPro(LoRA):
     :func:`adjusted_grads` (checked against the authors' ``peta/optim.py``).
     ``mode="full"`` (default; the authors' AdamW "full" mode): Adam moments are kept on the
     equivalent gradient g̃ = s(B g_A + g_B A) (d_out × d_in, fp32, in the optimizer state of
-    ``lora_B`` under ``lorapro_*`` keys, so it is saved with ``state_dict()``); the Adam direction
+    ``lora_B`` (``step``, ``lorapro_exp_avg``, ``lorapro_exp_avg_sq``), so it is saved with ``state_dict()``); the Adam direction
     m̂/(√v̂ + eps) is projected back with the same closed form and applied with the group's ``lr``;
     weight decay multiplies A and B by √(1 − lr·wd). The method steps A and B itself and clears
     their ``.grad`` so the base optimizer skips them; hyperparameters (lr, betas, eps, weight_decay)
@@ -90,11 +90,11 @@ class LoRAPro(LoRA):
         eps = float(group.get("eps", 1e-8))
         equiv = s * (b @ ga + gb @ a)
         if "lorapro_exp_avg" not in state:
-            state["lorapro_step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32)  # torch Adam expects a "step" in any state
             state["lorapro_exp_avg"] = torch.zeros_like(equiv)
             state["lorapro_exp_avg_sq"] = torch.zeros_like(equiv)
-        state["lorapro_step"] += 1
-        t = float(state["lorapro_step"])
+        state["step"] += 1
+        t = float(state["step"])
         m, v = state["lorapro_exp_avg"], state["lorapro_exp_avg_sq"]
         m.lerp_(equiv, 1 - beta1)
         v.mul_(beta2).addcmul_(equiv, equiv, value=1 - beta2)
