@@ -151,10 +151,13 @@ def test_vera_shared_matrices_forward_and_merge_match_peft():
     pm = peft_model(peft.VeraConfig(r=8, target_modules=list(SITES), projection_prng_key=0, d_initial=0.1))
     gm = lrc.transform(make_mlp(), "fc*:vera(r=8, d_init=0.1, seed=0)", example_inputs=(inputs(),))
     ads = lrc.adapters(gm)
-    assert ads["fc1"].vera_A.shape == (8, 24) and ads["fc1"].vera_B.shape == (24, 8)  # max d_in, max d_out
-    torch.testing.assert_close(ads["fc1"].vera_A, pm.base_model.vera_A["default"], rtol=0, atol=0)
-    torch.testing.assert_close(ads["fc3"].vera_B, pm.base_model.vera_B["default"], rtol=0, atol=0)
-    assert ads["fc1"].vera_A is ads["fc3"].vera_A  # one shared tensor
+    full_a, full_b = pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]
+    assert full_a.shape == (8, 24) and full_b.shape == (24, 8)  # PEFT: max d_in, max d_out
+    for site, (d_out, d_in) in {"fc1": (24, 12), "fc2": (16, 24), "fc3": (10, 16)}.items():
+        torch.testing.assert_close(ads[site].vera_A, full_a[:, :d_in], rtol=0, atol=0)
+        torch.testing.assert_close(ads[site].vera_B, full_b[:d_out, :], rtol=0, atol=0)
+    other = lrc.transform(make_mlp(1), "fc*:vera(r=8)", example_inputs=(inputs(),))
+    assert lrc.adapters(other)["fc1"].vera_A is ads["fc1"].vera_A  # one shared tensor per shape
     assert "vera_A" not in ads["fc1"].state_dict()  # regenerated from the seed, not saved
     torch.manual_seed(2)
     with torch.no_grad():

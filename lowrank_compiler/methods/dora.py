@@ -62,7 +62,13 @@ class DoRA(LoRA):
         scale = (self.lora_magnitude_vector / self._norm(weight).to(self.lora_magnitude_vector.dtype))
         xa = x.to(self.lora_A.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            y = scale * (F.linear(xa, weight) + F.linear(F.linear(xa, self.lora_A), self.lora_B) * self.scaling)
+            base, h = F.linear(xa, weight), F.linear(xa, self.lora_A)
+            if base.dim() >= 2:  # one GEMM adds s·B h into W x (as LoRA), one pass applies the scale
+                flat = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(),
+                                   alpha=self.scaling)
+                y = flat.view(base.shape) * scale
+            else:
+                y = scale * (base + F.linear(h, self.lora_B) * self.scaling)
         else:
             xd = self.lora_dropout(xa)
             lora = F.linear(F.linear(xd, self.lora_A), self.lora_B) * self.scaling

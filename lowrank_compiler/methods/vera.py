@@ -21,17 +21,22 @@ def _kaiming(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def shared_projections(r: int, d_out: int, d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared frozen (A: r × d_in, B: d_out × r), same draws as PEFT ``VeraConfig(projection_prng_key=seed)``.
+def shared_projections(
+    r: int, max_out: int, max_in: int, seed: int, d_out: int, d_in: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A site's slices ``A[:, :d_in]``, ``B[:d_out, :]`` of the shared frozen pair (A: r × max_in,
+    B: max_out × r), the same draws as PEFT ``VeraConfig(projection_prng_key=seed)``.
 
-    One tensor pair per (r, shape, seed) in the process: every site of a rule holds the same objects.
+    The slices are contiguous and cached per (pair, d_in) / (pair, d_out): sites of the same shape
+    hold the same tensor objects.
     """
-    key = (r, d_out, d_in, seed)
-    a, b = _SHARED.get(key + ("A",)), _SHARED.get(key + ("B",))
+    key = (r, max_out, max_in, seed)
+    a, b = _SHARED.get(key + ("A", d_in)), _SHARED.get(key + ("B", d_out))
     if a is None or b is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        a, b = _kaiming((r, d_in), gen), _kaiming((d_out, r), gen)
-        _SHARED[key + ("A",)], _SHARED[key + ("B",)] = a, b
+        full_a, full_b = _kaiming((r, max_in), gen), _kaiming((max_out, r), gen)
+        a = _SHARED.setdefault(key + ("A", d_in), full_a[:, :d_in].contiguous())
+        b = _SHARED.setdefault(key + ("B", d_out), full_b[:d_out, :].contiguous())
     return a, b
 
 
@@ -42,7 +47,8 @@ class VeRA(AdapterMethod):
     ``y = W x + b_bias + Λ_b · B · Λ_d · A · dropout(x)`` (no alpha/r). A (r × max d_in) and B (max d_out × r)
     are drawn once, kaiming-uniform from ``torch.Generator().manual_seed(seed)`` (A first), at the
     largest d_in / d_out over the sites of the same rule, and sliced ``A[:, :d_in]``, ``B[:d_out, :]``
-    per site — the same matrices as PEFT (``projection_prng_key=seed``). Trainable per site:
+    per site — the same matrices as PEFT (``projection_prng_key=seed``); slices are stored
+    contiguous and shared by sites of equal shape. Λ_d, Λ_b are folded into the slices in forward. Trainable per site:
     ``vera_lambda_d`` (r, init ``d_init``) and ``vera_lambda_b`` (d_out, init 0), PEFT's names.
     Choice: A and B are non-persistent buffers (regenerated from the seed at load, so adapter files
     stay small; PEFT's ``save_projection=False``); output equals the base at init (b = 0).
@@ -69,24 +75,25 @@ class VeRA(AdapterMethod):
         super().__init__(site, **kwargs)
         self.r = int(kwargs["r"])
         max_out, max_in = site.extra.get("group_shape", (site.d_out, site.d_in))
-        a, b = shared_projections(self.r, max_out, max_in, int(kwargs["seed"]))
+        a, b = shared_projections(self.r, max_out, max_in, int(kwargs["seed"]), site.d_out, site.d_in)
         self.register_buffer("vera_A", a, persistent=False)
         self.register_buffer("vera_B", b, persistent=False)
         self.vera_lambda_d = nn.Parameter(torch.full((self.r,), float(kwargs["d_init"]), dtype=site.dtype))
         self.vera_lambda_b = nn.Parameter(torch.zeros(site.d_out, dtype=site.dtype))
         self.vera_dropout = nn.Dropout(kwargs["dropout"]) if kwargs["dropout"] > 0 else nn.Identity()
 
-    def _ab(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vera_A[:, : self.d_in].to(dtype), self.vera_B[: self.d_out, :].to(dtype)
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = F.linear(x, weight, bias)
         if self.merged:
             return out
-        a, b = self._ab(self.vera_lambda_d.dtype)
-        h = F.linear(self.vera_dropout(x.to(a.dtype)), a) * self.vera_lambda_d
-        return out + (F.linear(h, b) * self.vera_lambda_b).to(out.dtype)
+        # Λ_d and Λ_b folded into the small (r × d_in, d_out × r) matrices: no passes over the output
+        a = self.vera_A.to(self.vera_lambda_d.dtype) * self.vera_lambda_d.unsqueeze(1)
+        b = self.vera_B.to(self.vera_lambda_b.dtype) * self.vera_lambda_b.unsqueeze(1)
+        h = F.linear(self.vera_dropout(x.to(a.dtype)), a)
+        if out.dtype == h.dtype and out.dim() >= 2:
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), b.t()).view(out.shape)
+        return out + F.linear(h, b).to(out.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        a, b = self._ab(torch.float32)
+        a, b = self.vera_A.float(), self.vera_B.float()
         return (self.vera_lambda_b.float().unsqueeze(1) * b) @ (self.vera_lambda_d.float().unsqueeze(1) * a)
