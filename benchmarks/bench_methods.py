@@ -5,7 +5,8 @@ equivalent (LoRA, DoRA, VeRA, LoRA-FA, LoRA+), and loss after the same number of
 
 Every encoder linear (36 sites) is adapted. Step = forward + backward + optimizer step (AdamW) on a
 batch of 16 × 32 tokens; the minimum over the timed steps (the least-disturbed one: the CPU is shared),
-ours and PEFT's interleaved so noise from other processes hits both sides alike. Ratios < 1 mean
+ours and PEFT's interleaved so noise from other processes hits both sides alike; wall time and the
+process's CPU time (steadier when other processes compete for the cores). Ratios < 1 mean
 lrc is faster. Task: pull each sentence's mean-pooled embedding onto its own random direction
 (1 − cosine), same data and seed for every method.
 """
@@ -103,10 +104,11 @@ def step_fn(model, opt, batch, loss_fn, ours: bool):
     return step
 
 
-def timed(step, losses: list[float]) -> float:
-    t = time.perf_counter()
+def timed(step, losses: list[float]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one step."""
+    t, c = time.perf_counter(), time.process_time()
     losses.append(step())
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -155,23 +157,24 @@ def main() -> None:
                 t_peft.append(timed(peft_step, peft_losses))
         losses += [ours() for _ in range(max(0, args.steps - 2 - args.timed))]
         curves[name] = losses
-        mo = min(t_ours) * 1e3  # min: the least-disturbed step on a shared CPU
-        mp = min(t_peft) * 1e3 if t_peft else None
-        rows.append((name, mo, mp, n_ours, n_peft, losses[-1]))
-        print(f"{name:11s} ours {mo:7.1f} ms" + (f"  peft {mp:7.1f} ms  ratio {mo / mp:.2f}" if mp else ""),
+        mo, co = (min(t[i] for t in t_ours) * 1e3 for i in (0, 1))  # min: the least-disturbed step
+        mp, cp = ((min(t[i] for t in t_peft) * 1e3 for i in (0, 1)) if t_peft else (None, None))
+        rows.append((name, mo, mp, co, cp, n_ours, n_peft, losses[-1]))
+        print(f"{name:11s} ours {mo:7.1f} ms (cpu {co:7.1f})" +
+              (f"  peft {mp:7.1f} ms (cpu {cp:7.1f})  ratio {mo / mp:.2f} (cpu {co / cp:.2f})" if mp else ""),
               flush=True)
 
-    print("\n| method | lrc step (ms) | PEFT step (ms) | lrc / PEFT | trainable (lrc) | trainable (PEFT) | "
-          f"loss after {args.steps} steps |")
+    print("\n| method | lrc step ms (CPU ms) | PEFT step ms (CPU ms) | lrc / PEFT wall (CPU) | trainable (lrc) "
+          f"| trainable (PEFT) | loss after {args.steps} steps |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, mo, mp, no, np_, loss in rows:
-        ratio = f"{mo / mp:.2f}" if mp else "—"
-        print(f"| {name} | {mo:.1f} | {f'{mp:.1f}' if mp else '—'} | {ratio} | {no:,} | "
+    for name, mo, mp, co, cp, no, np_, loss in rows:
+        ratio = f"{mo / mp:.2f} ({co / cp:.2f})" if mp else "—"
+        print(f"| {name} | {mo:.0f} ({co:.0f}) | {f'{mp:.0f} ({cp:.0f})' if mp else '—'} | {ratio} | {no:,} | "
               f"{f'{np_:,}' if np_ else '—'} | {loss:.4f} |")
     by = {r[0]: r for r in rows}
-    ours_dora = by["dora"][1] / by["lora"][1]
-    peft_dora = by["dora"][2] / by["lora"][2]
-    print(f"\nDoRA overhead over LoRA: lrc {ours_dora:.2f}x, PEFT {peft_dora:.2f}x")
+    for i, what in ((1, "wall"), (3, "CPU")):
+        print(f"DoRA overhead over LoRA ({what}): lrc {by['dora'][i] / by['lora'][i]:.2f}x, "
+              f"PEFT {by['dora'][i + 1] / by['lora'][i + 1]:.2f}x")
     try:
         import matplotlib
 

@@ -48,7 +48,7 @@ class VeRA(AdapterMethod):
     are drawn once, kaiming-uniform from ``torch.Generator().manual_seed(seed)`` (A first), at the
     largest d_in / d_out over the sites of the same rule, and sliced ``A[:, :d_in]``, ``B[:d_out, :]``
     per site — the same matrices as PEFT (``projection_prng_key=seed``); slices are stored
-    contiguous and shared by sites of equal shape. Λ_d, Λ_b are folded into the slices in forward. Trainable per site:
+    contiguous and shared by sites of equal shape. Trainable per site:
     ``vera_lambda_d`` (r, init ``d_init``) and ``vera_lambda_b`` (d_out, init 0), PEFT's names.
     Choice: A and B are non-persistent buffers (regenerated from the seed at load, so adapter files
     stay small; PEFT's ``save_projection=False``); output equals the base at init (b = 0).
@@ -86,13 +86,12 @@ class VeRA(AdapterMethod):
         out = F.linear(x, weight, bias)
         if self.merged:
             return out
-        # Λ_d and Λ_b folded into the small (r × d_in, d_out × r) matrices: no passes over the output
-        a = self.vera_A.to(self.vera_lambda_d.dtype) * self.vera_lambda_d.unsqueeze(1)
-        b = self.vera_B.to(self.vera_lambda_b.dtype) * self.vera_lambda_b.unsqueeze(1)
-        h = F.linear(self.vera_dropout(x.to(a.dtype)), a)
-        if out.dtype == h.dtype and out.dim() >= 2:
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), b.t()).view(out.shape)
-        return out + F.linear(h, b).to(out.dtype)
+        # Λ_d, Λ_b scale the activations (folding them into A, B would add two weight-gradient GEMMs)
+        a, b = self.vera_A.to(self.vera_lambda_d.dtype), self.vera_B.to(self.vera_lambda_b.dtype)
+        h = F.linear(self.vera_dropout(x.to(a.dtype)), a) * self.vera_lambda_d
+        if out.dtype == h.dtype:
+            return torch.addcmul(out, F.linear(h, b), self.vera_lambda_b)
+        return out + (F.linear(h, b) * self.vera_lambda_b).to(out.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         a, b = self.vera_A.float(), self.vera_B.float()
