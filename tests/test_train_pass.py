@@ -120,6 +120,7 @@ def test_closure_and_plain_trainables():
     assert torch.isfinite(loss) and not torch.equal(gm.get_parameter("fc3.bias"), bias0)
 
 
+@pytest.mark.slow
 def test_hf_trainer_runs_the_update_rules(tmp_path):
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
