@@ -1,5 +1,6 @@
 """lowrank-compiler: low-rank adaptation as graph rewriting over torch.fx."""
 
+from . import backends
 from .api import (
     adapters,
     merge,
@@ -9,9 +10,14 @@ from .api import (
     transform,
     unmerge_adapters,
 )
+from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
+from .backends.torch_compile import compile
 from .errors import ExportError, InitError, LoadError, LrcError, SpecError, TraceError
+from .export import export
 from .io import load, load_adapters, save, save_adapters
 from .methods import get_method, method_names, register_method
+from .passes.train import optimizer, trainer_optimizers
+from .peft_io import load_peft, save_peft
 from .spec import Spec, parse_spec
 from .trace import trace
 
@@ -19,16 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExportError", "InitError", "LoadError", "LrcError", "Spec", "SpecError", "TraceError",
-    "adapters", "get_method", "load", "load_adapters", "merge", "merge_adapters", "method_names",
-    "parse_spec", "print_trainable_parameters", "register_method", "save", "save_adapters", "trace",
-    "trainable_parameters", "transform", "unmerge_adapters",
+    "adapters", "backends", "compile", "export", "get_method", "load", "load_adapters", "load_peft", "merge",
+    "merge_adapters", "method_names", "optimizer", "parse_spec", "print_trainable_parameters", "register_method",
+    "save", "save_adapters", "save_peft", "trace", "trainable_parameters", "trainer_optimizers", "transform",
+    "unmerge_adapters",
 ]
-
-# export / lowering (issue 5)
-from . import backends  # noqa: E402
-from .backends import onnx as _onnx_backend  # noqa: E402,F401  (makes lrc.backends.onnx available)
-from .backends.torch_compile import compile  # noqa: E402
-from .export import export  # noqa: E402
-from .peft_io import load_peft, save_peft  # noqa: E402
-
-__all__ += ["backends", "compile", "export", "load_peft", "save_peft"]

@@ -7,10 +7,10 @@ Every module in this package is imported here, so a new ``methods/<name>.py`` th
 import importlib
 import pkgutil
 
-from .base import AdapterMethod, Arg, SiteInfo, get_method, method_names, register_method
+from .base import AdapterMethod, Arg, SiteInfo, StepContext, get_method, method_names, register_method
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_") and _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["AdapterMethod", "Arg", "SiteInfo", "get_method", "method_names", "register_method"]
+__all__ = ["AdapterMethod", "Arg", "SiteInfo", "StepContext", "get_method", "method_names", "register_method"]

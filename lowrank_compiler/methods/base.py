@@ -55,6 +55,20 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
 
 
 @dataclass
+class StepContext:
+    """What an adapter's training hooks may see of the optimizer step being taken.
+
+    ``step`` is the 1-based index of this step; ``state(p)`` is the optimizer's (mutable) state
+    dict for parameter ``p`` (clear it to restart its moments); ``group(p)`` is the param group
+    holding ``p`` (``lr``, ``betas``, ``eps``, ``weight_decay`` ... as the base optimizer keeps them).
+    """
+
+    step: int
+    state: Callable[[torch.Tensor], dict[str, Any]]
+    group: Callable[[torch.Tensor], dict[str, Any]]
+
+
+@dataclass
 class SiteInfo:
     """What a method may know about the linear it adapts (no graph internals)."""
 
@@ -75,8 +89,10 @@ class AdapterMethod(nn.Module):
 
     Optional hooks: ``initialize(stats, weight) -> new weight | None`` for data-dependent
     init (``data_dependent = True``), ``param_groups(lr)`` for per-tensor learning rates,
-    ``transform_grads(weight)`` before the optimizer step, ``after_step(weight, step)``
-    after it (may return a new base weight).
+    ``init_from_base(weight)`` called once at insertion with the site's base weight (DoRA's
+    magnitude), ``transform_grads(weight, ctx)`` before the optimizer step and
+    ``after_step(weight, ctx) -> new base weight | None`` after it (``ctx`` is a StepContext;
+    ``passes/train.py`` runs them).
     """
 
     name: ClassVar[str] = ""
@@ -160,6 +176,19 @@ class AdapterMethod(nn.Module):
         """Optimizer groups for this adapter's trainable tensors."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr}] if params else []
+
+    def init_from_base(self, weight: torch.Tensor) -> None:
+        """Called once when inserted, with the site's base weight (d_out × d_in); default: nothing."""
+
+    def transform_grads(self, weight: torch.Tensor, ctx: StepContext) -> None:
+        """Rewrite this adapter's ``.grad`` tensors before the optimizer step; default: nothing.
+
+        A method that steps a tensor itself sets its ``.grad`` to None so the base optimizer skips it.
+        """
+
+    def after_step(self, weight: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """Update rule after the optimizer step; return a new base weight (d_out × d_in) or None."""
+        return None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

@@ -63,17 +63,21 @@ def insert(gm: fx.GraphModule) -> PassResult:
     """
     freeze_base(gm)
     modified = False
-    for site in find_sites(gm):
-        mark = site.node.meta.get(META_KEY)
-        if isinstance(mark, SiteMark):
-            _try_rewrite(gm, site, mark)
-            modified = True
+    marked = [(s, s.node.meta.get(META_KEY)) for s in find_sites(gm) if isinstance(s.node.meta.get(META_KEY), SiteMark)]
+    group_shape: dict[tuple, tuple[int, int]] = {}  # (method, args) -> max (d_out, d_in) over its sites
+    for site, mark in marked:
+        o, i = group_shape.get((mark.method, mark.args), (0, 0))
+        group_shape[(mark.method, mark.args)] = (max(o, site.d_out), max(i, site.d_in))
+    for site, mark in marked:
+        _try_rewrite(gm, site, mark, group_shape[(mark.method, mark.args)])
+        modified = True
     if modified:
         finalize(gm)
     return PassResult(gm, modified)
 
 
-def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark) -> bool:
+def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark,
+                 group_shape: tuple[int, int] | None = None) -> bool:
     node, g = site.node, gm.graph
     if site.kind == "module":  # case 3
         old = gm.get_submodule(site.name)
@@ -99,8 +103,11 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark) -> bool:
             w = g.call_function(_aten.t.default, (w,))
     weight = gm.get_parameter(site.weight_path)
     info = site.info()
+    info.extra["group_shape"] = group_shape or (site.d_out, site.d_in)  # max (d_out, d_in) over the sites sharing this method+args (VeRA)
     method = get_method(mark.method)(info, **dict(mark.args))
     method.to(device=weight.device)
+    method.train(gm.training)  # a new module defaults to train mode; follow the graph's (dropout)
+    method.init_from_base(weight.t() if site.layout == "conv1d" else weight)
     path = adapter_path(gm, site.name)
     new = replace_with_module(gm, node, path, method, (x, w, b))
     new.meta[META_KEY] = AdapterMark(site.name, mark.method, site.layout, site.weight_path, site.bias_path, path)

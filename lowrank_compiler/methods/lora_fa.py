@@ -1,0 +1,50 @@
+"""LoRA-FA: LoRA with A frozen and B's gradient projected (v2, as PEFT's optimizer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import SiteInfo, StepContext, register_method
+from .lora import LoRA
+
+
+@register_method
+class LoRAFA(LoRA):
+    """LoRA-FA: Memory-efficient Low-rank Adaptation (Zhang et al. 2023, arXiv:2308.03303).
+
+    ``y = W x + s·B A x`` with A frozen after its LoRA init (so only the r-dim ``A x`` is kept for
+    backward) and B trained. Gradient transform (PEFT ``create_lorafa_optimizer``, "v2"):
+    ``ĝ_B = (1/s²) · g_B · pinv(A Aᵀ + 1e-8 I)`` — the B step whose equivalent full gradient is
+    closest to G — then the base optimizer (AdamW in the paper) steps B. (AAᵀ)⁻¹ is cached since A is
+    frozen. Choice: the projection runs in fp32 (PEFT runs it under bf16 autocast when available).
+
+    Args:
+        r (int, 8), alpha (float, 8), dropout (float, 0.0), rslora (bool, false): as LoRA.
+
+    Raises:
+        SpecError: an argument out of range.
+    """
+
+    name = "lora_fa"
+
+    def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
+        super().__init__(site, **kwargs)
+        self.lora_A.requires_grad_(False)
+        self._inv: tuple[int, torch.Tensor] | None = None
+
+    def _aat_inv(self) -> torch.Tensor:
+        version = self.lora_A._version
+        if self._inv is None or self._inv[0] != version:
+            a = self.lora_A.detach().float()
+            eye = torch.eye(self.r, device=a.device)
+            self._inv = (version, torch.linalg.pinv(a @ a.T + 1e-8 * eye))
+        return self._inv[1]
+
+    def transform_grads(self, weight: torch.Tensor, ctx: StepContext) -> None:
+        g = self.lora_B.grad
+        if g is None:
+            return
+        proj = (g.float() @ self._aat_inv()) / self.scaling**2
+        g.copy_(proj.to(g.dtype))
