@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import lowrank_compiler as lrc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler, not an installed one
+import lowrank_compiler as lrc  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 LRC_SPEC = "; ".join(f"{t}:lora(r=8, alpha=16)" for t in ["attention.self.query", "attention.self.key",
