@@ -84,3 +84,20 @@ def test_merge_on_the_fly_only_without_grads_or_active_dropout():
         assert m.eval()._merge_on_the_fly(x, w, None)
     m.requires_grad_(False)
     assert m._merge_on_the_fly(x, w, None)  # nothing needs a gradient
+
+
+@pytest.mark.slow
+def test_inserted_adapters_follow_the_graph_mode():
+    from conftest import example_ids, make_hf
+
+    import lowrank_compiler as lrc
+
+    model = make_hf("bert")
+    ids = example_ids()
+    gm = lrc.transform(model, "attention.self.query:lora(r=4, dropout=0.5)", (ids,))
+    assert not gm.training and all(not a.training for a in lrc.adapters(gm).values())
+    for a in lrc.adapters(gm).values():
+        with torch.no_grad():
+            a.lora_B.normal_()
+    with torch.no_grad():  # eval: the adapter dropout is off, so two calls agree exactly
+        torch.testing.assert_close(gm(ids).last_hidden_state, gm(ids).last_hidden_state, rtol=0, atol=0)

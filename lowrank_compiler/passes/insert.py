@@ -90,6 +90,7 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark) -> bool:
     info = site.info()
     method = get_method(mark.method)(info, **dict(mark.args))
     method.to(device=weight.device)
+    method.train(gm.training)  # a new nn.Module starts in training mode; follow the graph's mode
     path = f"{site.name}.{ADAPTER_ATTR}"
     new = replace_with_module(gm, node, path, method, (x, w, b))
     new.meta[META_KEY] = AdapterMark(site.name, mark.method, site.layout, site.weight_path, site.bias_path, path)
