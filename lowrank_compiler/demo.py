@@ -56,11 +56,14 @@ def _encode(tok: Any, items: list[tuple[str, int]], max_len: int) -> tuple[torch
     return enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in items])
 
 
-@torch.no_grad()
-def _logits(gm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _logits(gm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, branch: bool = False) -> torch.Tensor:
+    """Eval-mode logits. ``branch=True`` keeps grad mode on, so LoRA computes its separate low-rank
+    branch instead of merging on the fly (what it does under no_grad for large inputs): the
+    merged-vs-unmerged check then compares two genuinely different computations."""
     was = gm.training
     gm.eval()
-    out = gm(ids, mask)
+    with torch.set_grad_enabled(branch):
+        out = gm(ids, mask).detach()
     gm.train(was)
     return out
 
@@ -134,7 +137,7 @@ def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = 
     bar.close()
     t_train = time.perf_counter() - t_train
     gm.eval()
-    logits = _logits(gm, te_ids, te_mask)
+    logits = _logits(gm, te_ids, te_mask, branch=True)
     acc_after = _accuracy(logits, te_y)
 
     print("[4/6] merge: fold every adapter into its base weight")
