@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoadError
+from .errors import LoadError, LrcError
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
 DEFAULT_STEPS = 60
@@ -92,7 +92,7 @@ def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = 
     t0 = time.perf_counter()
     n_steps = QUICK_STEPS if quick and steps is None else (DEFAULT_STEPS if steps is None else int(steps))
     if n_steps < 0:
-        raise ValueError(f"steps must be >= 0, got {n_steps}")
+        raise LrcError(f"--steps must be >= 0, got {n_steps}")
     torch.manual_seed(SEED)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
