@@ -76,13 +76,29 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = False) -> dict[str, Any]:
+def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = False,
+             threads: int | None = 1) -> dict[str, Any]:
     """Fine-tune MiniLM with LoRA on the built-in topic task and round-trip it through merge/save/load.
 
     Prints progress (tqdm) and a summary table; returns its numbers: accuracies before/after on
     the held-out split, train loss, timings, the max abs logit differences of the parity checks
     (in-memory merged vs unmerged, reloaded vs in-memory for both files), and the written files.
+
+    ``threads``: torch intra-op threads while the demo runs (restored afterwards; None leaves
+    torch's setting). The default 1 is deliberate: the batches are tiny (8 x ~13 tokens), and
+    measured on a shared 2-core machine, 2 OpenMP threads made each step 5-40x slower (threads
+    waiting at barriers for a descheduled sibling), while 1 thread took about 0.08 s per step.
     """
+    prev = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(out_dir, steps, quick)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _run(out_dir: str, steps: int | None, quick: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import api

@@ -27,7 +27,10 @@ def test_demo_data_is_balanced_and_disjoint():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out_dir=str(out), quick=True)
+    threads = torch.get_num_threads()
+    result = run_demo(out_dir=str(out), quick=True)
+    assert torch.get_num_threads() == threads  # the demo's 1-thread setting is restored
+    return out, result
 
 
 def test_quick_demo_numbers(quick):
