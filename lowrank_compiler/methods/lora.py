@@ -64,7 +64,7 @@ class LoRA(AdapterMethod):
         if self._merge_on_the_fly(x, weight, bias):
             # Inference with many rows: W + s·B A costs d_out·d_in·r FLOPs and one d_out × d_in write,
             # far less than the low-rank branch's passes over the (rows × d) activations; the adapter
-            # stays separate (swappable), only the arithmetic is merged. Rounding as in merge().
+            # stays separate (swappable), only the arithmetic is merged (rounding differs as merge() does).
             return F.linear(x, torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scaling), bias)
         if x.dim() >= 2 and x.dtype == weight.dtype == self.lora_A.dtype:
             # Flatten to 2-D so the base linear returns a fresh, contiguous (N, d_out) tensor, then let one
