@@ -59,18 +59,42 @@ class LoRA(AdapterMethod):
         return F.linear(h, self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = F.linear(x, weight, bias)
         if self.merged:
-            return out
-        h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)
-        if out.dtype == h.dtype and out.dim() >= 2:
-            # One GEMM does B·h, the scale and the residual add (beta=1): saves two
-            # elementwise passes over the d_out-sized output compared with `out + s*B(h)`.
-            flat = torch.addmm(
-                out.reshape(-1, out.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling
-            )
-            return flat.view(out.shape)
-        return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+            return F.linear(x, weight, bias)
+        if self._merge_on_the_fly(x, weight, bias):
+            # Inference with many rows: W + s·B A costs d_out·d_in·r FLOPs and one d_out × d_in write,
+            # far less than the low-rank branch's passes over the (rows × d) activations; the adapter
+            # stays separate (swappable), only the arithmetic is merged (rounding differs as merge() does).
+            return F.linear(x, torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scaling), bias)
+        if x.dim() >= 2 and x.dtype == weight.dtype == self.lora_A.dtype:
+            # Flatten to 2-D so the base linear returns a fresh, contiguous (N, d_out) tensor, then let one
+            # in-place GEMM do B·h, the scale and the residual add (beta=1). Versus PEFT's `out + s*B(A x)`
+            # this saves the B(h), mul and add passes over the d_out-sized output, and versus an
+            # out-of-place addmm the copy of `out`. Safe under autograd: the base GEMM saves only x and W.
+            x2 = x.reshape(-1, x.shape[-1])
+            out = F.linear(x2, weight, bias)
+            h = F.linear(self.lora_dropout(x2), self.lora_A)
+            out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        out = F.linear(x, weight, bias)
+        return out + self.lora_branch(x).to(out.dtype)
+
+    def _merge_on_the_fly(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """True for eager inference (no grad needed, no active dropout, not being traced) when the
+        rows × (d_in + 2·d_out) activation traffic of the branch exceeds the 2·d_in·d_out of a merge."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        if not (x.dtype == weight.dtype == self.lora_A.dtype):
+            return False
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            return False
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, self.lora_A, self.lora_B)):
+            return False
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not isinstance(rows, int):  # symbolic shape (tracing): never add a guard on the batch size
+            return False
+        return rows * (self.d_in + 2 * self.d_out) > 2 * self.d_in * self.d_out
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
