@@ -47,7 +47,7 @@ def _call(gm: fx.GraphModule, batch: Any) -> Any:
 def _allreduce(stats: list[GradStats]) -> None:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     avg = getattr(dist.ReduceOp, "AVG", None)
     backend_has_avg = dist.get_backend() not in ("gloo",)
@@ -153,7 +153,29 @@ def initialize(
             new = mod.initialize(s, logical_weight(gm, mark))
             if new is not None:
                 set_logical_weight(gm, mark, new)
+        _broadcast(gm, sites)
     return PassResult(gm, True)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast(gm: fx.GraphModule, sites: list[tuple[AdapterMark, Any]]) -> None:
+    """Rank 0's adapter tensors and new base weights to every rank.
+
+    The statistics are already identical after the all-reduce, but LAPACK/BLAS results may differ in
+    the last bits between processes (memory alignment), so the init is made bitwise identical.
+    """
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for mark, mod in sites:
+        for t in list(mod.state_dict().values()) + [gm.get_parameter(mark.weight_path)]:
+            dist.broadcast(t.data, src=0)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
