@@ -54,7 +54,8 @@ def reference_grads(model: torch.nn.Module, sites: list[str], data, loss_fn,
         p.grad = None
     model.train()
     for batch in data:
-        loss_fn(model(*batch), batch).backward()
+        out = model(**batch) if isinstance(batch, dict) else model(*batch)
+        loss_fn(out, batch).backward()
     out = {}
     for s, p in params.items():
         g = p.grad.float() / len(data)
