@@ -105,7 +105,8 @@ class LoRAGA(LoRA):
                             "site); check that data is not empty and that loss_fn depends on the output")
         r = self.r
         q = min(4 * r, self.d_out, self.d_in)
-        with torch.random.fork_rng(devices=[]):
+        cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self.site_seed())
             U, _, V = stats.top(q, niter=4)
         if U.shape[1] < 2 * r:
