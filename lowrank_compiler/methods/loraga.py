@@ -56,6 +56,8 @@ class LoRAGA(LoRA):
     name = "loraga"
     data_dependent = True
     modifies_base = True
+    #: A = B = 0 until initialize(): the init pass may run the site as its plain linear meanwhile.
+    identity_before_init = True
     args = {
         **LoRA.args,
         "direction": Arg("ArB2r", (str,), one_of(*DIRECTIONS), "which singular vectors go to A and B"),

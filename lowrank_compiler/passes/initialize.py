@@ -79,7 +79,8 @@ def initialize(
     Statistics are per-batch means over batches (each rank its own shard), all-reduced (AVG) under
     torch.distributed before the SVD, so every rank computes the same init. Dropout masks are drawn
     from ``seed`` (default: the first adapter's ``seed`` arg) without disturbing the caller's RNG.
-    Base weights, adapter parameters and the caller's ``.grad`` buffers are untouched while estimating.
+    Base weights, adapter parameters and the caller's ``.grad`` buffers are untouched while estimating;
+    adapters with ``identity_before_init`` (LoRA-GA: A = B = 0) run as the plain linear meanwhile.
 
     Raises:
         InitError: empty data, a loss that is not a scalar tensor, a non-finite loss or gradient
@@ -99,6 +100,7 @@ def initialize(
     stats = [mod.init_stats(device=logical_weight(gm, mark).device) for mark, mod in sites]
     adapter_params = [p for _, mod in sites for p in mod.parameters()]
     saved_rg = [p.requires_grad for p in adapter_params]
+    saved_merged = [mod.merged for _, mod in sites]
     was_training = gm.training
     hooks = []
     anchor = torch.zeros((), device=device, requires_grad=True)
@@ -112,6 +114,8 @@ def initialize(
     try:
         for p in adapter_params:
             p.requires_grad_(False)
+        for _, mod in sites:  # an adapter that is the identity before init runs as the plain linear
+            mod.merged = mod.merged or bool(getattr(mod, "identity_before_init", False))
         hooks = [mod.register_forward_hook(make_hook(s)) for (_, mod), s in zip(sites, stats)]
         gm.train()
         it = iter(data) if batches is None else itertools.islice(iter(data), batches)
@@ -142,6 +146,8 @@ def initialize(
             h.remove()
         for p, rg in zip(adapter_params, saved_rg):
             p.requires_grad_(rg)
+        for (_, mod), merged in zip(sites, saved_merged):
+            mod.merged = merged
         gm.train(was_training)
     if n_batches == 0:
         raise InitError("data yielded no batches; pass data= an iterable with at least one batch")
