@@ -27,6 +27,7 @@ class GradStats:
 
     def __init__(self) -> None:
         self.n_batches = 0
+        self.updates = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool)
 
     def update(self, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -46,6 +47,7 @@ class GradStats:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _flat(self, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.updates += 1
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
         d2 = dy.reshape(-1, dy.shape[-1]).to(torch.float32)
         # one lazy flag per site (no host sync here; the pass checks it once per batch)

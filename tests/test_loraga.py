@@ -193,6 +193,12 @@ def test_non_finite_gradient_names_site_and_batch():
                       loss_fn=target_loss(32), progress=False)
 
 
+def test_site_the_loss_does_not_reach_is_an_error():
+    with pytest.raises(lrc.InitError, match=r"no gradient reached site\(s\) \['pooler\.dense'\].*exclude"):
+        lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4); pooler.dense:loraga(r=4)",
+                      data=batches(1), loss_fn=target_loss(32), progress=False)
+
+
 def test_bad_args_and_rank_too_large():
     with pytest.raises(lrc.SpecError, match="direction"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4, direction='AB')")

@@ -151,6 +151,11 @@ def initialize(
         gm.train(was_training)
     if n_batches == 0:
         raise InitError("data yielded no batches; pass data= an iterable with at least one batch")
+    unreached = [mark.site for (mark, _), s in zip(sites, stats) if s.updates == 0]
+    if unreached:
+        raise InitError(f"no gradient reached site(s) {unreached[:5]}{'...' if len(unreached) > 5 else ''}: "
+                        "loss_fn does not depend on their output; exclude them from the spec "
+                        "(e.g. '!pooler.*') or use a loss computed from them")
     for s in stats:
         s.finish(n_batches)
     _allreduce(stats)
