@@ -212,11 +212,12 @@ def _plot(path: str, sm: dict, reach: dict, init_rows: list[dict] | None) -> Non
     if init_rows:
         ax2 = axes[1]
         names = {"peft": "PEFT", "exact": "lrc exact", "sketch": "lrc sketch"}
-        xs = [names[r["variant"]] for r in init_rows]
-        ax2.bar([x + "\ntime s" for x in xs], [r["wall_s"] for r in init_rows], color="C0")
-        ax2.set_ylabel("init wall time (s)")
+        pos = list(range(len(init_rows)))
+        ax2.bar([p - 0.2 for p in pos], [r["wall_s"] for r in init_rows], width=0.4, color="C0")
+        ax2.set_xticks(pos, [names[r["variant"]] for r in init_rows])
+        ax2.set_ylabel("init wall time (s), bars", color="C0")
         ax3 = ax2.twinx()
-        ax3.plot(xs, [r["stats_mb"] for r in init_rows], "o-", color="C3")
+        ax3.bar([p + 0.2 for p in pos], [r["stats_mb"] for r in init_rows], width=0.4, color="C3")
         ax3.set_ylabel("gradient statistics held (MB)", color="C3")
         ax2.set_title(f"LoRA-GA init cost ({init_rows[0].get('batches', '?')} batches of 8x128)")
     fig.tight_layout()
@@ -231,7 +232,7 @@ def main() -> None:
     ap.add_argument("--init-batches", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="runs per init variant (fastest kept)")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seq", type=int, default=64, help="sequence length of the convergence batches")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "..", "docs", "loraga_convergence.png"))
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "..", "docs", "loraga_bench.json"),
