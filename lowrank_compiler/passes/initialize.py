@@ -1,0 +1,203 @@
+"""Initialize data-dependent adapters (LoRA-GA, ...) from gradient statistics of a few batches."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..errors import InitError
+from ..gradstats import GradStats
+from ..graph_utils import META_KEY, PassResult
+from .insert import AdapterMark, adapter_nodes
+from .merge import logical_weight, set_logical_weight
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the site output whose backward hands (x, ∂L/∂y) to a stats accumulator.
+
+    The extra ``anchor`` input (a scalar leaf that requires grad) keeps every site output in the
+    autograd graph although no base weight requires grad, so backward computes exactly the
+    activation gradients and no weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor, sink: Callable) -> torch.Tensor:
+        ctx.x, ctx.sink = x, sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        ctx.sink(ctx.x, grad)
+        ctx.x = None
+        return grad, None, None, None
+
+
+def _call(gm: fx.GraphModule, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return gm(**batch)
+    if isinstance(batch, (tuple, list)):
+        return gm(*batch)
+    return gm(batch)
+
+
+def _allreduce(stats: list[GradStats]) -> None:
+    import torch.distributed as dist
+
+    if not _distributed():
+        return
+    avg = getattr(dist.ReduceOp, "AVG", None)
+    backend_has_avg = dist.get_backend() not in ("gloo",)
+    for s in stats:
+        for t in s.tensors():
+            if avg is not None and backend_has_avg:
+                dist.all_reduce(t, op=avg)
+            else:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(dist.get_world_size())
+
+
+def initialize(
+    gm: fx.GraphModule,
+    data: Iterable[Any],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batches: int | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+) -> PassResult:
+    """Run ``batches`` batches forward/backward in train mode and initialize every data-dependent adapter.
+
+    Cases:
+      1. an adapter with ``data_dependent`` that is not yet initialized: its ``init_stats()``
+         accumulator gets (x, ∂L/∂y) for every batch; then ``initialize(stats, W)`` returns the new
+         base weight, written as a new Parameter (``set_logical_weight``).
+    No uninitialized data-dependent adapter (e.g. a loaded model): nothing runs, ``modified=False``.
+
+    Statistics are per-batch means over batches (each rank its own shard), all-reduced (AVG) under
+    torch.distributed before the SVD, so every rank computes the same init. Dropout masks are drawn
+    from ``seed`` (default: the first adapter's ``seed`` arg) without disturbing the caller's RNG.
+    Base weights, adapter parameters and the caller's ``.grad`` buffers are untouched while estimating;
+    adapters with ``identity_before_init`` (LoRA-GA: A = B = 0) run as the plain linear meanwhile.
+
+    Raises:
+        InitError: empty data, a loss that is not a scalar tensor, a non-finite loss or gradient
+        (naming the site and batch).
+    """
+    sites: list[tuple[AdapterMark, Any]] = []
+    for node in adapter_nodes(gm):
+        mark: AdapterMark = node.meta[META_KEY]
+        mod = gm.get_submodule(mark.module_path)
+        if getattr(mod, "data_dependent", False) and not bool(getattr(mod, "initialized", False)):
+            sites.append((mark, mod))
+    if not sites:
+        return PassResult(gm, False)
+    if seed is None:
+        seed = int(sites[0][1].config.get("seed", 0) or 0)
+    device = logical_weight(gm, sites[0][0]).device
+    stats = [mod.init_stats(device=logical_weight(gm, mark).device) for mark, mod in sites]
+    adapter_params = [p for _, mod in sites for p in mod.parameters()]
+    saved_rg = [p.requires_grad for p in adapter_params]
+    saved_merged = [mod.merged for _, mod in sites]
+    was_training = gm.training
+    hooks = []
+    anchor = torch.zeros((), device=device, requires_grad=True)
+
+    def make_hook(s: GradStats) -> Callable:
+        def hook(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            return _Tap.apply(out, anchor, args[0].detach(), s.update)
+        return hook
+
+    n_batches = 0
+    try:
+        for p in adapter_params:
+            p.requires_grad_(False)
+        for _, mod in sites:  # an adapter that is the identity before init runs as the plain linear
+            mod.merged = mod.merged or bool(getattr(mod, "identity_before_init", False))
+        hooks = [mod.register_forward_hook(make_hook(s)) for (_, mod), s in zip(sites, stats)]
+        gm.train()
+        it = iter(data) if batches is None else itertools.islice(iter(data), batches)
+        total = batches if batches is not None else (len(data) if hasattr(data, "__len__") else None)
+        bar = _progress(it, total, progress, sites[0][1].name)
+        with torch.random.fork_rng(devices=_cuda_devices(device)), torch.enable_grad():
+            torch.manual_seed(seed)
+            for n, batch in enumerate(bar):
+                n_batches = n + 1
+                loss = loss_fn(_call(gm, batch), batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise InitError(f"loss_fn must return a scalar tensor, got "
+                                    f"{type(loss).__name__}{tuple(getattr(loss, 'shape', ()))} at batch {n}")
+                if not torch.isfinite(loss.detach()).all():
+                    raise InitError(f"the loss is non-finite ({loss.item()}) at batch {n}; "
+                                    "fix the data or loss_fn before a data-dependent init")
+                if not loss.requires_grad:
+                    raise InitError("loss_fn's result does not depend on any adapted site; "
+                                    "the loss must be computed from the model output")
+                loss.backward()
+                bad = torch.stack([s.nonfinite for s in stats])
+                if bool(bad.any()):
+                    site = sites[int(bad.nonzero()[0, 0])][0].site
+                    raise InitError(f"non-finite gradient at site {site!r} in batch {n}; "
+                                    "check the data and loss_fn (or lower the loss scale)")
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, rg in zip(adapter_params, saved_rg):
+            p.requires_grad_(rg)
+        for (_, mod), merged in zip(sites, saved_merged):
+            mod.merged = merged
+        gm.train(was_training)
+    if n_batches == 0:
+        raise InitError("data yielded no batches; pass data= an iterable with at least one batch")
+    unreached = [mark.site for (mark, _), s in zip(sites, stats) if s.updates == 0]
+    if unreached:
+        raise InitError(f"no gradient reached site(s) {unreached[:5]}{'...' if len(unreached) > 5 else ''}: "
+                        "loss_fn does not depend on their output; exclude them from the spec "
+                        "(e.g. '!pooler.*') or use a loss computed from them")
+    for s in stats:
+        s.finish(n_batches)
+    _allreduce(stats)
+    with torch.no_grad():
+        for (mark, mod), s in zip(sites, stats):
+            new = mod.initialize(s, logical_weight(gm, mark))
+            if new is not None:
+                set_logical_weight(gm, mark, new)
+        _broadcast(gm, sites)
+    return PassResult(gm, True)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast(gm: fx.GraphModule, sites: list[tuple[AdapterMark, Any]]) -> None:
+    """Rank 0's adapter tensors and new base weights to every rank.
+
+    The statistics are already identical after the all-reduce, but LAPACK/BLAS results may differ in
+    the last bits between processes (memory alignment), so the init is made bitwise identical.
+    """
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for mark, mod in sites:
+        for t in list(mod.state_dict().values()) + [gm.get_parameter(mark.weight_path)]:
+            dist.broadcast(t.data, src=0)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _progress(it: Iterable[Any], total: int | None, enabled: bool, method: str) -> Iterable[Any]:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but don't fail an init over a progress bar
+        return it
+    return tqdm(it, total=total, desc=f"{method}: estimating gradients", unit="batch", leave=False)
