@@ -18,6 +18,7 @@ from .io import load, load_adapters, save, save_adapters
 from .methods import get_method, method_names, register_method
 from .passes.train import optimizer, trainer_optimizers
 from .peft_io import load_peft, save_peft
+from .rebase import original_base_pairs, original_base_peft
 from .spec import Spec, parse_spec
 from .trace import trace
 
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExportError", "InitError", "LoadError", "LrcError", "Spec", "SpecError", "TraceError",
     "adapters", "backends", "compile", "export", "get_method", "load", "load_adapters", "load_peft", "merge",
-    "merge_adapters", "method_names", "optimizer", "parse_spec", "print_trainable_parameters", "register_method",
+    "merge_adapters", "method_names", "optimizer", "original_base_pairs", "original_base_peft", "parse_spec", "print_trainable_parameters", "register_method",
     "save", "save_adapters", "save_peft", "trace", "trainable_parameters", "trainer_optimizers", "transform",
     "unmerge_adapters",
 ]
