@@ -26,7 +26,8 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
             rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, "-", "-", s.refused or ""))
     else:
         parsed = parse_spec(spec)
-        for d in decide(gm, parsed):
+        decisions = decide(gm, parsed)
+        for d in decisions:
             s = d.site
             rule = "-" if d.rule is None else str(d.rule + 1)
             if d.reason is None:
@@ -39,7 +40,7 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
                 rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, rule, str(parsed.rules[d.rule]), f"{n:,}"))
             else:
                 rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, rule, "-", d.reason))
-        unused = set(range(len(parsed.rules))) - {d.rule for d in decide(gm, parsed) if d.rule is not None}
+        unused = set(range(len(parsed.rules))) - {d.rule for d in decisions if d.rule is not None}
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
