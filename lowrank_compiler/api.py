@@ -10,9 +10,9 @@ import torch
 from torch import fx, nn
 
 from .errors import InitError
-from .graph_utils import META_KEY, lrc_meta, run_passes
+from .graph_utils import lrc_meta, run_passes
 from .methods.base import AdapterMethod
-from .passes.insert import adapter_nodes, insert
+from .passes.insert import adapters_of, insert
 from .passes.match import match
 from .passes.merge import merge as _merge_pass
 from .passes.merge import set_merged
@@ -48,8 +48,7 @@ def transform(
     gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
     res = run_passes(gm, [("match", lambda g: match(g, parsed)), ("insert", insert)])
     gm = res.gm
-    needs_data = [n.meta[META_KEY].site for n in adapter_nodes(gm)
-                  if getattr(gm.get_submodule(n.meta[META_KEY].module_path), "data_dependent", False)]
+    needs_data = [site for site, mod in adapters_of(gm).items() if getattr(mod, "data_dependent", False)]
     if needs_data:
         if data is None or loss_fn is None:
             missing = " and ".join(x for x, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
@@ -66,8 +65,6 @@ def transform(
 
 def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
     """``{site_name: adapter_module}`` in graph order."""
-    from .io import adapters_of
-
     return adapters_of(gm)
 
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from .errors import LoadError
 from .graph_utils import META_KEY, finalize, lrc_meta
-from .passes.insert import AdapterMark, adapter_nodes, insert
+from .passes.insert import AdapterMark, adapter_nodes, adapters_of, insert
 from .passes.match import SiteMark
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .passes.strip import strip
@@ -59,11 +59,6 @@ def _umask() -> int:
 
 def _tensors(d: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().cpu().contiguous().clone() for k, v in d.items()})
-
-
-def adapters_of(gm: fx.GraphModule) -> dict[str, Any]:
-    """{site: adapter module} in graph order."""
-    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}
 
 
 def adapter_records(gm: fx.GraphModule) -> list[dict[str, Any]]:

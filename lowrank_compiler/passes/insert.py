@@ -35,7 +35,7 @@ class AdapterMark:
 
 def freeze_base(gm: fx.GraphModule) -> None:
     """Every parameter that is not inside an adapter stops requiring grad."""
-    keep = {id(p) for n in adapter_nodes(gm) for p in gm.get_submodule(n.meta[META_KEY].module_path).parameters()}
+    keep = {id(p) for mod in adapters_of(gm).values() for p in mod.parameters()}
     for p in gm.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -117,3 +117,8 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark,
 def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The adapter call_module nodes, in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(n.meta.get(META_KEY), AdapterMark)]
+
+
+def adapters_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """``{site: adapter module}`` in graph order."""
+    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}
