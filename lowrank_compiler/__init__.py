@@ -13,12 +13,12 @@ from .api import (
 from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
 from .backends.torch_compile import compile
 from .errors import ExportError, InitError, LoadError, LrcError, SpecError, TraceError
-from .export import export
-from .io import load, load_adapters, save, save_adapters
+from .backends.export import export
+from .serialize import load, load_adapters, save, save_adapters
 from .methods import get_method, method_names, register_method
 from .passes.train import optimizer, trainer_optimizers
-from .peft_io import load_peft, save_peft
-from .rebase import original_base_pairs, original_base_peft
+from .backends.peft import load_peft, save_peft
+from .backends.rebase import original_base_pairs, original_base_peft
 from .spec import Spec, parse_spec
 from .trace import trace
 

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from .errors import InitError
-from .graph_utils import lrc_meta, run_passes
+from .ir import lrc_meta, run_passes
 from .methods.base import AdapterMethod
 from .passes.insert import adapters_of, insert
 from .passes.match import match

@@ -9,12 +9,12 @@ from typing import Any
 
 from .errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")  # lowrank_compiler.export.FORMATS
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     """A GraphModule from an lrc file, a ``.pt2`` torch.export archive, or an HF model directory."""
-    from . import io as lrc_io
+    from . import serialize as lrc_io
     from .errors import LoadError
 
     p = Path(path)
@@ -51,7 +51,7 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from .inspect import inspect_table
+    from .report import inspect_table
 
     gm = load_model(a.model, a.trust)
     print(inspect_table(gm, a.spec))
@@ -60,7 +60,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 def _cmd_transform(a: argparse.Namespace) -> int:
     from .api import print_trainable_parameters, transform
-    from .io import save
+    from .serialize import save
 
     gm = load_model(a.model, a.trust)
     gm = transform(gm, a.spec)
@@ -71,7 +71,7 @@ def _cmd_transform(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .export import export, infer_format
+    from .backends.export import export, infer_format
 
     fmt = infer_format(a.output, a.format)  # unknown formats fail before the model is loaded
     gm = load_model(a.model, a.trust)
@@ -87,13 +87,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .run_onnx import run_cli
+    from .backends.run_onnx import run_cli
 
     return run_cli(a)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(out_dir=a.out_dir, steps=a.steps, quick=a.quick)
     return 0

@@ -41,3 +41,7 @@ class ExportError(LrcError, RuntimeError):
 
 class InitError(LrcError, RuntimeError):
     """A data-dependent initialization could not run (missing data, non-finite gradients...)."""
+
+
+class MergeError(LrcError, ValueError):
+    """Folding an adapter into its base weight would give non-finite values; nothing was changed."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph_utils import get_attr_tensor
+from .ir import get_attr_tensor
 from .methods.base import SiteInfo
 
 _aten = torch.ops.aten

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .graph_utils import lrc_meta
+from .ir import lrc_meta
 from .passes.mode import make_mode_switchable
 
 _ROOT = "m"  # attribute of the binding wrapper that holds the user's model

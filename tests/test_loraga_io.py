@@ -10,7 +10,7 @@ from conftest import hidden
 from loraga_helpers import batches, target_loss, traced
 
 import lowrank_compiler as lrc
-from lowrank_compiler.rebase import original_base_peft
+from lowrank_compiler.backends.rebase import original_base_peft
 
 SPEC = "attention.self.*:loraga(r=4, alpha=8); intermediate.dense:loraga(r=4, alpha=8)"
 

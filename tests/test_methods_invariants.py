@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lowrank_compiler as lrc
-from lowrank_compiler.graph_utils import META_KEY
+from lowrank_compiler.ir import META_KEY
 from lowrank_compiler.passes.insert import AdapterMark
 
 SPECS = {

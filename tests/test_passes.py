@@ -7,7 +7,7 @@ from conftest import ATTN_SPEC, example_ids, hidden, make_hf
 from torch import fx, nn
 
 import lowrank_compiler as lrc
-from lowrank_compiler.graph_utils import META_KEY
+from lowrank_compiler.ir import META_KEY
 from lowrank_compiler.methods.base import SiteInfo
 from lowrank_compiler.methods.lora import LoRA
 from lowrank_compiler.passes.insert import AdapterMark, adapter_nodes, insert

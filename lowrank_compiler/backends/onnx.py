@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from ..errors import ExportError
-from ..graph_utils import META_KEY, lrc_meta
+from ..ir import META_KEY, lrc_meta
 from ..passes.insert import adapter_nodes
 from .onnx_adapters import (
     LORA_A,
@@ -237,7 +237,7 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     """
     import onnx
 
-    from ..io import atomic_write
+    from ..serialize import atomic_write
     from ..passes.merge import merge as merge_pass
     from ..passes.separate import separate
 

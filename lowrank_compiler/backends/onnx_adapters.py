@@ -10,9 +10,9 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..graph_utils import META_KEY
+from ..ir import META_KEY
 from ..passes.insert import adapter_nodes
-from ..passes.separate import LORA_A, LORA_B, is_separable, onnx_lora_tensors
+from ..passes.separate import LORA_A, LORA_B, onnx_lora_tensors
 
 LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...
 
@@ -42,10 +42,11 @@ def lora_adapter_tensors(gm: fx.GraphModule, dtype: np.dtype | None = None) -> d
     for node in adapter_nodes(gm):
         mark = node.meta[META_KEY]
         method = gm.get_submodule(mark.module_path)
-        if not is_separable(method):
+        pair = onnx_lora_tensors(method)
+        if pair is None:
             raise ExportError(f"site {mark.site!r} uses {mark.method!r}, which has no x·A·B form for an "
                               ".onnx_adapter; export it merged (`--merge`) instead")
-        for which, t in zip((LORA_A, LORA_B), onnx_lora_tensors(method)):
+        for which, t in zip((LORA_A, LORA_B), pair):
             arr = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
             out[input_name(mark.site, which)] = np.ascontiguousarray(arr.astype(dtype) if dtype else arr)
     return out
@@ -55,7 +56,7 @@ def write_onnx_adapter(tensors: dict[str, np.ndarray], path: str | os.PathLike, 
     """Write ``tensors`` as an ONNX Runtime ``.onnx_adapter`` file (atomic: temp file + rename)."""
     import onnxruntime as ort
 
-    from ..io import atomic_write
+    from ..serialize import atomic_write
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(adapter_version)

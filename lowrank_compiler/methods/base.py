@@ -5,12 +5,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import MergeError, SpecError
 
 
 @dataclass(frozen=True)
@@ -80,24 +80,38 @@ class SiteInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class LowRank(NamedTuple):
+    """An adapter's low-rank form: its output adds ``scale · B A x`` (A: r × d_in, B: d_out × r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
 class AdapterMethod(nn.Module):
     """An adapter that replaces one linear ``y = x Wᵀ + b``.
 
-    Contract (DESIGN.md): it owns its trainable state, never the frozen base weight,
-    which the graph passes in. Subclasses set ``name`` and ``args`` and implement
-    ``forward(x, weight, bias)`` and ``delta_weight(weight)``.
+    Contract (DESIGN.md): it owns its trainable state, never the frozen base weight, which the graph
+    passes in. A subclass sets ``name`` and ``args`` and implements ``forward(x, weight, bias)`` and
+    ``delta_weight(weight)``; everything else has a working default:
 
-    Optional hooks: ``initialize(stats, weight) -> new weight | None`` for data-dependent
-    init (``data_dependent = True``), ``param_groups(lr)`` for per-tensor learning rates,
-    ``init_from_base(weight)`` called once at insertion with the site's base weight (DoRA's
-    magnitude), ``transform_grads(weight, ctx)`` before the optimizer step and
-    ``after_step(weight, ctx) -> new base weight | None`` after it (``ctx`` is a StepContext;
-    ``passes/train.py`` runs them).
+    - ``config``: the resolved spec arguments (every arg, defaults filled in), stored once here;
+      subclasses read it and never rewrite it.
+    - ``merged``: the base weight holds ``merged_weight(W)``; ``bypass``: run as the plain linear
+      (both make ``passthrough`` true, which ``forward`` must honour).
+    - ``low_rank_factors() -> LowRank | None``: ``(A, B, s)`` with forward = linear(x, W, b) + s·B A x
+      in eval mode relative to the *current* base weight, or None (DoRA). ONNX separate export,
+      PEFT export and the original-base rebase all use it.
+    - ``base_offset() -> LowRank | None``: when the method changed the base by a known low-rank
+      offset (LoRA-GA: W = W0 − s·B0 A0), that offset; ``modifies_base`` methods without one
+      (Delta-LoRA, LoRASC) cannot be re-expressed against the original base.
+    - ``param_groups(lr)``, ``init_from_base(weight)``, ``transform_grads(weight, ctx)``,
+      ``after_step(weight, ctx) -> new base | None``, ``loss_terms()`` (training pass hooks).
+    - Data-dependent initialization: mix in :class:`DataDependentInit`.
     """
 
     name: ClassVar[str] = ""
     args: ClassVar[dict[str, Arg]] = {}
-    data_dependent: ClassVar[bool] = False
     #: True when after_step / initialize may change the base weight.
     modifies_base: ClassVar[bool] = False
 
@@ -106,8 +120,19 @@ class AdapterMethod(nn.Module):
         self.site_name = site.name
         self.d_in = site.d_in
         self.d_out = site.d_out
-        self.config = dict(kwargs)
+        self.config: dict[str, Any] = dict(kwargs)
         self.merged = False
+        self.bypass = False
+
+    @property
+    def passthrough(self) -> bool:
+        """True when forward must compute only ``linear(x, weight, bias)`` (merged or bypassed)."""
+        return self.merged or self.bypass
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether this adapter needs ``passes.initialize`` (see :class:`DataDependentInit`)."""
+        return isinstance(self, DataDependentInit)
 
     # -- argument handling -------------------------------------------------
     @classmethod
@@ -163,14 +188,41 @@ class AdapterMethod(nn.Module):
         raise NotImplementedError
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = weight + self.delta_weight(weight).to(weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter at {self.site_name!r} produced non-finite weights")
-        return merged
+        """``weight + ΔW``; raises :class:`MergeError` when the result is not finite."""
+        return check_finite(weight + self.delta_weight(weight).to(weight.dtype), self.site_name)
 
     def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         """Inverse of merged_weight (exact where ΔW does not depend on W)."""
         return merged - self.delta_weight(merged).to(merged.dtype)
+
+    def low_rank_factors(self) -> LowRank | None:
+        """``(A, B, s)`` such that this adapter adds ``s·B A x`` to the current base linear, or None."""
+        return None
+
+    def base_offset(self) -> LowRank | None:
+        """The low-rank offset this method applied to the base (W_now = W_original − s·B0 A0), or None."""
+        return None
+
+    def original_base_factors(self) -> LowRank | None:
+        """``(A', B', s)`` with W_original + s·B'A' = the adapted weight, or None when not expressible.
+
+        Plain low-rank methods give their own factors; a known base offset is folded in as rank 2r
+        ([A; A0], [B, −B0]); a base changed in an unknown way (Delta-LoRA, LoRASC) gives None.
+        """
+        f = self.low_rank_factors()
+        if f is None:
+            return None
+        off = self.base_offset()
+        if off is None:
+            return None if self.modifies_base else f
+        if off.scale != f.scale:
+            return None
+        return LowRank(torch.cat([f.A.detach(), off.A.to(f.A.dtype)], 0),
+                       torch.cat([f.B.detach(), -off.B.to(f.B.dtype)], 1), f.scale)
+
+    def loss_terms(self) -> torch.Tensor | None:
+        """A regulariser the training pass adds to the loss (AdaLoRA's orthogonality), or None."""
+        return None
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer groups for this adapter's trainable tensors."""
@@ -192,6 +244,39 @@ class AdapterMethod(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class DataDependentInit:
+    """Mixin for methods initialized from data by ``passes.initialize`` (LoRA-GA, LoRA-drop, ...).
+
+    The pass feeds ``init_stats(device)`` (a :class:`~lowrank_compiler.gradstats.GradStats`
+    accumulator) with the site input x and output gradient ∂L/∂y of each batch, then calls
+    ``initialize(stats, weight) -> new base weight | None``. The subclass registers a bool buffer
+    ``initialized`` (saved with the adapter, so loading never re-runs the init).
+    ``identity_before_init``: the adapter is the identity until initialized, so the pass bypasses
+    it (plain linear) while estimating.
+    """
+
+    identity_before_init: ClassVar[bool] = False
+    initialized: torch.Tensor
+
+    def init_stats(self, device: torch.device | None = None) -> Any:
+        raise NotImplementedError
+
+    def initialize(self, stats: Any, weight: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def needs_init(self) -> bool:
+        return not bool(self.initialized)
+
+
+def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
+    """``weight`` if every entry is finite, else :class:`MergeError` naming the site."""
+    if not torch.isfinite(weight).all():
+        raise MergeError(f"merging the adapter at {site!r} produced non-finite weights (NaN/inf in its "
+                         "tensors or an overflow in the base dtype); the base weight was not changed")
+    return weight
 
 
 _REGISTRY: dict[str, type[AdapterMethod]] = {}

@@ -43,9 +43,7 @@ class DeltaLoRA(LoRA):
     modifies_base: ClassVar[bool] = True
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
-        lora_args = {k: kwargs[k] for k in ("r", "alpha", "rslora")}
-        super().__init__(site, **lora_args, dropout=0.0)
-        self.config = dict(kwargs)
+        super().__init__(site, **kwargs)  # no dropout argument: LoRA's branch runs without dropout
         self.ratio, self.start = float(kwargs["ratio"]), int(kwargs["start"])
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arg, SiteInfo, positive, probability, register_method
+from .base import Arg, LowRank, SiteInfo, check_finite, positive, probability, register_method
 from .lora import LoRA
 
 
@@ -57,7 +57,7 @@ class DoRA(LoRA):
             return torch.linalg.vector_norm(v, dim=1)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.merged:
+        if self.passthrough:
             return F.linear(x, weight, bias)
         scale = (self.lora_magnitude_vector / self._norm(weight).to(self.lora_magnitude_vector.dtype))
         xa = x.to(self.lora_A.dtype)
@@ -81,9 +81,10 @@ class DoRA(LoRA):
         self.merge_norm.copy_(norm)
         v = weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scaling
         merged = (self.lora_magnitude_vector.float() / norm).unsqueeze(1) * v
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter at {self.site_name!r} produced non-finite weights")
-        return merged.to(weight.dtype)
+        return check_finite(merged, self.site_name).to(weight.dtype)
+
+    def low_rank_factors(self) -> LowRank | None:
+        return None  # the magnitude rescales W x too: no x·A·B form
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         v = weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, SiteInfo, positive, probability, register_method
+from .base import AdapterMethod, Arg, LowRank, SiteInfo, positive, probability, register_method
 
 
 @register_method
@@ -40,12 +40,14 @@ class LoRA(AdapterMethod):
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
-        self.r = int(kwargs["r"])
-        alpha = float(kwargs["alpha"])
-        self.scaling = alpha / math.sqrt(self.r) if kwargs["rslora"] else alpha / self.r
+        cfg = self.config
+        self.r = int(cfg["r"])
+        alpha = float(cfg["alpha"])
+        self.scaling = alpha / math.sqrt(self.r) if cfg.get("rslora", False) else alpha / self.r
+        dropout = float(cfg.get("dropout", 0.0))
         self.lora_A = nn.Parameter(torch.empty(self.r, site.d_in, dtype=site.dtype))
         self.lora_B = nn.Parameter(torch.zeros(site.d_out, self.r, dtype=site.dtype))
-        self.lora_dropout = nn.Dropout(kwargs["dropout"]) if kwargs["dropout"] > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,7 +61,7 @@ class LoRA(AdapterMethod):
         return F.linear(h, self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.merged:
+        if self.passthrough:
             return F.linear(x, weight, bias)
         if self._merge_on_the_fly(x, weight, bias):
             # Inference with many rows: W + s·B A costs d_out·d_in·r FLOPs and one d_out × d_in write,
@@ -98,3 +100,6 @@ class LoRA(AdapterMethod):
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def low_rank_factors(self) -> LowRank | None:
+        return LowRank(self.lora_A.detach(), self.lora_B.detach(), float(self.scaling))

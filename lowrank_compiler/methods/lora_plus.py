@@ -28,8 +28,7 @@ class LoRAPlus(LoRA):
     args = {**LoRA.args, "ratio": Arg(16.0, (float,), positive, "lr_B / lr_A")}
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
-        super().__init__(site, **{k: v for k, v in kwargs.items() if k != "ratio"})
-        self.config = dict(kwargs)
+        super().__init__(site, **kwargs)
         self.ratio = float(kwargs["ratio"])
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:

@@ -69,8 +69,7 @@ class LoRAPro(LoRA):
     args = {**LoRA.args, "mode": Arg("full", (str,), one_of("full", "efficient"), "AdamW variant")}
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
-        super().__init__(site, **{k: v for k, v in kwargs.items() if k != "mode"})
-        self.config = dict(kwargs)
+        super().__init__(site, **kwargs)
         self.mode = kwargs["mode"]
 
     @torch.no_grad()

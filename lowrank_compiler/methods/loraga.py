@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InitError
 from ..gradstats import ExactGradient, GradientSketch, GradStats
-from .base import Arg, SiteInfo, non_negative, one_of, positive, register_method
+from .base import Arg, DataDependentInit, LowRank, SiteInfo, non_negative, one_of, positive, register_method
 from .lora import LoRA
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -19,7 +19,7 @@ SCALES = ("stable", "unit", "gd")
 
 
 @register_method
-class LoRAGA(LoRA):
+class LoRAGA(DataDependentInit, LoRA):
     """LoRA-GA: Low-Rank Adaptation with Gradient Approximation (Wang, Yu, Li 2024, arXiv:2407.05000).
 
     Follows the authors' code (github.com/Outsider565/LoRA-GA, ``peft/tuners/lora/layer.py::
@@ -34,7 +34,7 @@ class LoRAGA(LoRA):
 
     Adapter tensors are fp32 whatever the base dtype. A0, B0 stay as buffers (``init_A``,
     ``init_B``) so the adapter can be re-expressed against the ORIGINAL base as the rank-2r pair
-    A' = [A; A0], B' = [B, −B0] (:meth:`original_base_pair`).
+    A' = [A; A0], B' = [B, −B0] (:meth:`original_base_factors`).
 
     ``svd="sketch"`` (decided here, beyond the paper) never forms G: it streams a two-sided
     sketch (Tropp et al. 2017) with k = 2r + oversample range and l = 2k co-range columns and
@@ -54,7 +54,6 @@ class LoRAGA(LoRA):
     """
 
     name = "loraga"
-    data_dependent = True
     modifies_base = True
     #: A = B = 0 until initialize(): the init pass may run the site as its plain linear meanwhile.
     identity_before_init = True
@@ -143,14 +142,10 @@ class LoRAGA(LoRA):
         return new.to(weight.dtype)
 
     # -- export against the original base ---------------------------------------
-    def original_base_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B') = ([A; A0], [B, −B0]) (2r × d_in, d_out × 2r), fp32, with the same scaling s:
-
-        W_original + s·B'A' = (W_original − s·B0A0) + s·BA, i.e. this adapter on an UNMODIFIED base.
-        """
-        A = torch.cat([self.lora_A.detach(), self.init_A], 0)
-        B = torch.cat([self.lora_B.detach(), -self.init_B], 1)
-        return A, B
+    def base_offset(self) -> LowRank | None:
+        """W_now = W_original − s·B0 A0 (zero before initialization): original_base_factors() gives the
+        rank-2r pair ([A; A0], [B, −B0]) that is this adapter on an UNMODIFIED base."""
+        return LowRank(self.init_A, self.init_B, float(self.scaling))
 
     def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""

@@ -65,8 +65,7 @@ class LoRASC(LoRA):
         return out
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
-        super().__init__(site, **{k: kwargs[k] for k in LoRA.args})
-        self.config = dict(kwargs)
+        super().__init__(site, **kwargs)
         if kwargs.get("cascade_every") is None:
             raise SpecError("lorasc: argument cascade_every is required")
         self.every, self.slow_rate = int(kwargs["cascade_every"]), float(kwargs["slow_rate"])

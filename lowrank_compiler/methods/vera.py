@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, SiteInfo, non_negative, positive, probability, register_method
+from .base import AdapterMethod, Arg, LowRank, SiteInfo, non_negative, positive, probability, register_method
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -73,7 +73,7 @@ class VeRA(AdapterMethod):
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
-        self.r = int(kwargs["r"])
+        self.r = int(self.config["r"])
         max_out, max_in = site.extra.get("group_shape", (site.d_out, site.d_in))
         a, b = shared_projections(self.r, max_out, max_in, int(kwargs["seed"]), site.d_out, site.d_in)
         self.register_buffer("vera_A", a, persistent=False)
@@ -84,7 +84,7 @@ class VeRA(AdapterMethod):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = F.linear(x, weight, bias)
-        if self.merged:
+        if self.passthrough:
             return out
         # Λ_d, Λ_b scale the activations (folding them into A, B would add two weight-gradient GEMMs)
         a, b = self.vera_A.to(self.vera_lambda_d.dtype), self.vera_B.to(self.vera_lambda_b.dtype)
@@ -94,5 +94,11 @@ class VeRA(AdapterMethod):
         return out + (F.linear(h, b) * self.vera_lambda_b).to(out.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        a, b = self.vera_A.float(), self.vera_B.float()
-        return (self.vera_lambda_b.float().unsqueeze(1) * b) @ (self.vera_lambda_d.float().unsqueeze(1) * a)
+        f = self.low_rank_factors()
+        return f.B.float() @ f.A.float()
+
+    def low_rank_factors(self) -> LowRank | None:
+        """(Λ_d A, Λ_b B, 1): VeRA is a rank-r adapter whose factors are scaled shared projections."""
+        a = self.vera_lambda_d.detach().float().unsqueeze(1) * self.vera_A.float()
+        b = self.vera_lambda_b.detach().float().unsqueeze(1) * self.vera_B.float()
+        return LowRank(a, b, 1.0)

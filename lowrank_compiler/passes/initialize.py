@@ -11,9 +11,9 @@ from torch import fx
 
 from ..errors import InitError
 from ..gradstats import GradStats
-from ..graph_utils import META_KEY, PassResult
-from .insert import AdapterMark, adapter_nodes
-from .merge import logical_weight, set_logical_weight
+from ..methods.base import DataDependentInit
+from ..ir import AdapterMark, META_KEY, adapter_nodes, logical_weight, set_logical_weight
+from .manager import PassResult
 
 
 class _Tap(torch.autograd.Function):
@@ -71,7 +71,7 @@ def initialize(
     """Run ``batches`` batches forward/backward in train mode and initialize every data-dependent adapter.
 
     Cases:
-      1. an adapter with ``data_dependent`` that is not yet initialized: its ``init_stats()``
+      1. a :class:`DataDependentInit` adapter that is not yet initialized: its ``init_stats()``
          accumulator gets (x, ∂L/∂y) for every batch; then ``initialize(stats, W)`` returns the new
          base weight, written as a new Parameter (``set_logical_weight``).
     No uninitialized data-dependent adapter (e.g. a loaded model): nothing runs, ``modified=False``.
@@ -90,7 +90,7 @@ def initialize(
     for node in adapter_nodes(gm):
         mark: AdapterMark = node.meta[META_KEY]
         mod = gm.get_submodule(mark.module_path)
-        if getattr(mod, "data_dependent", False) and not bool(getattr(mod, "initialized", False)):
+        if isinstance(mod, DataDependentInit) and mod.needs_init:
             sites.append((mark, mod))
     if not sites:
         return PassResult(gm, False)
@@ -100,7 +100,7 @@ def initialize(
     stats = [mod.init_stats(device=logical_weight(gm, mark).device) for mark, mod in sites]
     adapter_params = [p for _, mod in sites for p in mod.parameters()]
     saved_rg = [p.requires_grad for p in adapter_params]
-    saved_merged = [mod.merged for _, mod in sites]
+    saved_bypass = [mod.bypass for _, mod in sites]
     was_training = gm.training
     hooks = []
     anchor = torch.zeros((), device=device, requires_grad=True)
@@ -115,7 +115,7 @@ def initialize(
         for p in adapter_params:
             p.requires_grad_(False)
         for _, mod in sites:  # an adapter that is the identity before init runs as the plain linear
-            mod.merged = mod.merged or bool(getattr(mod, "identity_before_init", False))
+            mod.bypass = mod.bypass or mod.identity_before_init
         hooks = [mod.register_forward_hook(make_hook(s)) for (_, mod), s in zip(sites, stats)]
         gm.train()
         it = iter(data) if batches is None else itertools.islice(iter(data), batches)
@@ -146,8 +146,8 @@ def initialize(
             h.remove()
         for p, rg in zip(adapter_params, saved_rg):
             p.requires_grad_(rg)
-        for (_, mod), merged in zip(sites, saved_merged):
-            mod.merged = merged
+        for (_, mod), bypass in zip(sites, saved_bypass):
+            mod.bypass = bypass
         gm.train(was_training)
     if n_batches == 0:
         raise InitError("data yielded no batches; pass data= an iterable with at least one batch")

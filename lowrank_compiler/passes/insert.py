@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import fx, nn
 
-from ..graph_utils import META_KEY, PassResult, finalize, replace_with_module
+from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, adapters_of, finalize, replace_with_module
 from ..methods.base import get_method
 from ..sites import Site, find_sites
-from .match import SiteMark
+from .manager import PassResult
 
 _aten = torch.ops.aten
-ADAPTER_ATTR = "adapter"
 _LINEAR_TARGETS = (_aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear)
-
-
-@dataclass(frozen=True)
-class AdapterMark:
-    """Carried by every adapter call_module node (invariant: adapter nodes have ``meta['lrc']``)."""
-
-    site: str
-    method: str
-    layout: str
-    weight_path: str
-    bias_path: str | None
-    module_path: str
-
-    def __post_init__(self) -> None:
-        if self.layout not in ("linear", "conv1d"):
-            raise ValueError(f"bad layout {self.layout!r}")
 
 
 def freeze_base(gm: fx.GraphModule) -> None:
@@ -39,15 +20,6 @@ def freeze_base(gm: fx.GraphModule) -> None:
     for p in gm.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
-
-
-def adapter_path(gm: fx.GraphModule, site: str) -> str:
-    """Where a site's adapter lives: ``<site>.adapter``, or ``<site>_adapter`` when the site is a bare parameter."""
-    try:
-        gm.get_submodule(site)
-        return f"{site}.{ADAPTER_ATTR}"
-    except AttributeError:
-        return f"{site}_{ADAPTER_ATTR}"
 
 
 def insert(gm: fx.GraphModule) -> PassResult:
@@ -112,13 +84,3 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark,
     new = replace_with_module(gm, node, path, method, (x, w, b))
     new.meta[META_KEY] = AdapterMark(site.name, mark.method, site.layout, site.weight_path, site.bias_path, path)
     return True
-
-
-def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The adapter call_module nodes, in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(n.meta.get(META_KEY), AdapterMark)]
-
-
-def adapters_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """``{site: adapter module}`` in graph order."""
-    return {n.meta[META_KEY].site: gm.get_submodule(n.meta[META_KEY].module_path) for n in adapter_nodes(gm)}

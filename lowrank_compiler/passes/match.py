@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import fx
 
 from ..errors import SpecError
-from ..graph_utils import META_KEY, PassResult, lrc_meta
+from ..ir import META_KEY, SiteMark, lrc_meta
+from .manager import PassResult
 from ..methods.base import get_method
 from ..sites import Site, find_sites
 from ..spec import Spec, nearby_names
-
-
-@dataclass(frozen=True)
-class SiteMark:
-    """The decision for one site: which rule matched and what to insert."""
-
-    site: str
-    rule: int
-    method: str
-    args: tuple[tuple[str, Any], ...]
-
-    def __post_init__(self) -> None:
-        if not self.site or self.rule < 0:
-            raise ValueError(f"bad SiteMark {self!r}")
-        get_method(self.method)
 
 
 @dataclass(frozen=True)

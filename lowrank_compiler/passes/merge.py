@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from ..graph_utils import META_KEY, PassResult, delete_submodule, finalize
+from ..ir import META_KEY, AdapterMark, adapter_nodes, delete_submodule, finalize, logical_weight, set_logical_weight
 from ..methods.base import AdapterMethod
-from .insert import AdapterMark, adapter_nodes
+from .manager import PassResult
 
 _aten = torch.ops.aten
-
-
-def logical_weight(gm: fx.GraphModule, mark: AdapterMark) -> torch.Tensor:
-    """The site's base weight in d_out × d_in layout (a view for Conv1D-layout weights)."""
-    w = gm.get_parameter(mark.weight_path)
-    return w.t() if mark.layout == "conv1d" else w
-
-
-def set_logical_weight(gm: fx.GraphModule, mark: AdapterMark, value: torch.Tensor) -> None:
-    """Replace the site's base weight by ``value`` (d_out × d_in) as a NEW parameter object.
-
-    The old tensor may be shared with the user's original model, so it is never written in place.
-    """
-    old = gm.get_parameter(mark.weight_path)
-    stored = value.t() if mark.layout == "conv1d" else value
-    new = nn.Parameter(stored.detach().to(old.dtype).contiguous(), requires_grad=old.requires_grad)
-    parent, _, leaf = mark.weight_path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
 
 
 def merge(gm: fx.GraphModule) -> PassResult:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..graph_utils import PassResult, finalize, fresh_name, replace_with_module
+from ..ir import finalize, fresh_name, replace_with_module
+from .manager import PassResult
 
 _aten = torch.ops.aten
 

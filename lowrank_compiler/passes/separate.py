@@ -8,25 +8,22 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..graph_utils import META_KEY, PassResult, delete_submodule, finalize
+from ..ir import AdapterMark, META_KEY, adapter_nodes, delete_submodule, finalize, logical_weight, set_logical_weight
+from .manager import PassResult
 from ..methods.base import AdapterMethod
-from ..methods.lora import LoRA
-from .insert import AdapterMark, adapter_nodes
 
 _aten = torch.ops.aten
 LORA_A, LORA_B = "lora_A", "lora_B"
 
 
-def is_separable(method: nn.Module) -> bool:
-    """True for LoRA and subclasses that keep LoRA's forward and ΔW = s·B·A (e.g. LoRA-GA)."""
-    cls = type(method)
-    return isinstance(method, LoRA) and cls.forward is LoRA.forward and cls.delta_weight is LoRA.delta_weight
-
-
-def onnx_lora_tensors(method: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_in, B_out)`` = ``(Aᵀ, s·Bᵀ)``: shapes [d_in, r] and [r, d_out], so ``Δy = (x @ A_in) @ B_out``."""
-    a = method.lora_A.detach().t().contiguous()
-    b = (method.lora_B.detach().float() * method.scaling).t().to(method.lora_B.dtype).contiguous()
+def onnx_lora_tensors(method: AdapterMethod) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A_in, B_out)`` = ``(Aᵀ, s·Bᵀ)`` of ``method.low_rank_factors()`` (shapes [d_in, r], [r, d_out],
+    so ``Δy = (x @ A_in) @ B_out``), or None for a method without a low-rank form."""
+    f = method.low_rank_factors()
+    if f is None:
+        return None
+    a = f.A.detach().t().contiguous()
+    b = (f.B.detach().float() * f.scale).t().to(f.B.dtype).contiguous()
     return a, b
 
 
@@ -43,7 +40,7 @@ def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassRes
     """A copy of ``gm`` where each LoRA adapter is an explicit branch over ONNX-layout parameters.
 
     Cases:
-      1. adapter node ``adapter(x, W, b)`` with a separable method (``is_separable``) →
+      1. adapter node ``adapter(x, W, b)`` whose method has ``low_rank_factors()`` →
          ``linear(x, W, b) + matmul(matmul(x, <site>.adapter.lora_A), <site>.adapter.lora_B)``.
          A merged adapter is unmerged first (on the copy), so ``W`` is the base weight.
     ``placeholder_seed``: fill A/B with distinct random values instead of the adapter's (the
@@ -56,10 +53,10 @@ def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassRes
     out = copy.deepcopy(gm)
     nodes = adapter_nodes(out)
     bad = [(n.meta[META_KEY].site, n.meta[META_KEY].method) for n in nodes
-           if not is_separable(out.get_submodule(n.meta[META_KEY].module_path))]
+           if out.get_submodule(n.meta[META_KEY].module_path).low_rank_factors() is None]
     if bad:
         raise ExportError(
-            f"separate adapters need LoRA-family methods (y = Wx + s·B·A·x); these sites use others: "
+            f"separate adapters need a low-rank method (y = Wx + s·B·A·x); these sites use others: "
             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; export with merge=True (`--merge`) instead")
     gen = torch.Generator().manual_seed(placeholder_seed) if placeholder_seed is not None else None
     for node in nodes:
@@ -70,8 +67,7 @@ def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassRes
 
 
 def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None) -> bool:
-    from .merge import logical_weight, set_logical_weight
-
+    
     mark: AdapterMark = node.meta[META_KEY]
     method: AdapterMethod = gm.get_submodule(mark.module_path)
     if method.merged:

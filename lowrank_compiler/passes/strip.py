@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import fx
 
-from ..graph_utils import META_KEY, PassResult, finalize
-from .insert import AdapterMark
+from ..ir import AdapterMark, META_KEY, finalize
+from .manager import PassResult
 
 _aten = torch.ops.aten
 

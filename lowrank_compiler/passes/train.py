@@ -9,10 +9,8 @@ import torch
 from torch import fx
 
 from ..errors import LrcError
-from ..graph_utils import META_KEY
+from ..ir import AdapterMark, META_KEY, adapter_nodes, logical_weight, set_logical_weight
 from ..methods.base import AdapterMethod, StepContext
-from .insert import AdapterMark, adapter_nodes
-from .merge import logical_weight, set_logical_weight
 
 _CLASSES: dict[type, type] = {}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExportError
+from ..errors import ExportError
 
 _NP = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
        "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
@@ -52,7 +52,7 @@ def sample_inputs(sess: Any, model_path: str | Path, shape: tuple[int, int], voc
 
 def run_cli(a: argparse.Namespace) -> int:
     """Run the model on sample inputs; print each output's shape and, per adapter, how far it moves the output."""
-    from .backends.onnx import session
+    from .onnx import session
 
     try:
         b, s = (int(x) for x in a.shape.lower().split("x"))

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .errors import ExportError
-from .graph_utils import META_KEY
-from .passes.insert import adapter_nodes
+from ..errors import ExportError
+from ..ir import META_KEY
+from ..passes.insert import adapter_nodes
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
@@ -54,8 +54,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     fmt = infer_format(path, format)
     path = Path(path)
     if fmt == "onnx":
-        from .backends.onnx import export_onnx
-        from .backends.onnx_adapters import write_onnx_adapter
+        from .onnx import export_onnx
+        from .onnx_adapters import write_onnx_adapter
 
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
@@ -69,14 +69,14 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
     if fmt == "peft":
-        from .peft_io import save_peft
+        from .peft import save_peft
 
         if merge:
             raise ExportError("PEFT format holds adapters only; drop --merge (or export merged as onnx/pt2/pt)")
         save_peft(gm, path)
     elif fmt == "pt":
-        from .api import merge as merged_copy
-        from .io import save
+        from ..api import merge as merged_copy
+        from ..serialize import save
 
         save(merged_copy(gm) if merge else gm, path)
     elif fmt == "safetensors":
@@ -92,17 +92,17 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
-    from .backends.onnx_adapters import (
+    from .onnx_adapters import (
         check_adapter_fits,
         input_name,
         lora_adapter_tensors,
         rank_dim,
     )
-    from .errors import LoadError
+    from ..errors import LoadError
 
     src = Path(src)
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
-        from .peft_io import peft_onnx_tensors
+        from .peft import peft_onnx_tensors
 
         try:
             tensors = peft_onnx_tensors(src)
@@ -116,7 +116,7 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
             shapes[input_name(mark.site, "lora_B")] = (rank_dim(mark.site), m.d_out)
         check_adapter_fits(shapes, tensors, str(src))
     else:
-        from .io import load_adapters
+        from ..serialize import load_adapters
 
         target = copy.deepcopy(gm)
         try:
@@ -130,8 +130,8 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
 def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     from safetensors.torch import save as st_save
 
-    from .api import merge as merged_copy
-    from .io import atomic_write, save_adapters
+    from ..api import merge as merged_copy
+    from ..serialize import atomic_write, save_adapters
 
     if not merge:
         save_adapters(gm, path)
@@ -145,10 +145,10 @@ def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
 def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     import io
 
-    from .api import merge as merged_copy
-    from .backends.onnx import example_inputs_of
-    from .io import atomic_write
-    from .trace import _dynamic_dims
+    from ..api import merge as merged_copy
+    from .onnx import example_inputs_of
+    from ..serialize import atomic_write
+    from ..trace import _dynamic_dims
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training

@@ -7,29 +7,26 @@ from typing import Any
 import torch
 from torch import fx
 
-from .api import adapters
-from .errors import ExportError
+from ..ir import adapters_of as adapters
+from ..errors import ExportError
 
 
 def original_base_pairs(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``{site: (A, B, s)}`` such that ``W_original + s·B A`` is the adapted weight, for every LoRA-like adapter.
 
-    LoRA-GA adapters give the rank-2r pair A' = [A; A0], B' = [B, −B0] (``LoRAGA.original_base_pair``);
-    adapters that never touched the base (plain LoRA) give (A, B) as they are.
+    LoRA-GA adapters give the rank-2r pair A' = [A; A0], B' = [B, −B0]; adapters that never touched the
+    base (plain LoRA) give (A, B) as they are (``AdapterMethod.original_base_factors``).
 
     Raises:
         ExportError: an adapter has no low-rank (A, B) form, or changed the base without an
-        ``original_base_pair`` to undo it.
+        known low-rank offset to undo it.
     """
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for site, mod in adapters(gm).items():
-        if hasattr(mod, "original_base_pair"):
-            A, B = mod.original_base_pair()
-        elif hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and not getattr(mod, "modifies_base", False):
-            A, B = mod.lora_A.detach(), mod.lora_B.detach()
-        else:
+        f = mod.original_base_factors()
+        if f is None:
             raise ExportError(f"site {site!r}: method {mod.name!r} has no (A, B) form against the original base")
-        out[site] = (A.float(), B.float(), float(mod.scaling))
+        out[site] = (f.A.float(), f.B.float(), float(f.scale))
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoadError, LrcError
+from ..errors import LoadError, LrcError
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
 DEFAULT_STEPS = 60
@@ -101,9 +101,9 @@ def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = 
 def _run(out_dir: str, steps: int | None, quick: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from . import api
-    from . import io as lrc_io
-    from .demo_data import LABELS, split
+    from .. import api
+    from .. import serialize as lrc_io
+    from .data import LABELS, split
 
     t0 = time.perf_counter()
     n_steps = QUICK_STEPS if quick and steps is None else (DEFAULT_STEPS if steps is None else int(steps))

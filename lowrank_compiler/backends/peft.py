@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .errors import ExportError, LoadError
-from .graph_utils import META_KEY, lrc_meta
-from .passes.insert import adapter_nodes
-from .passes.separate import is_separable
+from ..errors import ExportError, LoadError
+from ..ir import META_KEY, lrc_meta
+from ..passes.insert import adapter_nodes
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -31,20 +30,19 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
 
     Raises:
         ExportError: a method PEFT's plain LoRA cannot express (DoRA, or a method that changed the base
-        weight, such as LoRA-GA, unless it offers ``peft_lora() -> (A, B, scaling)``).
+        weight in a way that is not a known low-rank offset (Delta-LoRA, LoRASC)). LoRA-GA is written as
+        its rank-2r pair against the original base (``original_base_factors``).
     """
     sites: list[tuple[str, torch.Tensor, torch.Tensor, float, dict[str, Any], str]] = []
     bad = []
     for node in adapter_nodes(gm):
         mark = node.meta[META_KEY]
         m = gm.get_submodule(mark.module_path)
-        if hasattr(m, "peft_lora"):
-            a, b, s = m.peft_lora()
-        elif is_separable(m) and not getattr(m, "modifies_base", False):
-            a, b, s = m.lora_A, m.lora_B, m.scaling
-        else:
+        f = m.original_base_factors()
+        if f is None:
             bad.append((mark.site, mark.method))
             continue
+        a, b, s = f
         sites.append((mark.site, a.detach(), b.detach(), float(s), dict(m.config), mark.layout))
     if bad:
         raise ExportError(f"PEFT format holds plain LoRA only (base weights unchanged, y = Wx + s·B·A·x); "
@@ -99,7 +97,7 @@ def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_pa
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if not out.exists():
-            from .io import _umask
+            from ..serialize import _umask
 
             os.chmod(tmp, 0o777 & ~_umask())
             os.replace(tmp, out)
@@ -169,8 +167,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     Raises:
         LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
     """
-    from .io import _load_adapter_tensors, apply_records
-    from .trace import trace
+    from ..serialize import _load_adapter_tensors, apply_records
+    from ..trace import trace
 
     config, sites = read_peft(path)
     if isinstance(model, fx.GraphModule) and adapter_nodes(model):

@@ -1,0 +1,1 @@
+"""`lrc demo`: the whole pipeline on the embedded all-MiniLM-L6-v2 (not part of the core package API)."""
