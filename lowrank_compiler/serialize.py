@@ -21,6 +21,7 @@ from .errors import LoadError, SpecError
 from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
+from .sites import find_sites
 from .trace import export_program
 
 FORMAT = "lrc-model"
@@ -204,6 +205,10 @@ def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str
 
     if not records:
         return
+    have = {s.name for s in find_sites(gm) if not s.refused}
+    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
+    if missing:
+        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
     try:
         spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
         adapter_pipeline(spec)(gm)
