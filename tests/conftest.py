@@ -9,6 +9,10 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from lowrank_compiler.passes.manager import set_verify  # noqa: E402
+
+set_verify(True)  # every pipeline checks ir.verify after each pass in the test suite
+
 VOCAB = 100
 
 

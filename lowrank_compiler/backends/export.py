@@ -11,8 +11,7 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..ir import META_KEY
-from ..passes.insert import adapter_nodes
+from ..ir import META_KEY, adapter_nodes
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
@@ -92,13 +91,13 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
+    from ..errors import LoadError
     from .onnx_adapters import (
         check_adapter_fits,
         input_name,
         lora_adapter_tensors,
         rank_dim,
     )
-    from ..errors import LoadError
 
     src = Path(src)
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
@@ -146,15 +145,15 @@ def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     import io
 
     from ..api import merge as merged_copy
-    from .onnx import example_inputs_of
     from ..serialize import atomic_write
-    from ..trace import _dynamic_dims
+    from ..trace import export_program
+    from .onnx import example_inputs_of
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training
     target = (merged_copy(gm) if merge else gm).eval()
     try:
-        ep = torch.export.export(target, inputs, dynamic_shapes=tuple(_dynamic_dims(t) for t in inputs), strict=False)
+        ep = export_program(target, inputs)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
     finally:
