@@ -12,6 +12,7 @@ from torch import fx, nn
 from .errors import InitError
 from .ir import adapters_of, lrc_meta
 from .methods.base import AdapterMethod
+from .passes.full import train_full
 from .passes.insert import insert
 from .passes.manager import Pass, run_passes
 from .passes.match import match
@@ -47,7 +48,8 @@ def transform(
     """
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
     gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
-    res = run_passes(gm, [Pass("match", lambda g: match(g, parsed)), Pass("insert", insert)], "transform")
+    passes = [Pass("match", lambda g: match(g, parsed)), Pass("insert", insert), Pass("full", train_full)]
+    res = run_passes(gm, passes, "transform")
     gm = res.gm
     needs_data = [site for site, mod in adapters_of(gm).items() if getattr(mod, "data_dependent", False)]
     if needs_data:

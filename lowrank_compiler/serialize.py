@@ -18,8 +18,8 @@ from safetensors.torch import save as st_save
 from torch import fx, nn
 
 from .errors import LoadError
-from .ir import META_KEY, finalize, lrc_meta
-from .ir import AdapterMark, SiteMark, adapter_nodes, adapters_of
+from .ir import META_KEY, AdapterMark, SiteMark, adapter_nodes, adapters_of, finalize, lrc_meta
+from .passes.full import full_parameters, train_full
 from .passes.insert import insert
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .passes.strip import strip
@@ -103,6 +103,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "const_kwargs": {k: v for k, v in (meta.get("const_kwargs") or {}).items()
                          if isinstance(v, (int, float, str, bool, type(None)))},
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
+        "full_modules": list(meta.get("full_modules", [])),
     }
 
     def write(f: Any) -> None:
@@ -170,7 +171,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest.get("const_kwargs", {}),
                         specs=manifest.get("specs", []))
-    apply_records(gm, manifest["adapters"])
+    apply_records(gm, manifest["adapters"], manifest.get("full_modules", []))
     _load_adapter_tensors(gm, adapters, str(path))
     merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
@@ -197,8 +198,11 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     return gm
 
 
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]]) -> None:
-    """Mark and insert exactly the adapters the records name (no spec matching)."""
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], full_modules: list[str] = ()) -> None:
+    """Mark and insert exactly the adapters the records name, and train ``full_modules`` (no spec matching)."""
+    absent = [p for p in full_modules if not _has_module(gm, p)]
+    if absent:
+        raise LoadError(f"the model has no module(s) {absent[:5]} to train fully")
     by_name = {s.name: s for s in find_sites(gm) if not s.refused}
     missing = [r["site"] for r in records if r["site"] not in by_name]
     if missing:
@@ -206,7 +210,18 @@ def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]]) -> None:
     for i, r in enumerate(records):
         by_name[r["site"]].node.meta[META_KEY] = SiteMark(r["site"], i, r["method"], tuple(r["args"].items()))
     insert(gm)
+    known = lrc_meta(gm).setdefault("full_modules", [])
+    known += [p for p in full_modules if p not in known]
+    train_full(gm)
     finalize(gm)
+
+
+def _has_module(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -224,9 +239,12 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
 
 
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write only the adapters (tensors + which method sits where) as one safetensors file."""
-    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm))}
-    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(gm).items()}, metadata=meta)
+    """Write only what training changes: the adapters (tensors + which method sits where) and the
+    modules a ``full`` rule trains, as one safetensors file."""
+    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
+            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", [])))}
+    state = {**adapter_state(gm), **full_parameters(gm)}
+    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -250,5 +268,25 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
     if have != want:
         diff = sorted(want ^ have)[:5]
         raise LoadError(f"{path}: adapter sites/methods differ from the model's: {diff}")
-    _load_adapter_tensors(gm, tensors, str(path))
+    full_have = list(lrc_meta(gm).get("full_modules", []))
+    full_want = json.loads(meta.get("full_modules", "[]"))
+    if sorted(full_have) != sorted(full_want):
+        raise LoadError(f"{path}: fully trained modules {full_want} differ from the model's {full_have}; "
+                        "transform with the spec the adapters were trained with (its `:full` rules)")
+    heads = full_parameters(gm)
+    _load_adapter_tensors(gm, {k: v for k, v in tensors.items() if k not in heads}, str(path))
+    _copy_checked({k: tensors[k] for k in heads if k in tensors}, heads, str(path))
     return gm
+
+
+def _copy_checked(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's own (never shared) trainable copies ``params``; names and shapes must fit."""
+    problems = [f"missing {k}" for k in params if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in params]
+    problems += [f"{k}: shape {tuple(t.shape)} != model's {tuple(params[k].shape)}"
+                 for k, t in tensors.items() if k in params and t.shape != params[k].shape]
+    if problems:
+        raise LoadError(f"{source}: fully trained module tensors don't fit the model: " + "; ".join(problems[:8]))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))
