@@ -11,7 +11,7 @@ from torch import nn
 
 import lowrank_compiler as lrc
 from lowrank_compiler.ir import META_KEY
-from lowrank_compiler.passes.insert import AdapterMark
+from lowrank_compiler.ir import AdapterMark
 
 SPECS = {
     "lora_plus": "fc*:lora_plus(r=4, alpha=8, ratio=4)",

@@ -10,7 +10,8 @@ import lowrank_compiler as lrc
 from lowrank_compiler.ir import META_KEY
 from lowrank_compiler.methods.base import SiteInfo
 from lowrank_compiler.methods.lora import LoRA
-from lowrank_compiler.passes.insert import AdapterMark, adapter_nodes, insert
+from lowrank_compiler.ir import AdapterMark, adapter_nodes
+from lowrank_compiler.passes.insert import insert
 from lowrank_compiler.passes.match import SiteMark, match
 from lowrank_compiler.passes.merge import merge, set_merged
 from lowrank_compiler.passes.mode import make_mode_switchable

@@ -11,10 +11,9 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..ir import META_KEY
-from ..ir import adapter_nodes
+from ..ir import META_KEY, adapter_nodes
 
-FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
+FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
 
 
@@ -46,6 +45,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     - ``safetensors``: the adapters only (``lrc.save_adapters``); with ``merge`` the merged weights.
     - ``peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
     - ``pt``: an lrc model file (``lrc.save``).
+    - ``hf``: the merged model as a Hugging Face directory (``config.json`` + ``model.safetensors``) that
+      ``AutoModel*.from_pretrained`` loads strictly; always merged. Never inferred from a suffix.
     Every file is written atomically: on error nothing is left behind.
 
     Raises:
@@ -68,6 +69,10 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         return report
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
+    if fmt == "hf":
+        from .hf import save_hf
+
+        return save_hf(gm, path)
     if fmt == "peft":
         from .peft import save_peft
 
@@ -92,13 +97,13 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
+    from ..errors import LoadError
     from .onnx_adapters import (
         check_adapter_fits,
         input_name,
         lora_adapter_tensors,
         rank_dim,
     )
-    from ..errors import LoadError
 
     src = Path(src)
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
@@ -146,9 +151,9 @@ def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     import io
 
     from ..api import merge as merged_copy
-    from .onnx import example_inputs_of
     from ..serialize import atomic_write
     from ..trace import _dynamic_dims
+    from .onnx import example_inputs_of
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training
