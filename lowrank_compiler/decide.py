@@ -52,6 +52,8 @@ def decide(site: Site, spec: Spec) -> Decision:
     i, rule = hit
     if rule.exclude:
         return Decision(site, spec, i, rule, f"excluded by rule {i + 1} ({rule})", None)
+    if rule.full:
+        return Decision(site, spec, i, rule, f"trained fully by rule {i + 1} ({rule})", None)
     if not rule.adapts:
         return Decision(site, spec, i, rule, f"skipped by rule {i + 1} ({rule})", None)
     if site.refused:

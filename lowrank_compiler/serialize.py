@@ -26,8 +26,10 @@ from .ir import (
     lrc_meta,
     set_logical_weight,
 )
+from .passes.full import full_parameters, train_full
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
+from .quiet import quiet
 from .safewrite import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
 from .sites import find_sites
 from .trace import export_program
@@ -35,6 +37,7 @@ from .trace import export_program
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
 VERSION = 1
+_KEPT_META = ("model_class", "hf_config", "base_model_name_or_path")  # what HF layout / PEFT export read later
 _MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS = "manifest.json", "program.pt2", "adapters.safetensors", "inputs.safetensors"
 
 
@@ -62,6 +65,7 @@ def adapter_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
+@quiet
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``gm`` (base graph, base weights, adapters) to one file; atomic, no pickle."""
     meta = lrc_meta(gm)
@@ -84,6 +88,8 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "const_kwargs": {k: v for k, v in (meta.get("const_kwargs") or {}).items()
                          if isinstance(v, (int, float, str, bool, type(None)))},
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
+        "full_modules": list(meta.get("full_modules", [])),
+        **{k: meta[k] for k in _KEPT_META if meta.get(k) is not None},
     }
 
     def write(f: Any) -> None:
@@ -140,6 +146,7 @@ def _load_trusted_pickle(path: Path) -> nn.Module:
     return obj
 
 
+@quiet
 def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     """Load a file written by :func:`save`, or a ``.pt2`` torch.export archive.
 
@@ -161,7 +168,8 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     z = safeload.open_zip(data, src)
     names = set(z.namelist())
     if _MANIFEST not in names:
-        if any(n.endswith("/archive_format") for n in names):
+        fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
+        if fmt and safeload.read_member(z, fmt[0], src).strip() == b"pt2":  # a .pt2, told by content not name
             return from_exported_program(safeload.load_exported_program(data, src))
         raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
     manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
@@ -174,9 +182,13 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
         raise LoadError(f"{src}: {_INPUTS} lacks the example input(s) {missing[:5]} the manifest names")
     gm = from_exported_program(ep, manifest["sdpa_dropout"])
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
-                        example_kwargs={}, const_kwargs=manifest["const_kwargs"], specs=manifest["specs"])
+                        example_kwargs={}, const_kwargs=manifest["const_kwargs"], specs=manifest["specs"],
+                        **{k: manifest[k] for k in _KEPT_META if k in manifest})
+    full = manifest.get("full_modules", [])
+    if not isinstance(full, list) or not all(isinstance(x, str) and x for x in full):
+        raise LoadError(f"{src}: manifest 'full_modules' must be a list of module paths")
     try:
-        apply_records(gm, manifest["adapters"], src)
+        apply_records(gm, manifest["adapters"], src, full)
     except LoadError as e:
         raise LoadError(safeload.one_line(str(e))) from None
     _load_adapter_tensors(gm, adapters, src)
@@ -205,28 +217,45 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     return gm
 
 
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records") -> None:
-    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site).
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
+                  full_modules: list[str] | tuple[str, ...] = ()) -> None:
+    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site), and
+    train ``full_modules`` (modules a ``full`` rule made trainable).
 
     Raises:
-        LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
+        LoadError: a record that does not parse as a rule (method, arguments) or names no site/module of the model.
     """
     from .spec import Spec
 
-    if not records:
-        return
-    have = {s.name for s in find_sites(gm) if not s.refused}
-    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
-    if missing:
-        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
+    absent = [p for p in full_modules if not _has_module(gm, p)]
+    if absent:
+        raise LoadError(f"{source}: the model has no module(s) {absent[:5]} to train fully")
+    if records:
+        have = {s.name for s in find_sites(gm) if not s.refused}
+        missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
+        if missing:
+            raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. "
+                            f"{sorted(have)[:5]}")
+        try:
+            spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
+            adapter_pipeline(spec)(gm)
+        except SpecError as e:
+            raise LoadError(f"{source}: the saved adapters don't fit the model: "
+                            f"{e.reason if e.column is None else e}") from None
+        except (KeyError, TypeError) as e:
+            raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
+    if full_modules:
+        known = lrc_meta(gm).setdefault("full_modules", [])
+        known += [p for p in full_modules if p not in known]
+        train_full(gm)
+
+
+def _has_module(gm: nn.Module, path: str) -> bool:
     try:
-        spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
-        adapter_pipeline(spec)(gm)
-    except SpecError as e:
-        raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
-            from None
-    except (KeyError, TypeError) as e:
-        raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _check_adapter_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -258,13 +287,19 @@ def _set_merged(gm: fx.GraphModule, methods: list[Any], merged: bool) -> None:
             method.merged = merged
 
 
+
+@quiet
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write only the adapters (tensors + which method sits where) as one safetensors file."""
-    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm))}
-    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(gm).items()}, metadata=meta)
+    """Write only what training changes: the adapters (tensors + which method sits where) and the
+    modules a ``full`` rule trains, as one safetensors file."""
+    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
+            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", [])))}
+    state = {**adapter_state(gm), **full_parameters(gm)}
+    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
 
+@quiet
 def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule:
     """Swap in adapters saved by :func:`save_adapters`; sites, methods, arguments and shapes must fit ``gm``.
 
@@ -287,17 +322,42 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
     if set(have) != set(want):
         diff = sorted(set(want) ^ set(have))[:5]
         raise LoadError(f"{path}: adapter sites/methods differ from the model's: {diff}")
+    full_have = list(lrc_meta(gm).get("full_modules", []))
+    try:
+        full_want = json.loads(meta.get("full_modules", "[]"))
+    except ValueError:
+        full_want = None
+    if not isinstance(full_want, list) or sorted(map(str, full_want)) != sorted(full_have):
+        raise LoadError(f"{path}: fully trained modules {full_want!r:.200} differ from the model's {full_have}; "
+                        "transform with the spec the adapters were trained with (its `:full` rules)")
+    heads = full_parameters(gm)
+    heads_in = {k: v for k, v in tensors.items() if k in heads}
     expected = adapter_state(gm)
-    _check_adapter_tensors(expected, tensors, src)
+    _check_adapter_tensors(expected, {k: v for k, v in tensors.items() if k not in heads}, src)
     args_diff = [f"{k[0]}: " + ", ".join(f"{a}={want[k].get(a)!r} (model: {have[k].get(a)!r})"
                                          for a in sorted(set(want[k]) | set(have[k])) if want[k].get(a) != have[k].get(a))
                  for k in have if want[k] != have[k]]
     if args_diff:
         raise LoadError(f"{path}: adapter arguments differ from the model's: " + "; ".join(args_diff[:3]))
+    validate.tensor_values(heads, heads_in, src)
     merged = [m for m in adapters_of(gm).values() if m.merged]
     with torch.no_grad():
         _set_merged(gm, merged, False)
         for k, v in expected.items():
             v.copy_(tensors[k].to(v.dtype))
         _set_merged(gm, merged, True)
+    _copy_checked(heads_in, heads, src)
     return gm
+
+
+def _copy_checked(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's own (never shared) trainable copies ``params``; names and shapes must fit."""
+    problems = [f"missing {k}" for k in params if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in params]
+    problems += [f"{k}: shape {tuple(t.shape)} != model's {tuple(params[k].shape)}"
+                 for k, t in tensors.items() if k in params and t.shape != params[k].shape]
+    if problems:
+        raise LoadError(f"{source}: fully trained module tensors don't fit the model: " + "; ".join(problems[:8]))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))

@@ -7,9 +7,34 @@ from torch import fx
 from ..decide import decide
 from ..errors import SpecError
 from ..ir import META_KEY, SiteMark, lrc_meta
+from ..methods.base import AdapterMethod
 from ..sites import find_sites
 from ..spec import Spec, nearby_names
 from .manager import PassResult
+
+
+def decide_full(gm: fx.GraphModule, spec: Spec) -> list[tuple[str, int]]:
+    """``(module path, rule index)`` of each module a ``full`` rule makes trainable (outermost only).
+
+    Any module with parameters is a candidate, found by its path in the GraphModule. The first rule
+    matching the path decides it; rules that adapt only decide linear sites, so ``*:lora`` does not
+    shadow ``*LayerNorm:full`` for a LayerNorm.
+    """
+    if not any(r.full for r in spec.rules):
+        return []
+    sites = {s.name for s in find_sites(gm)}
+    out: list[tuple[str, int]] = []
+    for path, mod in gm.named_modules():
+        if not path or isinstance(mod, AdapterMethod) or any(path.startswith(p + ".") for p, _ in out):
+            continue
+        if next(mod.parameters(), None) is None:
+            continue
+        for i, rule in enumerate(spec.rules):
+            if rule.matches(path) and (rule.full or not rule.adapts or path in sites):
+                if rule.full:
+                    out.append((path, i))
+                break
+    return out
 
 
 def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
@@ -18,17 +43,27 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
     Cases:
       1. a site's first matching rule adapts → mark it.
       2. excluded / skipped / refused sites → no mark (reasons kept for inspect).
+      3. a module whose first matching rule is ``full`` → its path goes to ``lrc_meta(gm)["full_modules"]``
+         (the ``full`` pass makes it trainable); it may not contain an adapted site.
     A graph whose sites already carry marks for this spec is left as is: ``modified=False``.
     """
     decisions = [decide(site, spec) for site in find_sites(gm)]
     problems: list[SpecError] = [d.problem for d in decisions if d.problem is not None]
-    used = {d.index for d in decisions if d.index is not None}
+    full = decide_full(gm, spec)
+    used = {d.index for d in decisions if d.index is not None} | {i for _, i in full}
     names = [d.site.name for d in decisions]
+    text = spec.text or str(spec)
     for i, rule in enumerate(spec.rules):
         if i not in used:
-            near = ", ".join(nearby_names(rule.pattern, names)) or "(the model has no linear sites)"
-            problems.append(SpecError(f"rule {i + 1} '{rule}' matched no site; nearby site names: {near}",
-                                      spec.text or str(spec), rule.column))
+            pool = [n for n, m in gm.named_modules() if n and next(m.parameters(), None) is not None] \
+                if rule.full else names
+            near = ", ".join(nearby_names(rule.pattern, pool)) or "(the model has no linear sites)"
+            what = "module" if rule.full else "site"
+            problems.append(SpecError(f"rule {i + 1} '{rule}' matched no {what}; nearby {what} names: {near}",
+                                      text, rule.column))
+    problems += [SpecError(f"rule {i + 1} '{spec.rules[i]}' trains {path} fully, but it contains the adapted site "
+                           f"{d.site.name}; adapt the site or train the module, not both", text, spec.rules[i].column)
+                 for path, i in full for d in decisions if d.adapts and d.site.name.startswith(path + ".")]
     if problems:
         first = problems[0]
         if len(problems) == 1:
@@ -43,7 +78,11 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
         if d.site.node.meta.get(META_KEY) != mark:
             d.site.node.meta[META_KEY] = mark
             modified = True
-    specs = lrc_meta(gm).setdefault("specs", [])
-    if str(spec) not in specs:
-        specs.append(str(spec))
+    known = lrc_meta(gm).setdefault("full_modules", [])
+    added = [path for path, _ in full if path not in known]
+    known += added
+    modified = modified or bool(added)
+    lrc_meta(gm).setdefault("specs", [])
+    if str(spec) not in lrc_meta(gm)["specs"]:
+        lrc_meta(gm)["specs"].append(str(spec))
     return PassResult(gm, modified)
