@@ -26,6 +26,7 @@ from .ir import (
     lrc_meta,
     set_logical_weight,
 )
+from .methods.base import by_method_class
 from .passes.full import full_parameters, train_full
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
@@ -275,6 +276,8 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k].to(v.dtype))
+    for cls, mods in by_method_class(list(adapters_of(gm).values())).items():
+        cls.tie(mods)  # tensors shared across sites (LoRA-drop) become one object again
 
 
 def _set_merged(gm: fx.GraphModule, methods: list[Any], merged: bool) -> None:
@@ -285,7 +288,6 @@ def _set_merged(gm: fx.GraphModule, methods: list[Any], merged: bool) -> None:
             w = logical_weight(gm, mark)
             set_logical_weight(gm, mark, method.merged_weight(w) if merged else method.unmerged_weight(w))
             method.merged = merged
-
 
 
 @quiet
@@ -345,6 +347,8 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
         _set_merged(gm, merged, False)
         for k, v in expected.items():
             v.copy_(tensors[k].to(v.dtype))
+        for cls, mods in by_method_class(list(adapters_of(gm).values())).items():
+            cls.tie(mods)
         _set_merged(gm, merged, True)
     _copy_checked(heads_in, heads, src)
     return gm
