@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from .ir import (
 )
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
+from .safewrite import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
 from .sites import find_sites
 from .trace import export_program
 
@@ -37,31 +36,6 @@ FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
 VERSION = 1
 _MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS = "manifest.json", "program.pt2", "adapters.safetensors", "inputs.safetensors"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(fileobj)`` to a temp file beside ``path``, then rename over it.
-
-    On any failure the temp file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> bytes:

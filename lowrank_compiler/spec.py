@@ -213,6 +213,11 @@ def _check_regex(pat: str, regex: bool, text: str, col: int) -> None:
             re.compile(pat)
         except (re.error, RecursionError, OverflowError) as e:
             raise SpecError(f"bad regular expression {pat!r}: {e}", text, col) from None
+        from .saferegex import pattern_problem
+
+        problem = pattern_problem(pat)
+        if problem:
+            raise SpecError(f"regular expression {pat!r} refused: {problem}", text, col)
 
 
 def nearby_names(pattern: str, names: list[str], n: int = 5) -> list[str]:

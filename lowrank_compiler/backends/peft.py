@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import fx, nn
 
 from ..errors import ExportError, LoadError
 from ..ir import META_KEY, adapter_nodes, lrc_meta
+from ..saferegex import pattern_problem
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -82,29 +82,19 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
 def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained(original_model, path)`` loads.
 
-    Both files are written to a temp dir and moved in only when complete.
+    Both files are written to a temp dir that replaces ``path`` in one rename (other files in an
+    existing ``path`` are carried over); concurrent writers never mix one's weights with another's config.
     """
     tensors, config = peft_state(gm)
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; PEFT format writes a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..safewrite import atomic_dir
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if not out.exists():
-            from ..serialize import _umask
 
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out)
-        else:
-            for name in (WEIGHTS, CONFIG):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(path, fill)
 
 
 def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
@@ -112,6 +102,36 @@ def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", site):
             return value
     return default
+
+
+def _check_config(config: Any, p: Path) -> None:
+    """Types and ranges of the adapter_config fields lrc uses; LoadError naming the field."""
+    if not isinstance(config, dict):
+        raise LoadError(f"{p}: {CONFIG} is not a JSON object")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not (number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
+        problems.append(f"lora_alpha={config.get('lora_alpha')!r:.40} (a finite number > 0)")
+    if not (number(config.get("lora_dropout", 0.0)) and 0 <= config.get("lora_dropout", 0.0) < 1):
+        problems.append(f"lora_dropout={config.get('lora_dropout')!r:.40} (in [0, 1))")
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.append(f"use_rslora={config.get('use_rslora')!r:.40} (true or false)")
+    for key in ("alpha_pattern", "rank_pattern"):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict):
+            problems.append(f"{key} is not an object")
+            continue
+        for k, v in pat.items():
+            why = pattern_problem(k)
+            if why:
+                problems.append(f"{key} key {k!r:.40}: {why}")
+            elif not (number(v) and v > 0):
+                problems.append(f"{key}[{k!r:.40}]={v!r:.40} (a finite number > 0)")
+    if problems:
+        raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(problems[:4]))
 
 
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
@@ -124,10 +144,11 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
             if (p / "adapter_model.bin").exists() else ""
         raise LoadError(f"{p}: no {WEIGHTS}{extra}")
     try:
-        config = json.loads((p / CONFIG).read_text())
+        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
         tensors = load_file(str(p / WEIGHTS))
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0]}") from None
+        raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    _check_config(config, p)
     problems = [f"{k}={config.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"),
                                                      ("lora_bias", False)) if config.get(k, ok) != ok]
     sites: dict[str, dict[str, torch.Tensor]] = {}
@@ -141,6 +162,16 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     if problems:
         raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings, modules_to_save) can be read: "
                         + "; ".join(problems[:5]))
+    for site, d in sites.items():
+        a, b = d["lora_A"], d["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise LoadError(f"{p}: {site}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not an "
+                            "(r × d_in, d_out × r) pair with the same rank r >= 1")
+        for w, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point():
+                raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise LoadError(f"{p}: {site}.{w} has NaN/inf entries")
     return config, sites
 
 
