@@ -53,6 +53,7 @@ def open_zip(data: bytes, source: str) -> zipfile.ZipFile:
     lrc and torch.export write every member uncompressed, so a compressed member (which could inflate
     to any size: a zip bomb) is refused, and no member can claim more bytes than the file holds.
     """
+    _check_ends(data, source)
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         infos = z.infolist()
@@ -78,6 +79,21 @@ def open_zip(data: bytes, source: str) -> zipfile.ZipFile:
     if total > len(data):
         raise LoadError(f"{source}: zip members declare {total} bytes in all, more than the file holds")
     return z
+
+
+def _check_ends(data: bytes, source: str) -> None:
+    """The archive starts with a member and its end record is the file's last bytes (no truncation,
+    no prefix or trailing data, no end record borrowed from a nested archive)."""
+    idx = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))
+    if data[:4] not in (b"PK\x03\x04", b"PK\x05\x06") or idx < 0 or len(data) < idx + 22:
+        raise LoadError(f"{source}: not a complete zip archive (truncated or not a zip)")
+    comment = int.from_bytes(data[idx + 20:idx + 22], "little")
+    size_cd, offset_cd = int.from_bytes(data[idx + 12:idx + 16], "little"), int.from_bytes(data[idx + 16:idx + 20], "little")
+    if idx + 22 + comment != len(data):
+        raise LoadError(f"{source}: not a complete zip archive (truncated, or data after its end)")
+    if 0xFFFFFFFF not in (size_cd, offset_cd) and offset_cd + size_cd != idx and not (
+            idx >= 20 and data[idx - 20:idx - 16] == b"PK\x06\x07"):
+        raise LoadError(f"{source}: zip central directory does not end where the end record says")
 
 
 def read_member(z: zipfile.ZipFile, name: str, source: str) -> bytes:
@@ -110,6 +126,12 @@ def read_json(z: zipfile.ZipFile, name: str, source: str) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def one_line(msg: str) -> str:
+    """A multi-line message (problem lists, spec carets) joined into one line."""
+    lines = [ln.strip(" -") for ln in msg.splitlines()]
+    return "; ".join(ln for ln in lines if ln and set(ln) != {"^"})
 
 
 def _short(e: BaseException) -> str:

@@ -175,7 +175,10 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     gm = from_exported_program(ep, manifest["sdpa_dropout"])
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest["const_kwargs"], specs=manifest["specs"])
-    apply_records(gm, manifest["adapters"], src)
+    try:
+        apply_records(gm, manifest["adapters"], src)
+    except LoadError as e:
+        raise LoadError(safeload.one_line(str(e))) from None
     _load_adapter_tensors(gm, adapters, src)
     merged = {r["site"]: r["merged"] for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():

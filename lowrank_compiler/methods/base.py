@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -33,6 +34,23 @@ def suggest(word: str, options: list[str] | tuple[str, ...] | dict) -> str:
     if not close:
         close = [o for o in opts if word.startswith(o) or o.startswith(word)][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: largest magnitude a float spec argument may have: a scale beyond it overflows float32 (max ~3.4e38)
+#: as soon as it multiplies adapter weights, giving inf/NaN outputs
+MAX_FLOAT_ARG = 1e12
+INT_ARG_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _number_range(v: Any) -> str | None:
+    """Generic check for every numeric spec argument: floats finite and not huge, ints fit int64."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be a finite number"
+    if isinstance(v, float) and abs(v) > MAX_FLOAT_ARG:
+        return f"is too large (at most {MAX_FLOAT_ARG:g} in magnitude: larger scales overflow float32)"
+    if isinstance(v, int) and not isinstance(v, bool) and not INT_ARG_RANGE[0] <= v <= INT_ARG_RANGE[1]:
+        return "does not fit a 64-bit integer"
+    return None
 
 
 def positive(v: Any) -> str | None:
@@ -157,6 +175,10 @@ class AdapterMethod(nn.Module):
                 if not ok:
                     want = " or ".join(t.__name__ for t in spec.types)
                     problems.append(f"{cls.name}: argument {key}={value!r} must be {want}")
+                    continue
+                err = _number_range(value)
+                if err:
+                    problems.append(f"{cls.name}: argument {key}={value!r} {err}")
                     continue
                 if spec.check is not None and value is not None:
                     err = spec.check(value)
