@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch's own deprecation notice from deep-copying pytree specs; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     ap = build_parser()
     a = ap.parse_args(argv)
     try:

@@ -58,8 +58,8 @@ def corpus(path) -> dict[str, bytes]:
     cases["truncate_minus1"] = data[:-1]
     cases["truncate_minus30"] = data[:-30]
     # flip bytes inside each member's data (CRC-covered) and in the zip structures
-    import zipfile
     import io
+    import zipfile
 
     z = zipfile.ZipFile(io.BytesIO(data))
     for info in z.infolist():
