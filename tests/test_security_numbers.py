@@ -120,3 +120,28 @@ def test_load_adapters_on_merged_model_is_exact(tmp_path):
 def test_spec_values_out_of_range(spec):
     with pytest.raises(SpecError):
         lrc.transform(make_mlp(), spec, example_inputs=(inputs(),))
+
+
+def test_bf16_loraga_separate_onnx_export(tmp_path):
+    """LoRA-GA keeps fp32 factors on a bf16 model: the separate branch casts in and back out."""
+    import onnx
+
+    from lowrank_compiler.passes.separate import separate
+
+    torch.manual_seed(0)
+    model = _Gated().to(torch.bfloat16)
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    gm = lrc.transform(model, "fc*:loraga(r=2, alpha=4)", example_inputs=(x,), data=[(x,)],
+                       loss_fn=lambda out, b: out.float().pow(2).mean(), progress=False)
+    assert all(m.lora_A.dtype == torch.float32 for m in lrc.adapters(gm).values())
+    with torch.no_grad():
+        out, ref = separate(gm).gm(x), gm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # ONNX Runtime's CPU provider has no bf16 Gemm (merged bf16 exports cannot be run there either), so
+    # validation is off here; the export itself used to fail with a Float/BFloat16 matmul mismatch
+    rep = lrc.export(gm, tmp_path / "m.onnx", validate=False)
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(m)
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    assert len(rep["lora_inputs"]) == 4
