@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in msg[1:]:
             print(f"  {line}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"lrc {a.cmd}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a path the OS refuses (missing, permission, is a directory, too long ...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"lrc {a.cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def write_onnx_adapter(tensors: dict[str, np.ndarray], path: str | os.PathLike, 
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
 
     def write(f: object) -> None:  # AdapterFormat writes by path: export beside, then stream into the temp file
-        tmp = Path(str(path) + ".export.tmp")
+        tmp = Path(path).parent / f".{Path(path).name}.{secrets.token_hex(4)}.export.tmp"  # stale ones: see safewrite
         try:
             fmt.export_adapter(str(tmp))
             f.write(tmp.read_bytes())  # type: ignore[attr-defined]
