@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, not an installed one
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lowrank_compiler as lrc  # noqa: E402
 from _minilm_task import load_minilm  # noqa: E402
+
+import lowrank_compiler as lrc  # noqa: E402
 from lowrank_compiler import safeload  # noqa: E402
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
