@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch's own deprecation notice from deep-copying pytree specs; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
@@ -190,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in msg[1:]:
             print(f"  {line}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"lrc {a.cmd}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a path the OS refuses (missing, permission, is a directory, too long ...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"lrc {a.cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

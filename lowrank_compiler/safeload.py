@@ -115,7 +115,7 @@ def read_member(z: zipfile.ZipFile, name: str, source: str) -> bytes:
 
 def read_json(z: zipfile.ZipFile, name: str, source: str) -> Any:
     """A JSON member parsed (LoadError on bad UTF-8, bad JSON, or nesting too deep)."""
-    if z.getinfo(name).file_size > MAX_JSON_BYTES if name in z.namelist() else False:
+    if name in z.namelist() and z.getinfo(name).file_size > MAX_JSON_BYTES:
         raise LoadError(f"{source}: {name} is larger than {MAX_JSON_BYTES} bytes")
     raw = read_member(z, name, source)
     try:

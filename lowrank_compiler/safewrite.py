@@ -45,15 +45,15 @@ def check_target(path: str | os.PathLike, kind: str = "file") -> Path:
     if str(path) == "":
         raise ExportError("empty output path")
     p = Path(path)
-    if p.is_symlink():
-        raise ExportError(f"{p} is a symbolic link; refusing to replace it (write to {os.path.realpath(p)} "
-                          "directly, or remove the link)")
     try:
-        st = p.stat()
-    except FileNotFoundError:
+        st = os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
         st = None
     except OSError as e:
         raise ExportError(f"cannot write {p}: {_why(e)}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise ExportError(f"{p} is a symbolic link; refusing to replace it (write to {os.path.realpath(p)} "
+                          "directly, or remove the link)")
     if st is not None:
         if kind == "file" and stat.S_ISDIR(st.st_mode):
             raise ExportError(f"{p} is a directory; give a file name")

@@ -203,8 +203,12 @@ def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: li
     """torch.onnx.export (dynamo) → in-memory ModelProto with dynamic batch/seq."""
     module = module.eval()
     flat = _Flat(module).eval()  # eval on the top-level wrapper too (ONNX_FACTS §3 gotcha)
-    with torch.no_grad():
-        outs = output_names(module(*inputs))
+    try:
+        with torch.no_grad():
+            outs = output_names(module(*inputs))
+    except Exception as e:  # noqa: BLE001  (a graph that cannot run on its own example inputs)
+        raise ExportError(f"the graph to export fails on its example inputs: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

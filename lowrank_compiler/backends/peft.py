@@ -132,7 +132,7 @@ def _check_config(config: Any, p: Path) -> None:
     if not isinstance(config.get("use_rslora", False), bool):
         problems.append(f"use_rslora={config.get('use_rslora')!r:.40} (true or false)")
     for key in ("alpha_pattern", "rank_pattern"):
-        pat = config.get(key) or {}
+        pat = {} if config.get(key) is None else config[key]
         if not isinstance(pat, dict):
             problems.append(f"{key} is not an object")
             continue

@@ -146,7 +146,7 @@ def initialize(
                 bad = torch.stack([s.nonfinite for s in stats])
                 if bool(bad.any()):
                     site = sites[int(bad.nonzero()[0, 0])][0].site
-                    raise InitError(f"non-finite gradient at site {site!r} in batch {n}; "
+                    raise InitError(f"non-finite gradient at site {site!r} in batch {n} (or NaN/inf in its input); "
                                     "check the data and loss_fn (or lower the loss scale)")
     finally:
         for h in hooks:

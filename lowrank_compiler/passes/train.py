@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import LrcError
+from ..errors import LrcError, MergeError
 from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
 from ..methods.base import AdapterMethod, StepContext, by_method_class
 
@@ -68,17 +68,30 @@ class LrcOptimizerMixin:
         for cls, ads in by_class.items():
             cls.before_step_all(ads, ctx)
         _base_step(self)
+        updates = []
         for mark, ad in self._lrc_sites:
             new = ad.after_step(logical_weight(gm, mark), ctx)
             if new is not None:
-                self._write_base(mark, new)
+                updates.append((mark, new))
+        for mark, new in updates:  # check all before writing any: a refused step changes no base weight
+            _check_finite_base(mark, new, self._lrc_step)
+        for mark, new in updates:
+            self._write_base(mark, new)
         for cls, ads in by_class.items():
             cls.after_step_all(ads, ctx)
         return loss
 
     def _write_base(self, mark: AdapterMark, value: torch.Tensor) -> None:
         """Write a new base weight: in place when this optimizer created the Parameter, else a new one
-        (the original may be shared with the user's model, see ``passes.merge.set_logical_weight``)."""
+        (the original may be shared with the user's model, see ``passes.merge.set_logical_weight``).
+
+        A non-finite value is refused (:class:`MergeError` naming the site and method; the base weight
+        keeps its old value). lrc refuses rather than skips: a skipped update would silently
+        desynchronise methods that track the base (Delta-LoRA's previous B·A, LoRASC's cascade).
+        Under ``torch.cuda.amp.GradScaler`` an inf/NaN gradient step never reaches here, since the
+        scaler skips ``optimizer.step()`` itself.
+        """
+        _check_finite_base(mark, value, self._lrc_step)
         gm = self._lrc_gm
         ref = self._lrc_owned.get(mark.weight_path)
         if ref is not None and ref() is gm.get_parameter(mark.weight_path):
@@ -98,6 +111,13 @@ class LrcOptimizerMixin:
         super().load_state_dict(sd)  # type: ignore[misc]
         self._lrc_step = int(lrc.get("step", 0))
         self._lrc_group_of = {}
+
+
+def _check_finite_base(mark: AdapterMark, value: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise MergeError(f"step {step}: the {mark.method!r} update of site {mark.site!r} would write NaN/inf into its "
+                         "base weight (non-finite loss or gradients, or a too-large learning rate); the base "
+                         "weights were not changed; check the batch and the learning rate")
 
 
 def _base_step(opt: Any) -> None:
