@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from .errors import LoadError, SpecError
 from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
+from .passes.full import full_parameters
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
 from .sites import find_sites
@@ -101,6 +102,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "const_kwargs": {k: v for k, v in (meta.get("const_kwargs") or {}).items()
                          if isinstance(v, (int, float, str, bool, type(None)))},
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
+        "full_modules": list(meta.get("full_modules", [])),
     }
 
     def write(f: Any) -> None:
@@ -168,7 +170,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest.get("const_kwargs", {}),
                         specs=manifest.get("specs", []))
-    apply_records(gm, manifest["adapters"], str(path))
+    apply_records(gm, manifest["adapters"], str(path), manifest.get("full_modules", []))
     _load_adapter_tensors(gm, adapters, str(path))
     merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
@@ -195,22 +197,25 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     return gm
 
 
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records") -> None:
-    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site).
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
+                  full_modules: list[str] = ()) -> None:
+    """Insert exactly the adapters the records name and train ``full_modules``, decided like a spec (one
+    exact-name rule per site or module).
 
     Raises:
         LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
     """
     from .spec import Spec
 
-    if not records:
+    if not records and not full_modules:
         return
     have = {s.name for s in find_sites(gm) if not s.refused}
     missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
     if missing:
         raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
     try:
-        spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
+        spec = Spec.for_sites([*((r["site"], r["method"], r.get("args", {})) for r in records),
+                               *((path, "full", {}) for path in full_modules)])
         adapter_pipeline(spec)(gm)
     except SpecError as e:
         raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
@@ -234,9 +239,12 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
 
 
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write only the adapters (tensors + which method sits where) as one safetensors file."""
-    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm))}
-    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(gm).items()}, metadata=meta)
+    """Write only what training changes: the adapters (tensors + which method sits where) and the
+    modules a ``full`` rule trains, as one safetensors file."""
+    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
+            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", [])))}
+    state = {**adapter_state(gm), **full_parameters(gm)}
+    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -260,5 +268,25 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
     if have != want:
         diff = sorted(want ^ have)[:5]
         raise LoadError(f"{path}: adapter sites/methods differ from the model's: {diff}")
-    _load_adapter_tensors(gm, tensors, str(path))
+    full_have = list(lrc_meta(gm).get("full_modules", []))
+    full_want = json.loads(meta.get("full_modules", "[]"))
+    if sorted(full_have) != sorted(full_want):
+        raise LoadError(f"{path}: fully trained modules {full_want} differ from the model's {full_have}; "
+                        "transform with the spec the adapters were trained with (its `:full` rules)")
+    heads = full_parameters(gm)
+    _load_adapter_tensors(gm, {k: v for k, v in tensors.items() if k not in heads}, str(path))
+    _copy_checked({k: tensors[k] for k in heads if k in tensors}, heads, str(path))
     return gm
+
+
+def _copy_checked(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's own (never shared) trainable copies ``params``; names and shapes must fit."""
+    problems = [f"missing {k}" for k in params if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in params]
+    problems += [f"{k}: shape {tuple(t.shape)} != model's {tuple(params[k].shape)}"
+                 for k, t in tensors.items() if k in params and t.shape != params[k].shape]
+    if problems:
+        raise LoadError(f"{source}: fully trained module tensors don't fit the model: " + "; ".join(problems[:8]))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from ..errors import ExportError, LoadError
 from ..ir import META_KEY, adapter_nodes, lrc_meta
+from ..passes.full import full_parameters
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -26,6 +27,8 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     """(tensors with PEFT key names, adapter_config dict) for the LoRA-family adapters of ``gm``.
 
     Per-site ranks/scales go to PEFT's ``rank_pattern``/``alpha_pattern`` (keys are full module paths).
+    Modules a ``full`` rule trains go to ``modules_to_save`` (their tensors as ``base_model.model.<path>.<name>``,
+    which PEFT loads into its trainable copy).
 
     Raises:
         ExportError: a method PEFT's plain LoRA cannot express (DoRA, or a method that changed the base
@@ -72,10 +75,13 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
         "inference_mode": True, "r": int(r0), "lora_alpha": alpha0, "use_rslora": rslora,
         "lora_dropout": float(sites[0][4].get("dropout", 0.0)),
         "target_modules": sorted(s[0] for s in sites), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none", "modules_to_save": None,
+        "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none",
+        "modules_to_save": list(lrc_meta(gm).get("full_modules", [])) or None,
         "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
         "layers_pattern": None,
     }
+    for key, t in full_parameters(gm).items():
+        tensors[f"{PREFIX}{key}"] = t.detach().contiguous().clone()
     return tensors, config
 
 
@@ -115,7 +121,10 @@ def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
 
 
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle)."""
+    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle).
+
+    Tensors of ``modules_to_save`` are returned under ``config["_modules_to_save"]``: ``{module path: {name: t}}``.
+    """
     p = Path(path)
     if not (p / CONFIG).is_file():
         raise LoadError(f"{p}: not a PEFT adapter directory (no {CONFIG})")
@@ -131,16 +140,24 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     problems = [f"{k}={config.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"),
                                                      ("lora_bias", False)) if config.get(k, ok) != ok]
     sites: dict[str, dict[str, torch.Tensor]] = {}
+    saved = [str(n) for n in config.get("modules_to_save") or []]
+    heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY_RE.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _KEY_RE.match(key)
+        module, _, leaf = key.rpartition(".")
+        if not m and any(module == n or module.endswith("." + n) for n in saved):
+            heads.setdefault(module, {})[leaf] = t
+            continue
         if not m:
             problems.append(f"unsupported tensor {key!r}")
             continue
         sites.setdefault(m["site"], {})[m["which"]] = t
     problems += [f"{s}: missing {w}" for s, d in sites.items() for w in ("lora_A", "lora_B") if w not in d]
     if problems:
-        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings, modules_to_save) can be read: "
+        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings) with modules_to_save can be read: "
                         + "; ".join(problems[:5]))
+    config["_modules_to_save"] = heads
     return config, sites
 
 
@@ -166,7 +183,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     Raises:
         LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
     """
-    from ..serialize import _load_adapter_tensors, apply_records
+    from ..serialize import _copy_checked, _load_adapter_tensors, apply_records
     from ..trace import trace
 
     config, sites = read_peft(path)
@@ -190,7 +207,9 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
         records.append({"site": site, "method": "lora",
                         "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
                                  "rslora": rslora}})
-    apply_records(gm, records, str(path))
+    heads = config.pop("_modules_to_save")
+    apply_records(gm, records, str(path), list(heads))
     _load_adapter_tensors(gm, {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}, str(path))
+    _copy_checked({f"{m}.{k}": t for m, d in heads.items() for k, t in d.items()}, full_parameters(gm), str(path))
     lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
     return gm

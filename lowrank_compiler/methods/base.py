@@ -281,6 +281,7 @@ def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
 
 _REGISTRY: dict[str, type[AdapterMethod]] = {}
 SKIP = "skip"
+FULL = "full"  # not an adapter: the matched module is trained as a whole (PEFT's modules_to_save)
 
 
 def register_method(cls: type[AdapterMethod]) -> type[AdapterMethod]:
@@ -298,7 +299,7 @@ def get_method(name: str) -> type[AdapterMethod]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        options = sorted(_REGISTRY) + [SKIP]
+        options = sorted(_REGISTRY) + [SKIP, FULL]
         raise SpecError(f"unknown method {name!r}{suggest(name, options)}; valid: {', '.join(options)}") from None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, adapters_of, finalize, replace_with_module
+from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, adapters_of, finalize, lrc_meta, replace_with_module
 from ..methods.base import get_method
 from ..sites import Site, find_sites
 from .manager import PassResult
@@ -15,8 +15,9 @@ _LINEAR_TARGETS = (_aten.linear.default, torch.nn.functional.linear, torch._C._n
 
 
 def freeze_base(gm: fx.GraphModule) -> None:
-    """Every parameter that is not inside an adapter stops requiring grad."""
+    """Every parameter that is not inside an adapter (or a module a spec trains fully) stops requiring grad."""
     keep = {id(p) for mod in adapters_of(gm).values() for p in mod.parameters()}
+    keep |= {id(p) for p in lrc_meta(gm).get("trainable_extra", ())}
     for p in gm.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
