@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")  # lowrank_compiler.backends.export.FORMATS
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
@@ -27,19 +27,39 @@ def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     return lrc_io.load(p, trust=trust)
 
 
+def hf_model_class(config: Any) -> Any:
+    """The transformers class a config names in ``architectures`` (``BertForSequenceClassification`` ...),
+    so a directory keeps its head; ``AutoModel`` when it names none."""
+    import transformers
+
+    from .backends.hf import hf_class
+    from .errors import LoadError
+
+    names = list(getattr(config, "architectures", None) or [])
+    cls = hf_class(names)
+    if cls is None and names:
+        raise LoadError(f"config.architectures names {names}, which this transformers {transformers.__version__} "
+                        "does not have")
+    return cls or transformers.AutoModel
+
+
 def _load_hf_dir(p: Path, seq: int) -> Any:
     import torch
 
     from .errors import LoadError
+    from .ir import lrc_meta
     from .trace import trace
 
     try:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
     except ImportError:
         raise LoadError("loading a Hugging Face directory needs `transformers` (pip install 'lowrank-compiler[hf]')") from None
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-        model = AutoModel.from_pretrained(str(p), local_files_only=True).eval()
+        cls = hf_model_class(config)
+        model = cls.from_pretrained(str(p), local_files_only=True).eval()
+    except LoadError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{p}: could not load as a Hugging Face model offline: {e}") from None
     vocab = int(getattr(config, "vocab_size", 100) or 100)
@@ -47,7 +67,9 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
     kwargs: dict[str, Any] = {"attention_mask": torch.ones(2, seq, dtype=torch.long)}
     if getattr(config, "use_cache", False) or "use_cache" in config.to_dict():
         kwargs["use_cache"] = False
-    return trace(model, (ids,), kwargs)
+    gm = trace(model, (ids,), kwargs)
+    lrc_meta(gm)["base_model_name_or_path"] = str(p)
+    return gm
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -78,7 +100,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     name = a.adapter_name or Path(a.model).stem
     report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
                     extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate)
-    print(f"wrote {report['path']} ({fmt}{', merged' if a.merge else ''})")
+    print(f"wrote {report['path']} ({fmt}{', merged' if a.merge or fmt == 'hf' else ''})")
     for p in report.get("adapters", []):
         print(f"wrote {p}")
     if "max_abs_diff" in report:

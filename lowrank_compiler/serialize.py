@@ -28,6 +28,7 @@ from .trace import export_program
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
 VERSION = 1
+_KEPT_META = ("model_class", "hf_config", "base_model_name_or_path")  # what HF layout / PEFT export read later
 _MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS = "manifest.json", "program.pt2", "adapters.safetensors", "inputs.safetensors"
 
 
@@ -103,6 +104,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
                          if isinstance(v, (int, float, str, bool, type(None)))},
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
         "full_modules": list(meta.get("full_modules", [])),
+        **{k: meta[k] for k in _KEPT_META if meta.get(k) is not None},
     }
 
     def write(f: Any) -> None:
@@ -169,7 +171,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     names_in = manifest["input_names"]
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest.get("const_kwargs", {}),
-                        specs=manifest.get("specs", []))
+                        specs=manifest.get("specs", []), **{k: manifest[k] for k in _KEPT_META if k in manifest})
     apply_records(gm, manifest["adapters"], str(path), manifest.get("full_modules", []))
     _load_adapter_tensors(gm, adapters, str(path))
     merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import keyword
 from typing import Any
 
@@ -45,7 +46,8 @@ def trace(
         try:
             gm = fx.symbolic_trace(model)
             lrc_meta(gm).update(trace="fx", example_inputs=example_inputs, example_kwargs=example_kwargs,
-                                input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
+                                input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"],
+                                **_model_record(model))
             gm.train(was_training)
             return gm
         except Exception as e:  # noqa: BLE001 - reported below
@@ -62,6 +64,15 @@ def trace(
             finally:
                 model.train(was_training)
     raise TraceError(f"could not trace {type(model).__name__}:\n  - " + "\n  - ".join(failures))
+
+
+def _model_record(model: nn.Module) -> dict[str, Any]:
+    """What the HF layout export needs later: the model's class name and (for HF models) its config."""
+    config = getattr(model, "config", None)
+    rec: dict[str, Any] = {"model_class": type(model).__name__}
+    if hasattr(config, "to_json_string"):  # JSON-able, so lrc.save can keep it
+        rec["hf_config"] = json.loads(config.to_json_string(use_diff=False))
+    return rec
 
 
 def _first_line(e: Exception) -> str:
@@ -136,7 +147,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> 
     make_mode_switchable(gm, _sdpa_dropout(model, gm))
     gm.train(was_training)
     lrc_meta(gm).update(trace="export", example_inputs=inputs, example_kwargs={}, input_names=names,
-                        const_kwargs=consts, model_class=type(model).__name__)
+                        const_kwargs=consts, **_model_record(model))
     return gm
 
 

@@ -13,7 +13,7 @@ from torch import fx
 from ..errors import ExportError
 from ..ir import META_KEY, adapter_nodes
 
-FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
+FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
 
 
@@ -45,6 +45,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     - ``safetensors``: the adapters only (``lrc.save_adapters``); with ``merge`` the merged weights.
     - ``peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
     - ``pt``: an lrc model file (``lrc.save``).
+    - ``hf``: the merged model as a Hugging Face directory (``config.json`` + ``model.safetensors``) that
+      ``AutoModel*.from_pretrained`` loads strictly; always merged. Never inferred from a suffix.
     Every file is written atomically: on error nothing is left behind.
 
     Raises:
@@ -67,6 +69,10 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         return report
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
+    if fmt == "hf":
+        from .hf import save_hf
+
+        return save_hf(gm, path)
     if fmt == "peft":
         from .peft import save_peft
 
