@@ -48,6 +48,7 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
 
     from .errors import LoadError
     from .ir import lrc_meta
+    from .quiet import quiet_third_party
     from .trace import trace
 
     try:
@@ -57,7 +58,8 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
         cls = hf_model_class(config)
-        model = cls.from_pretrained(str(p), local_files_only=True).eval()
+        with quiet_third_party():
+            model = cls.from_pretrained(str(p), local_files_only=True).eval()
     except LoadError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -67,7 +69,8 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
     kwargs: dict[str, Any] = {"attention_mask": torch.ones(2, seq, dtype=torch.long)}
     if getattr(config, "use_cache", False) or "use_cache" in config.to_dict():
         kwargs["use_cache"] = False
-    gm = trace(model, (ids,), kwargs)
+    with quiet_third_party():
+        gm = trace(model, (ids,), kwargs)
     lrc_meta(gm)["base_model_name_or_path"] = str(p)
     return gm
 
@@ -123,7 +126,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree (kept separate so extensions can add options)."""
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="lrc", description="lowrank-compiler: low-rank adaptation as graph rewriting")
+    ap.add_argument("--version", action="version", version=f"lrc (lowrank-compiler) {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     model_help = "an lrc model file (lrc.save), a torch.export archive (.pt2), or a Hugging Face model directory"
 
@@ -166,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded all-MiniLM-L6-v2")
-    p.add_argument("--out-dir", default="lrc-demo", help="where the demo writes its files (default: lrc-demo)")
+    p.add_argument("--out-dir", default=None, help="where the demo writes its files (default: a new temporary directory)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(fn=_cmd_demo)

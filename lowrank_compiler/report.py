@@ -5,9 +5,33 @@ from __future__ import annotations
 from torch import fx
 
 from .decide import decide
-from .ir import adapter_sites
+from .ir import adapter_sites, lrc_meta
 from .sites import find_sites
 from .spec import parse_spec
+
+
+def existing_adapters(gm: fx.GraphModule) -> list[str]:
+    """Lines listing the adapters and fully trained modules ``gm`` already has (a saved model), or none."""
+    sites = adapter_sites(gm)
+    full = list(lrc_meta(gm).get("full_modules", []))
+    if not sites and not full:
+        return []
+    rows = [("adapter site", "shape (out x in)", "method", "params", "state")]
+    for _, mark, mod in sites:
+        args = ", ".join(f"{k}={v!r}" for k, v in mod.config.items())
+        n = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+        rows.append((mark.site, f"{mod.d_out}x{mod.d_in}", f"{mark.method}({args})", f"{n:,}",
+                     "merged" if mod.merged else "separate"))
+    for path in full:
+        n = sum(p.numel() for p in gm.get_submodule(path).parameters())
+        rows.append((path, "-", "full", f"{n:,}", "trained in full"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["", f"the model already has {len(sites)} adapter(s)"
+           + (f" and {len(full)} fully trained module(s)" if full else "") + ":"]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(3, "  ".join("-" * w for w in widths))
+    out.append(f"trainable params in them: {sum(int(r[3].replace(',', '')) for r in rows[1:]):,}")
+    return out
 
 
 def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
@@ -45,6 +69,7 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     base = sum(p.numel() for p in gm.parameters())
     lines.append(f"{len(rows) - 1} linear sites; base params {base:,}")
+    lines += existing_adapters(gm)
     if spec is not None:
         lines.append(f"adapter params {total:,} ({100 * total / max(base, 1):.3f}% of base)")
         for i in sorted(unused):

@@ -22,6 +22,7 @@ from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
 from .passes.full import full_parameters
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
+from .quiet import quiet
 from .sites import find_sites
 from .trace import export_program
 
@@ -81,6 +82,7 @@ def adapter_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
+@quiet
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``gm`` (base graph, base weights, adapters) to one file; atomic, no pickle."""
     meta = lrc_meta(gm)
@@ -136,6 +138,16 @@ def _is_pickle(path: Path) -> bool:
     return False
 
 
+def _is_pt2_archive(z: zipfile.ZipFile) -> bool:
+    """A ``torch.export.save`` archive, told by its content (an ``archive_format`` member reading ``pt2``),
+    whatever its top folder is called (``torch.export.save`` names it after the file)."""
+    for n in z.namelist():
+        if n.count("/") == 1 and n.endswith("/archive_format"):
+            return z.read(n).strip() == b"pt2"
+    return any(n.endswith("serialized_exported_program.json") for n in z.namelist())  # older torch
+
+
+@quiet
 def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     """Load a file written by :func:`save` (never runs pickled code unless ``trust=True``)."""
     path = Path(path)
@@ -155,8 +167,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         if _MANIFEST not in names:
-            if any(n.endswith(".json") and "archive" in n or n.endswith("serialized_exported_program.json")
-                   for n in names):
+            if _is_pt2_archive(z):
                 return from_exported_program(torch.export.load(str(path)))
             raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
         manifest = json.loads(z.read(_MANIFEST))
@@ -240,6 +251,7 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
             v.copy_(tensors[k].to(v.dtype))
 
 
+@quiet
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write only what training changes: the adapters (tensors + which method sits where) and the
     modules a ``full`` rule trains, as one safetensors file."""
@@ -250,6 +262,7 @@ def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+@quiet
 def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule:
     """Swap in adapters saved by :func:`save_adapters`; names, methods and shapes must fit ``gm``."""
     from safetensors import safe_open

@@ -12,6 +12,7 @@ from torch import fx
 
 from ..errors import ExportError
 from ..ir import META_KEY, adapter_nodes
+from ..quiet import quiet
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
@@ -32,6 +33,7 @@ def infer_format(path: str | os.PathLike, format: str | None) -> str:
                       f"{', '.join(FORMATS)}")
 
 
+@quiet
 def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = None, *, merge: bool = False,
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True) -> dict[str, Any]:

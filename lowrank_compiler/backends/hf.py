@@ -7,12 +7,10 @@ its module paths) and handed to the model class the config names, which writes t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..ir import lrc_meta
+from ..quiet import quiet
 
 
 def hf_class(names: list[Any]) -> type | None:
@@ -88,20 +87,7 @@ def merged_state(gm: fx.GraphModule, model: nn.Module) -> dict[str, torch.Tensor
     return out
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars while transformers writes a file lrc was asked to write."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
+@quiet
 def save_hf(gm: fx.GraphModule, path: str | os.PathLike, config: Any | None = None) -> dict[str, Any]:
     """Write the merged model as an HF directory (``config.json`` + ``model.safetensors``); atomic.
 
@@ -120,8 +106,7 @@ def save_hf(gm: fx.GraphModule, path: str | os.PathLike, config: Any | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with _quiet_transformers():
-            model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
         if not out.exists():
             from ..serialize import _umask
 

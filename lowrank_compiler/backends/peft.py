@@ -18,6 +18,7 @@ from torch import fx, nn
 from ..errors import ExportError, LoadError
 from ..ir import META_KEY, adapter_nodes, lrc_meta
 from ..passes.full import full_parameters
+from ..quiet import quiet
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -85,6 +86,7 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, config
 
 
+@quiet
 def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained(original_model, path)`` loads.
 
@@ -174,6 +176,7 @@ def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+@quiet
 def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,
               example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` (or take an adapter-free lrc GraphModule) and insert the PEFT adapters at ``path``.
