@@ -105,3 +105,16 @@ def test_quiet_keeps_lrc_warnings():
             exec(compile("import warnings; warnings.warn('ours', UserWarning)", "lrc", "exec"),
                  {"__name__": "lowrank_compiler.x"})
     assert [str(w.message) for w in seen] == ["ours"]
+
+
+def test_inspect_spec_counts_full_modules_like_transform():
+    from lowrank_compiler.report import inspect_table
+    from lowrank_compiler.trace import trace
+
+    spec = "fc1:lora(r=2); head:full"
+    traced = trace(MLP(), (X,))
+    text = inspect_table(traced, spec)
+    gm = lrc.transform(MLP(), spec, (X,))
+    assert "trained in full by rule 2 (head:full): head, 27 params" in text
+    assert f"trainable params with the fully trained modules: {trainable_parameters(gm)[0]:,}" in text
+    assert "warning" not in text
