@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -50,6 +51,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], what: str) -> None:
+    """Fill a directory through ``write(tmpdir)``, then move it to ``path`` only when complete.
+
+    An existing directory keeps its other files (ours replace theirs by name); on failure nothing changes.
+
+    Raises:
+        ExportError: ``path`` exists and is not a directory (``what`` names the format in the message).
+    """
+    from .errors import ExportError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; {what} writes a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if not out.exists():
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.replace(tmp, out)
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

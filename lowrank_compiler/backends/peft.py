@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -95,24 +93,13 @@ def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_pa
     tensors, config = peft_state(gm)
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; PEFT format writes a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..serialize import atomic_dir
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if not out.exists():
-            from ..serialize import _umask
 
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out)
-        else:
-            for name in (WEIGHTS, CONFIG):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(path, write, "PEFT format")
 
 
 def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
