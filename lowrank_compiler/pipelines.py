@@ -32,7 +32,7 @@ from .spec import Spec
 
 
 def adapter_pipeline(spec: Spec) -> Pipeline:
-    """Mark the sites ``spec`` adapts, insert their adapters, and make ``full`` modules trainable (in place)."""
+    """Mark the sites ``spec`` adapts, insert their adapters, and train its ``full`` modules (in place)."""
     return Pipeline("adapt", [Pass("match", lambda g: match(g, spec)), Pass("insert", insert), Pass("full", train_full)])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .decide import decide
+from .decide import decide, decide_full
 from .ir import adapter_sites, lrc_meta
 from .sites import find_sites
 from .spec import parse_spec
@@ -26,12 +26,11 @@ def existing_adapters(gm: fx.GraphModule) -> list[str]:
         n = sum(p.numel() for p in gm.get_submodule(path).parameters())
         rows.append((path, "-", "full", f"{n:,}", "trained in full"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["", f"the model already has {len(sites)} adapter(s)" + (f" and {len(full)} fully trained module(s)"
-                                                                  if full else "") + ":"]
+    out = ["", f"the model already has {len(sites)} adapter(s)"
+           + (f" and {len(full)} fully trained module(s)" if full else "") + ":"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     out.insert(3, "  ".join("-" * w for w in widths))
-    trainable = sum(int(r[3].replace(",", "")) for r in rows[1:])
-    out.append(f"trainable params in them: {trainable:,}")
+    out.append(f"trainable params in them: {sum(int(r[3].replace(',', '')) for r in rows[1:]):,}")
     return out
 
 
@@ -73,7 +72,9 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
                 rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, rule, str(d.rule), f"{d.added_params:,}"))
             else:
                 rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, rule, "-", d.reason))
-        unused = set(range(len(parsed.rules))) - {d.index for d in decisions if d.index is not None}
+        full = decide_full(gm, parsed, {d.site.name for d in decisions})
+        unused = set(range(len(parsed.rules))) - {d.index for d in decisions if d.index is not None} \
+            - {i for _, i in full}
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -82,6 +83,12 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
     lines += existing_adapters(gm)
     if spec is not None:
         lines.append(f"adapter params {total:,} ({100 * total / max(base, 1):.3f}% of base)")
+        for path, i in full:
+            n = sum(p.numel() for p in gm.get_submodule(path).parameters())
+            total += n
+            lines.append(f"trained in full by rule {i + 1} ({parsed.rules[i]}): {path}, {n:,} params")
+        if full:
+            lines.append(f"trainable params with the fully trained modules: {total:,}")
         for i in sorted(unused):
             lines.append(f"warning: rule {i + 1} '{parsed.rules[i]}' matches no site")
     return "\n".join(lines)

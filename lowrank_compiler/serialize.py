@@ -27,7 +27,7 @@ from .ir import (
     set_logical_weight,
 )
 from .methods.base import by_method_class
-from .passes.full import full_parameters, train_full
+from .passes.full import full_parameters
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
 from .quiet import quiet
@@ -219,44 +219,30 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
 
 
 def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
-                  full_modules: list[str] | tuple[str, ...] = ()) -> None:
-    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site), and
-    train ``full_modules`` (modules a ``full`` rule made trainable).
+                  full_modules: list[str] = ()) -> None:
+    """Insert exactly the adapters the records name and train ``full_modules``, decided like a spec (one
+    exact-name rule per site or module).
 
     Raises:
-        LoadError: a record that does not parse as a rule (method, arguments) or names no site/module of the model.
+        LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
     """
     from .spec import Spec
 
-    absent = [p for p in full_modules if not _has_module(gm, p)]
-    if absent:
-        raise LoadError(f"{source}: the model has no module(s) {absent[:5]} to train fully")
-    if records:
-        have = {s.name for s in find_sites(gm) if not s.refused}
-        missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
-        if missing:
-            raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. "
-                            f"{sorted(have)[:5]}")
-        try:
-            spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
-            adapter_pipeline(spec)(gm)
-        except SpecError as e:
-            raise LoadError(f"{source}: the saved adapters don't fit the model: "
-                            f"{e.reason if e.column is None else e}") from None
-        except (KeyError, TypeError) as e:
-            raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
-    if full_modules:
-        known = lrc_meta(gm).setdefault("full_modules", [])
-        known += [p for p in full_modules if p not in known]
-        train_full(gm)
-
-
-def _has_module(gm: nn.Module, path: str) -> bool:
+    if not records and not full_modules:
+        return
+    have = {s.name for s in find_sites(gm) if not s.refused}
+    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
+    if missing:
+        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
     try:
-        gm.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
+        spec = Spec.for_sites([*((r["site"], r["method"], r.get("args", {})) for r in records),
+                               *((path, "full", {}) for path in full_modules)])
+        adapter_pipeline(spec)(gm)
+    except SpecError as e:
+        raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
+            from None
+    except (KeyError, TypeError) as e:
+        raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
 
 
 def _check_adapter_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -68,8 +68,7 @@ def test_inspect_lists_the_adapters_a_saved_model_has(tmp_path, capsys):
     assert "lora(r=2" in lines["fc1"] and f"{2 * (8 + 16):,}" in lines["fc1"]
     assert "dora(r=2" in lines["fc2"]
     assert "full" in lines["head"] and f"{8 * 3 + 3}" in lines["head"]
-    want = trainable_parameters(gm)[0]
-    assert f"trainable params in them: {want:,}" in out
+    assert f"trainable params in them: {trainable_parameters(gm)[0]:,}" in out
 
 
 def test_separate_onnx_validation_uses_a_nonzero_adapter(tmp_path):
@@ -106,3 +105,16 @@ def test_quiet_keeps_lrc_warnings():
             exec(compile("import warnings; warnings.warn('ours', UserWarning)", "lrc", "exec"),
                  {"__name__": "lowrank_compiler.x"})
     assert [str(w.message) for w in seen] == ["ours"]
+
+
+def test_inspect_spec_counts_full_modules_like_transform():
+    from lowrank_compiler.report import inspect_table
+    from lowrank_compiler.trace import trace
+
+    spec = "fc1:lora(r=2); head:full"
+    traced = trace(MLP(), (X,))
+    text = inspect_table(traced, spec)
+    gm = lrc.transform(MLP(), spec, (X,))
+    assert "trained in full by rule 2 (head:full): head, 27 params" in text
+    assert f"trainable params with the fully trained modules: {trainable_parameters(gm)[0]:,}" in text
+    assert "warning" not in text

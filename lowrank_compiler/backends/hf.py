@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,21 +97,7 @@ def save_hf(gm: fx.GraphModule, path: str | os.PathLike, config: Any | None = No
     model = cls(copy.deepcopy(config))
     model.load_state_dict(merged_state(gm, model), strict=True)  # every tensor comes from the graph
     model.eval()
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; the HF layout writes a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if not out.exists():
-            from ..serialize import _umask
+    from ..safewrite import atomic_dir
 
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out)
-        else:  # an existing directory: our files replace theirs, nothing else is touched
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"path": str(out), "format": "hf", "model_class": cls.__name__}
+    atomic_dir(path, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    return {"path": str(path), "format": "hf", "model_class": cls.__name__}

@@ -4,37 +4,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..decide import decide
+from ..decide import decide, decide_full
 from ..errors import SpecError
 from ..ir import META_KEY, SiteMark, lrc_meta
-from ..methods.base import AdapterMethod
 from ..sites import find_sites
 from ..spec import Spec, nearby_names
 from .manager import PassResult
-
-
-def decide_full(gm: fx.GraphModule, spec: Spec) -> list[tuple[str, int]]:
-    """``(module path, rule index)`` of each module a ``full`` rule makes trainable (outermost only).
-
-    Any module with parameters is a candidate, found by its path in the GraphModule. The first rule
-    matching the path decides it; rules that adapt only decide linear sites, so ``*:lora`` does not
-    shadow ``*LayerNorm:full`` for a LayerNorm.
-    """
-    if not any(r.full for r in spec.rules):
-        return []
-    sites = {s.name for s in find_sites(gm)}
-    out: list[tuple[str, int]] = []
-    for path, mod in gm.named_modules():
-        if not path or isinstance(mod, AdapterMethod) or any(path.startswith(p + ".") for p, _ in out):
-            continue
-        if next(mod.parameters(), None) is None:
-            continue
-        for i, rule in enumerate(spec.rules):
-            if rule.matches(path) and (rule.full or not rule.adapts or path in sites):
-                if rule.full:
-                    out.append((path, i))
-                break
-    return out
 
 
 def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
@@ -48,21 +23,21 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
     A graph whose sites already carry marks for this spec is left as is: ``modified=False``.
     """
     decisions = [decide(site, spec) for site in find_sites(gm)]
-    problems: list[SpecError] = [d.problem for d in decisions if d.problem is not None]
-    full = decide_full(gm, spec)
-    used = {d.index for d in decisions if d.index is not None} | {i for _, i in full}
     names = [d.site.name for d in decisions]
-    text = spec.text or str(spec)
+    full = decide_full(gm, spec, set(names))
+    problems: list[SpecError] = [d.problem for d in decisions if d.problem is not None]
+    used = {d.index for d in decisions if d.index is not None} | {i for _, i in full}
     for i, rule in enumerate(spec.rules):
         if i not in used:
+            what = "module" if rule.full else "site"
             pool = [n for n, m in gm.named_modules() if n and next(m.parameters(), None) is not None] \
                 if rule.full else names
-            near = ", ".join(nearby_names(rule.pattern, pool)) or "(the model has no linear sites)"
-            what = "module" if rule.full else "site"
+            near = ", ".join(nearby_names(rule.pattern, pool)) or f"(the model has no {what}s to match)"
             problems.append(SpecError(f"rule {i + 1} '{rule}' matched no {what}; nearby {what} names: {near}",
-                                      text, rule.column))
-    problems += [SpecError(f"rule {i + 1} '{spec.rules[i]}' trains {path} fully, but it contains the adapted site "
-                           f"{d.site.name}; adapt the site or train the module, not both", text, spec.rules[i].column)
+                                      spec.text or str(spec), rule.column))
+    problems += [SpecError(f"rule {i + 1} '{spec.rules[i]}' trains {path} in full, but it contains the adapted "
+                           f"site {d.site.name}; adapt the site or train the module, not both",
+                           spec.text or str(spec), spec.rules[i].column)
                  for path, i in full for d in decisions if d.adapts and d.site.name.startswith(path + ".")]
     if problems:
         first = problems[0]
@@ -82,7 +57,7 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
     added = [path for path, _ in full if path not in known]
     known += added
     modified = modified or bool(added)
-    lrc_meta(gm).setdefault("specs", [])
-    if str(spec) not in lrc_meta(gm)["specs"]:
-        lrc_meta(gm)["specs"].append(str(spec))
+    specs = lrc_meta(gm).setdefault("specs", [])
+    if str(spec) not in specs:
+        specs.append(str(spec))
     return PassResult(gm, modified)
