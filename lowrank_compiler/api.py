@@ -10,9 +10,11 @@ import torch
 from torch import fx, nn
 
 from .errors import InitError
-from .ir import lrc_meta, run_passes
+from .ir import lrc_meta
+from .passes.manager import Pass, run_passes
 from .methods.base import AdapterMethod
-from .passes.insert import adapters_of, insert
+from .ir import adapters_of
+from .passes.insert import insert
 from .passes.match import match
 from .passes.merge import merge as _merge_pass
 from .passes.merge import set_merged
@@ -46,7 +48,7 @@ def transform(
     """
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
     gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
-    res = run_passes(gm, [("match", lambda g: match(g, parsed)), ("insert", insert)])
+    res = run_passes(gm, [Pass("match", lambda g: match(g, parsed)), Pass("insert", insert)], "transform")
     gm = res.gm
     needs_data = [site for site, mod in adapters_of(gm).items() if getattr(mod, "data_dependent", False)]
     if needs_data:

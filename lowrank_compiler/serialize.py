@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from .errors import LoadError
 from .ir import META_KEY, finalize, lrc_meta
-from .passes.insert import AdapterMark, adapter_nodes, adapters_of, insert
+from .ir import AdapterMark, adapter_nodes, adapters_of
+from .passes.insert import insert
 from .passes.match import SiteMark
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .passes.strip import strip

@@ -12,7 +12,7 @@ from torch import fx
 
 from ..errors import ExportError
 from ..ir import META_KEY
-from ..passes.insert import adapter_nodes
+from ..ir import adapter_nodes
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}

@@ -22,7 +22,7 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from ..errors import ExportError
 from ..ir import META_KEY, lrc_meta
-from ..passes.insert import adapter_nodes
+from ..ir import adapter_nodes
 from .onnx_adapters import (
     LORA_A,
     check_adapter_fits,

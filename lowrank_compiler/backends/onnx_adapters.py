@@ -11,7 +11,7 @@ from torch import fx
 
 from ..errors import ExportError
 from ..ir import META_KEY
-from ..passes.insert import adapter_nodes
+from ..ir import adapter_nodes
 from ..passes.separate import LORA_A, LORA_B, onnx_lora_tensors
 
 LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from ..errors import ExportError, LoadError
 from ..ir import META_KEY, lrc_meta
-from ..passes.insert import adapter_nodes
+from ..ir import adapter_nodes
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, adapters_of, finalize, replace_with_module
+from ..ir import META_KEY, AdapterMark, SiteMark, adapter_nodes, adapter_path, adapters_of, finalize, replace_with_module  # noqa: F401 (adapter_nodes re-exported for old imports)
 from ..methods.base import get_method
 from ..sites import Site, find_sites
 from .manager import PassResult
