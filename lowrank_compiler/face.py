@@ -153,21 +153,27 @@ class Face:
             bound = dict(zip(p.names, args))  # the graph's own positional order (what lrc itself calls)
         else:
             bound = self.bind(args, kwargs)
+        entry = self.entry(gm, bound)
+        values = [bound[n] for n in entry.names]
+        if entry.gm is gm:
+            return nn.Module.__call__(gm, *values)
+        return self._run(gm, entry, values)
+
+    def entry(self, gm: fx.GraphModule, bound: dict[str, Any]) -> _Entry:
+        """The graph that serves the call ``bound`` (``entry.gm is gm`` for the primary), traced if new."""
         key = self.key(bound)
-        if self.stamp is not gm._code:
+        if self.stamp is not gm._code:  # the primary graph was rewritten: variants are stale
             self.variants.clear()
             self.stamp = gm._code
-        if key == self.primary_key and p is not None:
-            values = [bound[n] for n in p.names]
-            if p.fits(tree_flatten(values)[0]):
-                return nn.Module.__call__(gm, *values)
+        p = self.primary
+        if key == self.primary_key and p is not None and p.fits(tree_flatten([bound[n] for n in p.names])[0]):
+            return _Entry(p.names, p.guards, gm)
         for entry in self.variants.get(key, ()):
-            values = [bound[n] for n in entry.names]
-            if entry.fits(tree_flatten(values)[0]):
-                return self._run(gm, entry, values)
+            if entry.fits(tree_flatten([bound[n] for n in entry.names])[0]):
+                return entry
         entry = self._trace_variant(gm, bound, key)
         self.variants.setdefault(key, []).append(entry)
-        return self._run(gm, entry, [bound[n] for n in entry.names])
+        return entry
 
     @staticmethod
     def _run(gm: fx.GraphModule, entry: _Entry, values: list[Any]) -> Any:
@@ -285,12 +291,23 @@ class LrcGraphModule(fx.GraphModule):
 
     def recompile(self) -> Any:
         out = super().recompile()
+        self._sync_signature()
+        return out
+
+    def _sync_signature(self) -> None:
         face: Face | None = self.__dict__.get("_lrc_face")
         if face is not None:  # tools that read forward's signature (HF Trainer's column filter) see the model's
             params = list(face.signature.parameters.values())
             self_p = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             type(self).forward.__signature__ = face.signature.replace(parameters=[self_p, *params])
-        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LrcGraphModule:
+        res = super().__deepcopy__(memo)  # GraphModule's copy keeps the class but drops other attributes
+        face = self.__dict__.get("_lrc_face")
+        if face is not None:
+            res.__dict__["_lrc_face"] = copy.deepcopy(face, memo)
+            res._sync_signature()
+        return res
 
     # -- what users reach for --------------------------------------------------------------------
     @property

@@ -153,9 +153,14 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
         if node.op != "get_attr":
             continue
         short = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
-        obj = _lookup(root if root is not None else model, short)
-        if obj is None:
+        if _lookup(model, short) is not None:  # a model tensor: the root's (a later graph's root may hold a new one)
+            obj = _lookup(root if root is not None else model, short)
+        else:  # a constant the export lifted: its name is per-export, so make it unique under the root
             obj = _lookup(em, node.target)
+            base, i = short, 0
+            while (root is not None and _lookup(root, short) is not None) or short in found:
+                i += 1
+                short = f"{base}_{i}"
         if obj is None:
             raise TraceError(f"exported graph references {node.target!r}, which neither the model nor the export holds")
         node.target = short
