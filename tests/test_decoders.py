@@ -94,3 +94,71 @@ def test_load_peft_on_stock_decoder(tmp_path):
         assert (gm(**b).logits - pm(**b).logits).abs().max() < 1e-5
     assert torch.equal(gm.generate(**b, max_new_tokens=8, do_sample=False),
                        pm.generate(**b, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.slow
+def test_onnx_generate_matches_torch(lm, tmp_path):
+    """ORT greedy loop over the KV-cache decode graph: two adapters switched per run, and merged weights."""
+    import numpy as np
+
+    from lowrank_compiler.backends.onnx import session
+    from lowrank_compiler.backends.onnx_generate import ort_generate
+
+    kind, gm, _, b = lm
+    eos = gm.generation_config.eos_token_id
+    ref = gm.generate(**b, max_new_tokens=NEW, do_sample=False)  # == PEFT's (test above)
+    other = copy.deepcopy(gm)
+    with torch.no_grad():
+        for m in lrc.adapters(other).values():
+            m.lora_B.mul_(-1.5)
+    ref2 = other.generate(**b, max_new_tokens=NEW, do_sample=False)
+    assert not torch.equal(ref, ref2)
+    lrc.save_adapters(other, tmp_path / "two.safetensors")
+    rep = lrc.export(gm, tmp_path / "sep.onnx", adapter_name="one", extra_adapters=[str(tmp_path / "two.safetensors")])
+    assert rep["max_abs_diff"] < 1e-4 and "past.0.key" in rep["inputs"] and "present.0.key" in rep["outputs"]
+    sess = session(tmp_path / "sep.onnx", providers="cpu")
+    for name, want in (("one", ref), ("two", ref2), ("one", ref)):
+        got = ort_generate(sess, b["input_ids"], b["attention_mask"], max_new_tokens=NEW, eos_token_id=eos,
+                           adapter=tmp_path / f"{name}.onnx_adapter")
+        assert np.array_equal(got, want.numpy()), (kind, name)
+    lrc.export(gm, tmp_path / "merged.onnx", merge=True)
+    sess = session(tmp_path / "merged.onnx", providers="cpu")
+    assert sess.get_outputs()[0].shape[-1] == gm.config.vocab_size  # lm_head kept (GPT-2: tied to wte)
+    got = ort_generate(sess, b["input_ids"], b["attention_mask"], max_new_tokens=NEW, eos_token_id=eos)
+    assert np.array_equal(got, ref.numpy())
+
+
+def test_onnx_external_data_and_cli_generate(tmp_path, capsys):
+    """External data forced on a small model; `lrc run --generate` prints the torch model's greedy tokens."""
+    import numpy as np
+
+    from lowrank_compiler.backends.onnx_generate import export_decoder_onnx
+    from lowrank_compiler.cli import main
+
+    gm = lrc.transform(make_decoder("llama"), SPECS["llama"][0])
+    with torch.no_grad():
+        for m in lrc.adapters(gm).values():
+            m.lora_B.normal_(0, 0.3)
+    rep = export_decoder_onnx(gm, tmp_path / "m.onnx", merge=False, adapters_dir=tmp_path, adapter_name="a",
+                              external_data=True)
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    external = {i.name for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    assert rep["external_data"] and any("embed_tokens" in n for n in external)
+    assert (tmp_path / "m.onnx.data").stat().st_size >= sum(p.numel() * 4 for p in gm.parameters()) // 2
+    assert rep["max_abs_diff"] < 1e-4
+    ids = batch(n=2, seed=5)["input_ids"][:, -6:]
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    want = gm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[:, 6:]
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "m.onnx"), "--generate", "6", "--input", f"input_ids={tmp_path / 'ids.npy'}",
+                 "--adapter", str(tmp_path / "a.onnx_adapter"), "--providers", "cpu"]) == 0
+    out = capsys.readouterr().out.split(str(tmp_path / "a.onnx_adapter"))[1].splitlines()[1:3]
+    assert [[int(t) for t in line.split()] for line in out] == want.tolist()
+
+
+def test_tied_lm_head_refused_with_reason_but_exports():
+    model = make_decoder("gpt2")
+    with pytest.raises(lrc.SpecError, match="(?i)tied"):
+        lrc.transform(model, "lm_head:lora(r=2)")

@@ -59,6 +59,12 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
         if i not in used:
             near = ", ".join(nearby_names(rule.pattern, names)) or "(the model has no linear sites)"
             problems.append(f"rule {i + 1} '{rule}' matched no site; nearby site names: {near}")
+    adapted = {d.rule for d in decisions if d.reason is None}
+    for i in sorted(used - adapted):
+        refused = [d for d in decisions if d.rule == i and d.site.refused]
+        if refused and spec.rules[i].adapts and not spec.rules[i].exclude:
+            problems.append(f"rule {i + 1} '{spec.rules[i]}' matches only sites that cannot be adapted: "
+                            f"{refused[0].site.name}: {refused[0].site.refused}")
     for d in decisions:
         if d.reason is None:
             rule = spec.rules[d.rule]
