@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="2x16", help="BATCHxSEQ of the random inputs (default: 2x16)")
     p.add_argument("--vocab", type=int, default=None, help="random ids are drawn below this (default: the model's vocab)")
     p.add_argument("--providers", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="a causal LM exported by `lrc export`: greedy-generate N tokens with the KV cache")
+    p.add_argument("--eos", type=int, default=None, help="with --generate: stop a row at this token id")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded all-MiniLM-L6-v2")

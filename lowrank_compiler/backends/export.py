@@ -39,7 +39,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
-    - ``onnx``: ``merge=True`` folds every adapter in (any method). Otherwise the base graph takes each
+    - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
+      decode graph with past key values (``lrc.backends.onnx_generate``), ready for generation. Otherwise the base graph takes each
       LoRA pair as an ONNX Runtime adapter input and the model's adapters go to
       ``<adapters_dir>/<adapter_name>.onnx_adapter`` (default: beside ``path``, named after it);
       ``extra_adapters`` (lrc adapter files or PEFT directories) are converted next to it.
@@ -63,8 +64,14 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
-        report = export_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
-                             validate=validate)
+        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
+            from .onnx_generate import export_decoder_onnx
+
+            report = export_decoder_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
+                                         validate=validate)
+        else:
+            report = export_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
+                                 validate=validate)
         for stem, tensors in extra:
             write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
             report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))
@@ -91,6 +98,14 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     else:
         _save_pt2(gm, path, merge)
     return {"path": str(path), "format": fmt}
+
+
+def is_causal_lm(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` was transformed from an HF model that generates with a KV cache (ONNX gets the decode graph)."""
+    face = getattr(gm, "lrc_face", None)
+    model = getattr(face, "model", None)
+    can = getattr(model, "can_generate", None)
+    return bool(callable(can) and can() and "cache" in face.signature.parameters)
 
 
 def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str, Any]:

@@ -83,6 +83,8 @@ def run_cli(a: argparse.Namespace) -> int:
                 from None
     sess = session(a.model, providers=a.providers)
     check_feeds(sess, given)
+    if getattr(a, "generate", None):
+        return _generate_cli(a, sess, (b, s), given)
     feeds = sample_inputs(sess, a.model, (b, s), a.vocab, given)
     print(f"{a.model}: providers {sess.get_providers()}; inputs "
           + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
@@ -96,4 +98,21 @@ def run_cli(a: argparse.Namespace) -> int:
         outs = sess(feeds, adapter=ad)
         diff = max(float(np.abs(o.astype(np.float64) - r).max()) for o, r in zip(outs, base))
         print(f"  with adapter {ad}: max |adapter - base| = {diff:.6g}")
+    return 0
+
+
+def _generate_cli(a: argparse.Namespace, sess: Any, shape: tuple[int, int], given: dict[str, np.ndarray]) -> int:
+    """Greedy-generate ``a.generate`` tokens from the prompt (``--input input_ids=...`` or random ids), per adapter."""
+    from .onnx_generate import ort_generate
+
+    ids = given.get("input_ids")
+    if ids is None:
+        high = a.vocab or vocab_size(a.model, "input_ids") or 100
+        ids = np.random.default_rng(0).integers(0, high, shape).astype(np.int64)
+    mask = given.get("attention_mask")
+    for ad in [None, *(a.adapter or [])]:
+        out = ort_generate(sess, ids, mask, max_new_tokens=a.generate, eos_token_id=a.eos, adapter=ad)
+        print(f"{'base/merged' if ad is None else ad}: generated {out.shape[1] - ids.shape[1]} tokens")
+        for row in out[:, ids.shape[1]:]:
+            print("  " + " ".join(str(int(t)) for t in row))
     return 0

@@ -39,6 +39,13 @@ def match(gm: fx.GraphModule, spec: Spec) -> PassResult:
                            f"site {d.site.name}; adapt the site or train the module, not both",
                            spec.text or str(spec), spec.rules[i].column)
                  for path, i in full for d in decisions if d.adapts and d.site.name.startswith(path + ".")]
+    for i in sorted(used - {d.index for d in decisions if d.adapts}):
+        rule = spec.rules[i]
+        refused = [d for d in decisions if d.index == i and d.site.refused]
+        if refused and rule.adapts:
+            problems.append(SpecError(f"rule {i + 1} '{rule}' matches only sites that cannot be adapted: "
+                                      f"{refused[0].site.name}: {refused[0].site.refused}",
+                                      spec.text or str(spec), rule.column))
     if problems:
         first = problems[0]
         if len(problems) == 1:
