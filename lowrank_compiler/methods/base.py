@@ -242,6 +242,26 @@ class AdapterMethod(nn.Module):
         """Update rule after the optimizer step; return a new base weight (d_out × d_in) or None."""
         return None
 
+    @classmethod
+    def before_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
+        """Called once per optimizer step for each method class present, with all of its adapters in
+        graph order, after the per-site ``transform_grads`` and before the base step (a view across
+        sites, e.g. a regulariser normalized over all sites); default: nothing."""
+
+    @classmethod
+    def after_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
+        """Like :meth:`before_step_all`, after the per-site ``after_step`` (global rank budgets); default: nothing."""
+
+    @classmethod
+    def tie(cls, adapters: list[AdapterMethod]) -> None:
+        """Re-establish tensors shared across sites (by identity) from the adapters' buffers; called with
+        every adapter of this class in a graph after its tensors are loaded; default: nothing."""
+
+    def final_rank(self) -> int | None:
+        """The rank this adapter has now (after masking/pruning), or None when it has no rank notion."""
+        f = self.low_rank_factors()
+        return None if f is None else int(f.A.shape[0])
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 

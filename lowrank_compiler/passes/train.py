@@ -18,9 +18,11 @@ _CLASSES: dict[type, type] = {}
 class LrcOptimizerMixin:
     """Mixed into the user's optimizer class (``LrcAdamW`` is-a ``torch.optim.AdamW``).
 
-    ``step()`` runs, in order: every adapter's ``transform_grads`` (LoRA-Pro, LoRA-FA), the base
-    optimizer's own step over the method-specific param groups (LoRA+ ratios), then every adapter's
-    ``after_step`` (Delta-LoRA, LoRASC), writing any new base weight it returns. ``param_groups`` and
+    ``step()`` runs, in order: every adapter's ``transform_grads`` (LoRA-Pro, LoRA-FA), each method
+    class's ``before_step_all`` over all its adapters (AdaLoRA's regulariser gradient), the base
+    optimizer's own step over the method-specific param groups (LoRA+ ratios), every adapter's
+    ``after_step`` (Delta-LoRA, LoRASC), writing any new base weight it returns, then each class's
+    ``after_step_all`` (AdaLoRA's global rank budget, ALoRA's pruning rounds). ``param_groups`` and
     ``state`` are the base optimizer's, so LR schedulers, ``clip_grad_norm_``, GradScaler and
     ``state_dict()``/``load_state_dict()`` work unchanged; the lrc step counter is saved in the
     state dict under ``"lrc"``.
@@ -60,13 +62,18 @@ class LrcOptimizerMixin:
         self._lrc_step += 1
         ctx = StepContext(self._lrc_step, lambda p: self.state[p], self._group)  # type: ignore[attr-defined]
         gm = self._lrc_gm
+        by_class = by_method_class([ad for _, ad in self._lrc_sites])
         for mark, ad in self._lrc_sites:
             ad.transform_grads(logical_weight(gm, mark), ctx)
+        for cls, ads in by_class.items():
+            cls.before_step_all(ads, ctx)
         _base_step(self)
         for mark, ad in self._lrc_sites:
             new = ad.after_step(logical_weight(gm, mark), ctx)
             if new is not None:
                 self._write_base(mark, new)
+        for cls, ads in by_class.items():
+            cls.after_step_all(ads, ctx)
         return loss
 
     def _write_base(self, mark: AdapterMark, value: torch.Tensor) -> None:
@@ -91,6 +98,14 @@ class LrcOptimizerMixin:
         super().load_state_dict(sd)  # type: ignore[misc]
         self._lrc_step = int(lrc.get("step", 0))
         self._lrc_group_of = {}
+
+
+def by_method_class(adapters: list[AdapterMethod]) -> dict[type, list[AdapterMethod]]:
+    """``{method class: its adapters in the given order}``, classes in order of first appearance."""
+    out: dict[type, list[AdapterMethod]] = {}
+    for ad in adapters:
+        out.setdefault(type(ad), []).append(ad)
+    return out
 
 
 def _base_step(opt: Any) -> None:
