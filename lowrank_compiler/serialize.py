@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from .errors import LoadError, SpecError
 from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
+from .methods.base import by_method_class
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
 from .sites import find_sites
@@ -231,6 +232,8 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k].to(v.dtype))
+    for cls, mods in by_method_class(list(adapters_of(gm).values())).items():
+        cls.tie(mods)  # tensors shared across sites (LoRA-drop) become one object again
 
 
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:

@@ -290,6 +290,12 @@ class DataDependentInit:
     def needs_init(self) -> bool:
         return not bool(self.initialized)
 
+    @classmethod
+    def initialize_all(cls, adapters: list[Any]) -> None:
+        """Called by ``passes.initialize`` once per method class, after every site's ``initialize``,
+        with the adapters of this class it just initialized (graph order): decisions across sites
+        (LoRA-drop's kept set); default: nothing."""
+
 
 def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
     """``weight`` if every entry is finite, else :class:`MergeError` naming the site."""
@@ -297,6 +303,14 @@ def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
         raise MergeError(f"merging the adapter at {site!r} produced non-finite weights (NaN/inf in its "
                          "tensors or an overflow in the base dtype); the base weight was not changed")
     return weight
+
+
+def by_method_class(adapters: list[Any]) -> dict[type, list[Any]]:
+    """``{method class: its adapters in the given order}``, classes in order of first appearance."""
+    out: dict[type, list[Any]] = {}
+    for ad in adapters:
+        out.setdefault(type(ad), []).append(ad)
+    return out
 
 
 _REGISTRY: dict[str, type[AdapterMethod]] = {}

@@ -12,7 +12,7 @@ from torch import fx
 from ..errors import InitError
 from ..gradstats import GradStats
 from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
-from ..methods.base import DataDependentInit
+from ..methods.base import DataDependentInit, by_method_class
 from .manager import PassResult
 
 
@@ -171,6 +171,8 @@ def initialize(
             new = mod.initialize(s, logical_weight(gm, mark))
             if new is not None:
                 set_logical_weight(gm, mark, new)
+        for cls, mods in by_method_class([mod for _, mod in sites]).items():
+            cls.initialize_all(mods)
         _broadcast(gm, sites)
     return PassResult(gm, True)
 

@@ -10,7 +10,7 @@ from torch import fx
 
 from ..errors import LrcError
 from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
-from ..methods.base import AdapterMethod, StepContext
+from ..methods.base import AdapterMethod, StepContext, by_method_class
 
 _CLASSES: dict[type, type] = {}
 
@@ -98,14 +98,6 @@ class LrcOptimizerMixin:
         super().load_state_dict(sd)  # type: ignore[misc]
         self._lrc_step = int(lrc.get("step", 0))
         self._lrc_group_of = {}
-
-
-def by_method_class(adapters: list[AdapterMethod]) -> dict[type, list[AdapterMethod]]:
-    """``{method class: its adapters in the given order}``, classes in order of first appearance."""
-    out: dict[type, list[AdapterMethod]] = {}
-    for ad in adapters:
-        out.setdefault(type(ad), []).append(ad)
-    return out
 
 
 def _base_step(opt: Any) -> None:
