@@ -25,7 +25,16 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
             if s.name in existing:
                 mod = existing[s.name]
                 note = f"has {mod.name}({', '.join(f'{k}={v!r}' for k, v in mod.config.items())})"
+                rank = mod.final_rank()
+                note += "" if rank is None else f", rank now {rank}"
             rows.append((s.name, f"{s.d_out}x{s.d_in}", s.layout, "-", "-", note))
+        listed = {r[0] for r in rows}
+        for site, mod in existing.items():  # adapted sites (their linear is now an adapter call)
+            if site not in listed:
+                rank = mod.final_rank()
+                note = f"{sum(p.numel() for p in mod.parameters() if p.requires_grad):,}" + (
+                    "" if rank is None else f"; rank now {rank}")
+                rows.append((site, f"{mod.d_out}x{mod.d_in}", "adapter", "-", mod.name, note))
     else:
         parsed = parse_spec(spec)
         decisions = [decide(s, parsed) for s in find_sites(gm)]

@@ -201,3 +201,38 @@ def test_hf_trainer_runs_the_schedule_without_a_callback(tmp_path):
     assert len(ads) == 4 and all(int(a.steps) == 4 for a in ads)
     assert sum(a.final_rank() for a in ads) == 2 * 4  # the target budget, reached inside opt.step()
     copy.deepcopy(gm)
+
+
+def test_inspect_shows_the_rank_each_site_ended_with(tmp_path):
+    from lowrank_compiler.cli import main
+
+    gm, _ = trained(9)
+    lrc.save(gm, tmp_path / "m.lrc")
+    ranks = {s: a.final_rank() for s, a in lrc.adapters(gm).items()}
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["inspect", str(tmp_path / "m.lrc")])
+    for site, r in ranks.items():
+        line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith(site + " "))
+        assert f"rank now {r}" in line
+
+
+def test_peft_and_onnx_exports_shrink_to_the_remaining_ranks(tmp_path):
+    from safetensors.torch import load_file
+
+    gm, _ = trained(9)
+    gm.eval()
+    ranks = {s: a.final_rank() for s, a in lrc.adapters(gm).items()}
+    lrc.export(gm, tmp_path / "peft", format="peft")
+    shapes = {k: v.shape for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()}
+    for site, r in ranks.items():
+        assert shapes[f"base_model.model.{site}.lora_A.weight"][0] == r
+    ref = peft.PeftModel.from_pretrained(make_mlp(), str(tmp_path / "peft")).eval()
+    x = inputs()
+    torch.testing.assert_close(ref(x), gm(x), rtol=0, atol=1e-5)
+    pytest.importorskip("onnxruntime")
+    report = lrc.export(gm, tmp_path / "m.onnx", format="onnx")
+    assert report["max_abs_diff"] < 1e-5

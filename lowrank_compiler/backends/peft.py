@@ -51,8 +51,12 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     rslora = all(c.get("rslora", False) for *_, c, _ in sites)
 
     def alpha_of(r: int, s: float, c: dict[str, Any]) -> float:
-        return float(c["alpha"]) if "alpha" in c and (bool(c.get("rslora", False)) == rslora) else (
-            s * (r ** 0.5 if rslora else r))
+        # the spec's alpha when it gives this scale at this rank, else derived from the scale (AdaLoRA/ALoRA
+        # factors have fewer ranks than their spec's r: s = alpha / r_spec ≠ alpha / r_exported)
+        derived = s * (r ** 0.5 if rslora else r)
+        given = c.get("alpha")
+        same = given is not None and bool(c.get("rslora", False)) == rslora
+        return float(given) if same and abs(float(given) - derived) <= 1e-6 * abs(derived) else derived
 
     ranks = Counter(a.shape[0] for _, a, *_ in sites)
     r0 = ranks.most_common(1)[0][0]
