@@ -181,9 +181,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 seeds, the middle lr only")
     ap.add_argument("--only", default="", help="comma-separated method names (lora is always run)")
+    ap.add_argument("--replot", default="", help="redraw --png from a saved .json instead of training")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(__file__), "..", "docs", "quality.png"),
                     help="the loss-curve plot; the numbers go beside it as .json")
     a = ap.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            saved = json.load(f)
+        plot(saved["results"], a.png, saved["steps"])
+        return saved["results"]
     steps, seeds = (20, 2) if a.quick else (a.steps, a.seeds)
     table = methods(steps)
     if a.only:
@@ -241,8 +247,8 @@ def plot(results: dict[str, dict[str, Any]], path: str, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, res in results.items():
-        ax.plot(range(1, steps + 1), mean_curve(res["runs"]), label=f"{name} (lr {res['lr']:g})",
+    for i, (name, res) in enumerate(results.items()):
+        ax.plot(range(1, steps + 1), mean_curve(res["runs"]), label=f"{name} (lr {res['lr']:g})", color=plt.cm.tab20(i),
                 lw=2.5 if name == "lora" else 1.2, ls="-" if name in ("lora", "loraga", "adalora", "alora",
                                                                       "lora_drop") else "--")
     ax.set_xlabel("optimizer step")
