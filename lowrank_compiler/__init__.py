@@ -13,6 +13,17 @@ from .backends.torch_compile import compile
 from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
 from .methods import AdapterMethod, register_method
 from .passes.train import optimizer, trainer_optimizers
+from .named import (
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    load_named_adapters,
+    save_named_adapters,
+    set_adapter,
+)
 from .serialize import load, load_adapters, save, save_adapters
 from .spec import Spec, parse_spec
 
@@ -27,4 +38,7 @@ __all__ = [
     "Spec", "parse_spec", "AdapterMethod", "register_method", "backends",
     # errors
     "LrcError", "SpecError", "TraceError", "LoadError", "ExportError", "InitError", "MergeError",
+    # named adapters (PEFT semantics)
+    "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapter", "adapter_names",
+    "load_adapter", "save_named_adapters", "load_named_adapters",
 ]
