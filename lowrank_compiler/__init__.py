@@ -12,7 +12,6 @@ from .backends.peft import load_peft
 from .backends.torch_compile import compile
 from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
 from .methods import AdapterMethod, register_method
-from .passes.train import optimizer, trainer_optimizers
 from .named import (
     active_adapter,
     adapter_names,
@@ -24,6 +23,7 @@ from .named import (
     save_named_adapters,
     set_adapter,
 )
+from .passes.train import optimizer, trainer_optimizers
 from .serialize import load, load_adapters, save, save_adapters
 from .spec import Spec, parse_spec
 

@@ -88,6 +88,18 @@ class LowRank(NamedTuple):
     scale: float
 
 
+class MixedFactors(NamedTuple):
+    """An additive adapter in the form a mixed-adapter batch stacks (``passes/mixed.py``), differentiable:
+    ``y = g ⊙ (W x' + B A x') + b`` with ``x' = dropout_p(x)`` (DoRA's exact dropout form when ``g`` is
+    set: ``W x + (g − 1) ⊙ W x' + g ⊙ B A x'``). ``A`` r × d_in, ``B`` d_out × r with the scale folded in,
+    ``gain`` (d_out) or None for 1."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    gain: torch.Tensor | None
+    dropout: float
+
+
 class AdapterMethod(nn.Module):
     """An adapter that replaces one linear ``y = x Wᵀ + b``.
 
@@ -198,6 +210,15 @@ class AdapterMethod(nn.Module):
     def low_rank_factors(self) -> LowRank | None:
         """``(A, B, s)`` such that this adapter adds ``s·B A x`` to the current base linear, or None."""
         return None
+
+    def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
+        """This adapter as :class:`MixedFactors` (gradients flow to its parameters), or None when it is not
+        additive-low-rank-with-gain (then it cannot share a mixed-adapter batch)."""
+        return None
+
+    #: True for methods that hold several adapters themselves and pick one per row (FLoRA): they
+    #: implement ``forward_rows(x, weight, bias, adapter_ids)`` and ``n_slots``.
+    batched: ClassVar[bool] = False
 
     def base_offset(self) -> LowRank | None:
         """The low-rank offset this method applied to the base (W_now = W_original − s·B0 A0), or None."""
