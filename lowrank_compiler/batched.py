@@ -49,6 +49,12 @@ def mixed_batch(gm: fx.GraphModule, adapters: Sequence[str] | None = None, *, ca
     r = rank if rank is not None else max((_rank(m, logical_weight(gm, node.meta[META_KEY]))
                                            for node in adapter_nodes(gm) for m in members[node.meta[META_KEY].site]),
                                           default=1)
+    native = {s: mods[0].n_slots for s, mods in members.items() if mods[0].batched}
+    if native and (len(native) != len(members) or len(set(native.values())) != 1):
+        raise LrcError("a model with per-row adapters (FLoRA) needs them at every adapted site with the same "
+                       f"n_adapters; got {native} of {len(members)} sites")
+    if native:
+        names = [str(k) for k in range(next(iter(native.values())))]
     if trainable:
         for mods in members.values():
             for m in mods:

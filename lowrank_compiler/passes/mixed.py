@@ -126,6 +126,8 @@ class MixedAdapter(nn.Module):
         if adapter_ids is None:
             raise LrcError(f"this graph serves mixed-adapter batches: pass {IDS}= (one int per row, −1 = base)")
         compiling = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if not compiling and not adapter_ids.is_cuda:
+            self._check_ids(adapter_ids)
         if self.native:
             return self.members[0].forward_rows(x, weight, bias, adapter_ids)
         if torch.is_grad_enabled():
@@ -136,12 +138,13 @@ class MixedAdapter(nn.Module):
             if not compiling and self._key != self._version_key(weight):
                 self.refresh(weight)
             a, b, gain, p = self.A, self.B, (self.gain if self.has_gain else None), None
-        if not compiling and not adapter_ids.is_cuda:
-            n = len(self.members)
-            if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
-                raise LrcError(f"{IDS} must be in [-1, {n}) (−1 = base model, k = adapter slot k of {n}); got "
-                               f"values in [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
         return rows(x, weight, bias, adapter_ids, a, b, gain, p)
+
+    def _check_ids(self, adapter_ids: torch.Tensor) -> None:
+        n = self.members[0].n_slots if self.native else len(self.members)
+        if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
+            raise LrcError(f"{IDS} must be in [-1, {n}) (−1 = base model, k = adapter slot k of {n}); got "
+                           f"values in [{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
 
 
 def rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
