@@ -10,6 +10,7 @@ from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.o
 from .backends.export import export
 from .backends.peft import load_peft
 from .backends.torch_compile import compile
+from .batched import adapter_ids, mixed_add, mixed_batch
 from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
 from .methods import AdapterMethod, register_method
 from .named import (
@@ -41,4 +42,6 @@ __all__ = [
     # named adapters (PEFT semantics)
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapter", "adapter_names",
     "load_adapter", "save_named_adapters", "load_named_adapters",
+    # mixed-adapter batches (adapter_ids per row)
+    "mixed_batch", "mixed_add", "adapter_ids",
 ]

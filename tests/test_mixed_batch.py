@@ -211,3 +211,48 @@ def test_errors_name_the_problem():
     dl = lrc.transform(make_mlp(), "fc*:delta_lora(r=4)", example_inputs=(inputs(),))
     with pytest.raises(lrc.LrcError, match="changes the base weight"):
         mixed_batch(dl)
+
+
+def test_one_ort_run_serves_a_mixed_batch_and_new_adapters_need_no_reexport(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lowrank_compiler.backends.onnx import session
+    from lowrank_compiler.backends.onnx_adapters import write_onnx_adapter
+    from lowrank_compiler.backends.onnx_mixed import export_mixed_onnx, mixed_feeds
+
+    specs = ["attention.self.*:lora(r=4)", "attention.self.*:dora(r=2, dropout=0.0)", "attention.self.*:vera(r=4)"]
+    ids_in = example_ids(batch=2, seq=6)
+    gm, names = named_model(specs, make_hf("bert"), (ids_in, torch.ones_like(ids_in)))
+    mgm = mixed_batch(gm, capacity=5, rank=8)
+    rep = export_mixed_onnx(mgm, tmp_path / "mixed.onnx")
+    assert rep["max_abs_diff"] < 1e-5 and "adapter_ids" in rep["inputs"]
+    sess = session(tmp_path / "mixed.onnx", providers="cpu")
+    x = example_ids(batch=5, seq=7, seed=3)  # other batch and sequence sizes than the export's
+    mask = torch.ones_like(x)
+    sel = torch.tensor([2, -1, 0, 1, 2])
+
+    def ref(names_now, sel):
+        with torch.no_grad():
+            return alone(gm, names_now, sel, lambda g, i: hidden(g(x[i:i + 1], mask[i:i + 1]))).numpy()
+
+    got = sess({"input_ids": x, "attention_mask": mask, "adapter_ids": sel})[0]
+    assert abs(got - ref(names, sel)).max() < 1e-5
+    # a new adapter (other rank, other method) goes into a free slot: new values for the same inputs
+    lrc.add_adapter(gm, "late", "attention.self.*:lora(r=8, alpha=2)")
+    lrc.set_adapter(gm, "late")
+    randomize(gm, seed=11)
+    lrc.set_adapter(gm, "default")
+    mixed_add(mgm, gm, "late")
+    sel2 = torch.tensor([3, 0, -1, 3, 1])
+    feeds = {"input_ids": x, "attention_mask": mask, "adapter_ids": sel2}
+    got = sess({**feeds, **mixed_feeds(mgm)})[0]
+    want = ref(names + ["late"], sel2)
+    assert abs(got - want).max() < 1e-5
+    import onnxruntime as ort
+
+    write_onnx_adapter(mixed_feeds(mgm), tmp_path / "stack.onnx_adapter")  # or as an ORT adapter file
+    la = ort.LoraAdapter()
+    la.Load(str(tmp_path / "stack.onnx_adapter"))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(la)
+    got = sess.session.run(None, {k: v.numpy() for k, v in feeds.items()}, ro)[0]
+    assert abs(got - want).max() < 1e-5

@@ -77,9 +77,9 @@ class FLoRA(AdapterMethod):
             return F.linear(x, weight, bias)
         n = adapter_ids.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1]).to(self.flora_in.dtype)
-        idx = torch.where(adapter_ids < 0, self.n_slots, adapter_ids)
-        inner = torch.cat([self.flora_in, torch.ones_like(self.flora_in[:1])])[idx]  # [N, r, d_in]
-        outer = torch.cat([self.flora_out, torch.zeros_like(self.flora_out[:1])])[idx]  # base slot: 0
+        idx = adapter_ids.clamp(min=0)  # −1 rows: any adapter's inner vectors, outer vectors zeroed
+        inner = self.flora_in[idx]  # [N, r, d_in]
+        outer = self.flora_out[idx] * (adapter_ids >= 0).to(self.flora_out.dtype).view(n, 1, 1)
         xs = torch.cat([x3.unsqueeze(2), x3.unsqueeze(2) * inner.unsqueeze(1)], dim=2)  # [N, T, r+1, d_in]
         h = F.linear(xs, weight.to(xs.dtype))  # the one matmul with W: [N, T, r+1, d_out]
         y = h[:, :, 0] + (h[:, :, 1:] * outer.unsqueeze(1)).sum(2)

@@ -63,6 +63,7 @@ class MixedAdapter(nn.Module):
         self.register_buffer("gain", torch.ones(n, self.d_out, dtype=dtype, device=dev), persistent=False)
         self.has_gain = False
         self._key: tuple | None = None
+        self.hold = False  # True: use the buffers as they are (an exporter swapped in placeholders)
 
     # -- stacks ------------------------------------------------------------------------------------
     def _factors(self, weight: torch.Tensor) -> list[MixedFactors]:
@@ -135,7 +136,7 @@ class MixedAdapter(nn.Module):
             a, b, gain = self._stack(fs, len(fs))
             p = [f.dropout for f in fs] if self.training else None
         else:
-            if not compiling and self._key != self._version_key(weight):
+            if not compiling and not self.hold and self._key != self._version_key(weight):
                 self.refresh(weight)
             a, b, gain, p = self.A, self.B, (self.gain if self.has_gain else None), None
         return rows(x, weight, bias, adapter_ids, a, b, gain, p)
