@@ -3,7 +3,7 @@ stacked, overridable weights, so one ONNX Runtime ``Run()`` serves rows with dif
 
 The stacks have the mixed graph's fixed capacity and rank (zero-padded), so adding an adapter or changing
 one is new values for the same inputs (``mixed_feeds`` / an ``.onnx_adapter`` file of them), never a
-re-export. Names: ``<site>.mixed.A`` [K+1, r, d_in], ``<site>.mixed.B`` [K+1, d_out, r] and, with DoRA
+re-export. Names: ``<site>.mixed.A`` [K+1, d_in, r], ``<site>.mixed.B`` [K+1, r, d_out] and, with DoRA
 members, ``<site>.mixed.gain`` [K+1, d_out]; the last slot is the base model (``adapter_ids`` −1).
 FLoRA sites expose their per-row adapters instead: ``<site>.mixed.flora_in`` / ``.flora_out``.
 """

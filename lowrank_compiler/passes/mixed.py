@@ -33,9 +33,9 @@ class MixedMark:
 class MixedAdapter(nn.Module):
     """One site's K adapters applied per row: row i uses slot ``adapter_ids[i]`` (−1: the base linear).
 
-    Additive members (``mixed_factors``) are stacked into ``A`` [K+1, r, d_in], ``B`` [K+1, d_out, r] and
+    Additive members (``mixed_factors``) are stacked into ``A`` [K+1, d_in, r], ``B`` [K+1, r, d_out] and
     ``gain`` [K+1, d_out] (ranks zero-padded to ``rank``, slot K+1 = base: zeros, gain 1), then one gather
-    and two batched matmuls give every row its own update: ``y = g ⊙ (W x + B_i A_i x) + b``. With grad
+    and two batched matmuls give every row its own update: ``y = g ⊙ (W x + (x A_i) B_i) + b``. With grad
     enabled the stacks are built from the members' parameters on each call (training: each adapter gets
     exactly the gradient of its own rows); without grad they are read from buffers of fixed ``capacity``
     (refreshed in eager mode when a member changed), so adding an adapter or changing one never changes a
@@ -58,8 +58,9 @@ class MixedAdapter(nn.Module):
             self.register_buffer("offset_B", offset[1].to(dtype), persistent=False)
         self.has_offset = offset is not None
         n = 0 if self.native else capacity + 1
-        self.register_buffer("A", torch.zeros(n, rank + r_off, self.d_in, dtype=dtype, device=dev), persistent=False)
-        self.register_buffer("B", torch.zeros(n, self.d_out, rank + r_off, dtype=dtype, device=dev), persistent=False)
+        # MatMul layout (as ONNX LoRA inputs): A [n, d_in, r], B [n, r, d_out], so Δy = (x @ A_i) @ B_i
+        self.register_buffer("A", torch.zeros(n, self.d_in, rank + r_off, dtype=dtype, device=dev), persistent=False)
+        self.register_buffer("B", torch.zeros(n, rank + r_off, self.d_out, dtype=dtype, device=dev), persistent=False)
         self.register_buffer("gain", torch.ones(n, self.d_out, dtype=dtype, device=dev), persistent=False)
         self.has_gain = False
         self._key: tuple | None = None
@@ -79,13 +80,13 @@ class MixedAdapter(nn.Module):
 
     def _stack(self, fs: list[MixedFactors], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(A, B, gain)`` stacks with ``slots`` adapter slots + the base slot (padded with zeros / ones)."""
-        def pad_a(a: torch.Tensor) -> torch.Tensor:
+        def pad_a(a: torch.Tensor) -> torch.Tensor:  # r × d_in → d_in × rank(+offset)
             a = F.pad(a, (0, 0, 0, self.rank - a.shape[0]))
-            return torch.cat([a, self.offset_A], 0) if self.has_offset else a
+            return (torch.cat([a, self.offset_A], 0) if self.has_offset else a).t()
 
-        def pad_b(b: torch.Tensor) -> torch.Tensor:
+        def pad_b(b: torch.Tensor) -> torch.Tensor:  # d_out × r → rank(+offset) × d_out
             b = F.pad(b, (0, self.rank - b.shape[1]))
-            return torch.cat([b, self.offset_B], 1) if self.has_offset else b
+            return (torch.cat([b, self.offset_B], 1) if self.has_offset else b).t()
 
         za, zb = torch.zeros_like(self.A[0]), torch.zeros_like(self.B[0])
         extra = slots - len(fs)
@@ -98,8 +99,13 @@ class MixedAdapter(nn.Module):
         return a, b, gain
 
     def _version_key(self, weight: torch.Tensor) -> tuple:
-        ts = [weight] + [t for m in self.members for t in (*m.parameters(), *m.buffers())]
-        return (len(self.members), tuple(m.bypass for m in self.members), *((id(t), t._version) for t in ts))
+        """Changes whenever a member, its tensors' values or the base weight change (cheap: no kernels)."""
+        ids = tuple(id(m) for m in self.members)
+        if getattr(self, "_watch", (None,))[0] != ids:
+            self._watch = (ids, [t for m in self.members for t in (*m.parameters(), *m.buffers())])
+        ts = self._watch[1]
+        return (ids, id(weight), weight._version, *(m.bypass for m in self.members),
+                *(id(t) for t in ts), *(t._version for t in ts))
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> None:
@@ -150,24 +156,27 @@ class MixedAdapter(nn.Module):
 
 def rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
          a: torch.Tensor, b: torch.Tensor, gain: torch.Tensor | None, dropout: list[float] | None) -> torch.Tensor:
-    """``y_i = g_i ⊙ (W x_i + B_i A_i x_i) + b`` for every row i, slot ``ids[i]`` (−1: the last, base, slot)."""
+    """``y_i = g_i ⊙ (W x_i + (x_i A_k) B_k) + b`` for every row i, k = ``ids[i]`` (−1: the last, base, slot)."""
     n = ids.shape[0]
     d_in = x.shape[-1]
     x3 = x.reshape(n, -1, d_in).to(a.dtype)
     idx = torch.where(ids < 0, a.shape[0] - 1, ids)
-    ai, bi = a[idx], b[idx]  # gather: [N, r, d_in], [N, d_out, r]
-    base = F.linear(x3, weight.to(a.dtype))
+    ai, bi = a.index_select(0, idx), b.index_select(0, idx)  # gather: [N, d_in, r], [N, r, d_out]
     xd = x3
     if dropout is not None and any(p > 0 for p in dropout):
         keep = 1.0 - torch.tensor(dropout + [0.0] * (a.shape[0] - len(dropout)), dtype=x3.dtype,
                                   device=x3.device)[idx].view(n, 1, 1)
         xd = x3 * (torch.rand_like(x3) < keep) / keep
-    delta = torch.bmm(torch.bmm(xd, ai.transpose(1, 2)), bi.transpose(1, 2))
-    if gain is None:
-        y = base + delta
+    h = torch.bmm(xd, ai)
+    w = weight.to(a.dtype)
+    if gain is None:  # one batched GEMM adds B_i h into W x + b
+        out = F.linear(x3, w, None if bias is None else bias.to(w.dtype))
+        return torch.baddbmm(out, h, bi).reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+    g = gain[idx].unsqueeze(1)
+    if xd is x3:
+        y = g * torch.baddbmm(F.linear(x3, w), h, bi)
     else:
-        g = gain[idx].unsqueeze(1)
-        y = g * (base + delta) if xd is x3 else base + (g - 1) * F.linear(xd, weight.to(a.dtype)) + g * delta
+        y = F.linear(x3, w) + (g - 1) * F.linear(xd, w) + g * torch.bmm(h, bi)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
