@@ -35,6 +35,13 @@ from bench_lora import LRC_SPEC, TARGETS, hidden, load_minilm, make_inputs, time
 import lowrank_compiler as lrc  # noqa: E402
 
 BATCH = 32
+
+
+def inputs(vocab: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bench_lora's right-padded batch, every row keeping at least one token (seq 1 would give empty rows)."""
+    ids, mask = make_inputs(vocab, BATCH, seq)
+    mask[:, 0] = 1
+    return ids, mask
 LABELS = {"lrc_mixed": "lrc mixed (1 call)", "peft": "peft adapter_names", "lrc_k": "lrc K runs",
           "ort_mixed": "ort mixed (1 Run)", "ort_k": "ort K runs"}
 
@@ -85,7 +92,7 @@ def run_k(rounds: int, seqs: list[int], k: int, base, threads: int, tmp: Path
     """Per-iteration CPU seconds of every variant for K adapters, at each sequence length."""
     from lowrank_compiler.batched import adapter_ids, mixed_batch
 
-    ids, mask = make_inputs(base.config.vocab_size, BATCH, max(seqs))
+    ids, mask = inputs(base.config.vocab_size, max(seqs))
     gm, pm, names = build(base, k, ids, mask)
     rows = [names[i % k] for i in range(BATCH)]
     mgm = mixed_batch(gm, names).eval()
@@ -94,7 +101,7 @@ def run_k(rounds: int, seqs: list[int], k: int, base, threads: int, tmp: Path
     s_mixed, s_sep, feeds = ort_models(gm, mgm, names, ids, mask, tmp, threads)
     out, parities = {}, []
     for seq in seqs:
-        ids, mask = make_inputs(base.config.vocab_size, BATCH, seq)
+        ids, mask = inputs(base.config.vocab_size, seq)
         np_in = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
         def lrc_k(ids=ids, mask=mask):

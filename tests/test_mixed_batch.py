@@ -171,13 +171,13 @@ def test_hf_models_each_row(model_kind):
 def test_compiled_matches_and_never_recompiles():
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    gm, names = named_model(SPECS["mixed"][:2])
+    gm, names = named_model(SPECS["mixed"])  # LoRA, DoRA and VeRA slots
     mgm = mixed_batch(gm, capacity=4, rank=8)
     cnt = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     cmp = lrc.compile(mgm, backend=cnt)
     x = inputs(n=5, seed=3)
-    ids = torch.tensor([1, 0, -1, 1, 0])
+    ids = torch.tensor([1, 0, -1, 2, 0])
     with torch.no_grad():
         torch.testing.assert_close(cmp(x, ids), alone(gm, names, ids, lambda g, i: g(x[i:i + 1])), rtol=0, atol=1e-5)
         # swap: new values in an adapter; other ids; a new adapter added into a free slot
@@ -188,9 +188,9 @@ def test_compiled_matches_and_never_recompiles():
         lrc.set_adapter(gm, "new")
         randomize(gm, seed=10)
         lrc.set_adapter(gm, "default")
-        assert mixed_add(mgm, gm, "new") == 2
+        assert mixed_add(mgm, gm, "new") == 3
         refresh(mgm)
-        ids2 = torch.tensor([2, 2, 1, -1, 0])
+        ids2 = torch.tensor([3, 2, 1, -1, 3])
         names2 = names + ["new"]
         torch.testing.assert_close(cmp(x, ids2), alone(gm, names2, ids2, lambda g, i: g(x[i:i + 1])),
                                    rtol=0, atol=1e-5)
@@ -256,3 +256,22 @@ def test_one_ort_run_serves_a_mixed_batch_and_new_adapters_need_no_reexport(tmp_
     ro.add_active_adapter(la)
     got = sess.session.run(None, {k: v.numpy() for k, v in feeds.items()}, ro)[0]
     assert abs(got - want).max() < 1e-5
+
+
+def test_loraga_base_offset_is_shared_and_minus_one_is_the_original_model():
+    data = [(inputs(seed=20 + i),) for i in range(2)]
+    gm = lrc.transform(make_mlp(), "fc*:loraga(r=4, alpha=8)", example_inputs=(inputs(),), data=data,
+                       loss_fn=lambda out, batch: out.pow(2).mean(), progress=False)
+    lrc.add_adapter(gm, "b", "fc*:lora(r=2, alpha=4)")
+    lrc.set_adapter(gm, "b")
+    randomize(gm, seed=3)
+    lrc.set_adapter(gm, "default")
+    mgm = mixed_batch(gm)
+    verify(mgm)
+    x, ids = inputs(n=5, seed=9), torch.tensor([0, 1, -1, 1, 0])
+    with torch.no_grad():
+        ref = alone(gm, ["default", "b"], ids, lambda g, i: g(x[i:i + 1]))
+        ref[2] = make_mlp()(x[2])  # −1: the original base, not LoRA-GA's moved one
+        torch.testing.assert_close(mgm(x, ids), ref, rtol=0, atol=1e-5)
+        w = gm.get_parameter("fc1.weight")
+        assert (w - make_mlp().fc1.weight).abs().max() > 1e-4  # the source graph keeps its moved base
