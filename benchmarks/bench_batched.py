@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for bench_batched.json / .png (default: print only)")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from <out>/bench_batched.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        saved = json.loads((Path(args.out) / "bench_batched.json").read_text())["median_cpu_s"]
+        plot({int(s): {int(k): v for k, v in by_k.items()} for s, by_k in saved.items()},
+             Path(args.out) / "batched_throughput.png")
+        return
     torch.set_num_threads(args.threads)
     base, _ = load_minilm()
     results: dict[int, dict[int, dict[str, float]]] = {s: {} for s in args.seqs}
@@ -188,7 +194,8 @@ def plot(results: dict[int, dict[int, dict[str, float]]], path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ks))], [f"K = {k}" for k in ks])
         ax.set_ylabel("throughput vs PEFT adapter_names (higher is better)")
         ax.set_title(f"batch {BATCH} x seq {seq}, MiniLM-L6, 1 CPU thread")
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.3 * max(by_k[k]["peft"] / by_k[k][v] for k in ks for v in LABELS))
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -28,8 +28,8 @@ def mixed_batch(gm: fx.GraphModule, adapters: Sequence[str] | None = None, *, ca
     ``adapters``: the named sets, in slot order (default: all, the active one first). ``capacity``
     (default: their number) and ``rank`` (default: their largest rank) size the stacked buffers the
     no-grad path reads, so adding adapters up to ``capacity`` (``mixed_add``) changes no shape: no
-    ``torch.compile`` recompile, no ONNX re-export. ``trainable``: every slot's adapter trains (their
-    inactive named sets in ``gm`` become trainable too).
+    ``torch.compile`` recompile, no ONNX re-export. ``trainable``: every slot's adapter trains, and
+    stays trainable when ``set_adapter(gm, ...)`` makes it inactive in ``gm``.
 
     Raises:
         LrcError: unknown adapter names, capacity below their number, a method that cannot be stacked.
@@ -59,6 +59,7 @@ def mixed_batch(gm: fx.GraphModule, adapters: Sequence[str] | None = None, *, ca
         for mods in members.values():
             for m in mods:
                 _thaw(m)
+                m._lrc_mixed_trainable = True  # set_adapter(gm, ...) no longer freezes it
     out = mixed(gm, members, cap, r).gm
     meta = lrc_meta(out)
     meta[SLOTS] = names
@@ -104,6 +105,7 @@ def mixed_add(mgm: fx.GraphModule, gm: fx.GraphModule, name: str, *, trainable: 
         m = mods[mark.site]
         if trainable:
             _thaw(m)
+            m._lrc_mixed_trainable = True
         mod.members.append(m)
         mod.refresh(logical_weight(mgm, mark))
     lrc_meta(mgm)[SLOTS] = slots(mgm) + [name]

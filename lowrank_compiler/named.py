@@ -73,7 +73,11 @@ def _check_name(gm: fx.GraphModule, name: str) -> None:
 
 
 def _freeze(mod: AdapterMethod) -> None:
-    """Remember which of ``mod``'s parameters train, then freeze them all (inactive adapter)."""
+    """Remember which of ``mod``'s parameters train, then freeze them all (inactive adapter).
+
+    Adapters a trainable mixed-batch graph holds (``lrc.mixed_batch``) keep training there: not frozen."""
+    if getattr(mod, "_lrc_mixed_trainable", False):
+        return
     if not hasattr(mod, "_lrc_trainable"):
         mod._lrc_trainable = {n: p.requires_grad for n, p in mod.named_parameters()}
     for p in mod.parameters():

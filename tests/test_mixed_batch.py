@@ -133,7 +133,10 @@ def _params(gm, name):
 def test_mixed_training_steps_train_every_adapter():
     gm, names = named_model(SPECS["mixed"])
     mgm = mixed_batch(gm)
+    lrc.set_adapter(gm, names[1])  # switching the source's active set does not freeze the mixed graph's
+    lrc.set_adapter(gm, names[0])
     before = {n: {k: p.detach().clone() for k, p in _params(gm, n)} for n in names}
+    assert all(p.requires_grad for n in names for _, p in _params(gm, n))
     opt = torch.optim.SGD([p for p in mgm.parameters() if p.requires_grad], lr=0.05)
     mgm.train()
     ids = torch.tensor([0, 1, 2, -1, 0, 1])
