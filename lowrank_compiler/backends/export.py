@@ -36,7 +36,8 @@ def infer_format(path: str | os.PathLike, format: str | None) -> str:
 @quiet
 def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = None, *, merge: bool = False,
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
-           extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True) -> dict[str, Any]:
+           extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True,
+           quantize: str | None = None, force: bool = False, min_cosine: float | None = None) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
     - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
@@ -52,6 +53,9 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
       ``AutoModel*.from_pretrained`` loads strictly; always merged. Never inferred from a suffix.
     Every file is written atomically: on error nothing is left behind.
 
+    ``quantize`` (ONNX only): ``"int8"`` or ``"int4"``, the base weights only; refused below
+    ``min_cosine`` (default 0.999) output cosine vs fp32 unless ``force`` (``backends/quantize.py``).
+
     Raises:
         ExportError: unknown format, a method the format cannot express, exporter failure.
     """
@@ -64,18 +68,24 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
-        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
+        kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
+        if quantize is not None:
+            from .quantize import DEFAULT_MIN_COSINE, export_quantized
+
+            report = export_quantized(gm, path, quantize, force=force, **kw,
+                                      min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
+        elif is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
             from .onnx_generate import export_decoder_onnx
 
-            report = export_decoder_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
-                                         validate=validate)
+            report = export_decoder_onnx(gm, path, **kw)
         else:
-            report = export_onnx(gm, path, merge=merge, adapters_dir=adir, adapter_name=name, opset=opset,
-                                 validate=validate)
+            report = export_onnx(gm, path, **kw)
         for stem, tensors in extra:
             write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
             report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))
         return report
+    if quantize is not None:
+        raise ExportError(f"quantize={quantize!r} needs ONNX output (format 'onnx' / a .onnx path), not {fmt!r}")
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
     if fmt == "hf":

@@ -1,0 +1,233 @@
+"""Training a transformed graph on several processes: DDP, FSDP2 (``fully_shard``), rank-0 checkpoints.
+
+Launch with ``torchrun --nproc-per-node N train.py`` (or ``torch.multiprocessing.spawn``); every rank
+builds the same model and calls ``lrc.transform`` on it (a data-dependent init such as LoRA-GA sees each
+rank's own batches and all-reduces its statistics, so every rank gets the same A0/B0), then wraps it:
+
+    gm = lrc.transform(model, spec, example_inputs=(ids,))
+    gm = lrc.distributed.fsdp(gm)            # or: model = lrc.distributed.ddp(gm); gm = model.module
+    opt = lrc.optimizer(gm, torch.optim.AdamW, lr=2e-4)
+    ... loss = loss_fn(gm(**batch)); loss.backward(); opt.step(); opt.zero_grad()
+    lrc.distributed.save_adapters(gm, "adapters.safetensors")   # every rank calls, rank 0 writes
+
+Why FSDP2 shards the whole graph as one unit: a traced GraphModule reads every base weight with a
+``get_attr`` node of its root ``forward``; the submodules that own the weights (``encoder.layer.3``) are
+never called, so a ``fully_shard`` on them would never unshard. ``fsdp(gm)`` therefore shards the root
+(parameters, gradients and optimizer state are sharded at rest; one all-gather per forward, one
+reduce-scatter of the adapter gradients per backward). Frozen base weights get no gradient and no
+reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+
+from .errors import LrcError
+from .ir import META_KEY, adapter_nodes
+from .methods.base import AdapterMethod
+
+__all__ = ["ddp", "fsdp", "is_sharded", "full_copy", "save", "save_adapters", "rank", "world_size", "barrier"]
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 when torch.distributed is not initialized)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when torch.distributed is not initialized)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when initialized, else nothing."""
+    if _initialized():
+        dist.barrier()
+
+
+def _need_pg(what: str) -> None:
+    if not _initialized():
+        raise LrcError(f"{what} needs torch.distributed: call torch.distributed.init_process_group(...) first "
+                       "(torchrun sets RANK/WORLD_SIZE/MASTER_ADDR; backend 'gloo' on CPU, 'nccl' on GPU)")
+
+
+def _check_gm(gm: Any, what: str) -> None:
+    if not isinstance(gm, fx.GraphModule):
+        raise LrcError(f"{what} needs the GraphModule from lrc.transform / lrc.load, got {type(gm).__name__}")
+
+
+def ddp(gm: fx.GraphModule, **kwargs: Any) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(gm, **kwargs)``: gradients of the adapter parameters are averaged.
+
+    Only parameters that require grad (the adapters) are bucketed, so the frozen base costs no
+    communication. Build the optimizer on ``result.module`` (the GraphModule; ``lrc.optimizer``), save
+    with ``save_adapters(result.module, ...)``. Every method works (the step rules run on each rank on
+    identical, all-reduced gradients, so ranks stay in sync).
+
+    Raises:
+        LrcError: torch.distributed is not initialized, or ``gm`` is not a GraphModule.
+    """
+    _need_pg("lrc.distributed.ddp")
+    _check_gm(gm, "lrc.distributed.ddp")
+    return nn.parallel.DistributedDataParallel(gm, **kwargs)
+
+
+def _overrides(ad: AdapterMethod, name: str) -> bool:
+    return getattr(type(ad), name) is not getattr(AdapterMethod, name)
+
+
+def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: Any = None,
+         offload_policy: Any = None) -> fx.GraphModule:
+    """Shard ``gm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) in place; returns it.
+
+    Parameters become ``DTensor`` shards (dim 0 over the ranks); ``forward`` all-gathers them, and
+    after backward the adapter gradients are reduce-scattered (averaged). Build the optimizer after
+    this call (``lrc.optimizer(gm, ...)``). Methods whose optimizer step reads the full base weight
+    (``transform_grads`` / ``after_step``: LoRA-FA, LoRA-Pro, Delta-LoRA, LoRASC) are refused: on a
+    shard those rules would compute with 1/N of the weight. Use :func:`ddp` for them.
+
+    Raises:
+        LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, or a method's
+            step rule needs the full base weight.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _check_gm(gm, "lrc.distributed.fsdp")
+    bad = []
+    for node in adapter_nodes(gm):
+        mark = node.meta[META_KEY]
+        ad = gm.get_submodule(mark.module_path)
+        if _overrides(ad, "transform_grads") or _overrides(ad, "after_step"):
+            bad.append(f"{mark.site} ({mark.method})")
+    if bad:
+        raise LrcError(f"FSDP2 cannot run the optimizer-step rules of {', '.join(bad[:4])}"
+                       f"{' ...' if len(bad) > 4 else ''}: they read the full base weight, which FSDP2 keeps "
+                       "sharded between steps; use lrc.distributed.ddp(gm) for these methods")
+    _need_pg("lrc.distributed.fsdp")
+    kw: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    if offload_policy is not None:
+        kw["offload_policy"] = offload_policy
+    fully_shard(gm, **kw)
+    return gm
+
+
+def is_sharded(gm: nn.Module) -> bool:
+    """True when ``gm`` holds FSDP2 (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in gm.parameters())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _set(root: nn.Module, path: str, value: torch.Tensor, param: bool) -> None:
+    owner_path, _, name = path.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if param:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=value.requires_grad)
+    else:
+        owner._buffers[name] = value
+
+
+def full_copy(gm: nn.Module) -> fx.GraphModule:
+    """A plain GraphModule with full (gathered) copies of every parameter and buffer of ``gm``.
+
+    Collective under FSDP2: every rank must call it (each gets the copy). Unwraps DDP. Without
+    sharding it is a deep copy. The copy is an ordinary lrc graph: ``lrc.save``, ``lrc.merge``,
+    ``lrc.export`` and ``lrc.save_adapters`` work on it, and it loads on any number of processes.
+    """
+    import copy
+
+    if isinstance(gm, nn.parallel.DistributedDataParallel):
+        gm = gm.module
+    _check_gm(gm, "lrc.distributed.full_copy")
+    if not is_sharded(gm):
+        return copy.deepcopy(gm)
+    plain = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="GraphModule")
+    plain.meta = copy.deepcopy(dict(getattr(gm, "meta", {})))
+    # called submodules (adapters ...) are shared with gm: give the copy its own, then full tensors
+    originals = {id(m) for m in gm.modules()}
+    for path, mod in list(plain.named_modules()):
+        if path and id(mod) in originals:
+            owner_path, _, name = path.rpartition(".")
+            owner = plain.get_submodule(owner_path) if owner_path else plain
+            setattr(owner, name, copy.copy(mod))
+            m = getattr(owner, name)
+            m._parameters, m._buffers, m._modules = dict(mod._parameters), dict(mod._buffers), dict(mod._modules)
+    for path, p in list(gm.named_parameters(remove_duplicate=False)):
+        if _has(plain, path):
+            _set(plain, path, _full(p.detach()).clone().requires_grad_(p.requires_grad), True)
+    for path, b in list(gm.named_buffers(remove_duplicate=False)):
+        if _has(plain, path):
+            _set(plain, path, _full(b).clone(), False)
+    plain.train(gm.training)
+    return plain
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    owner_path, _, name = path.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_path) if owner_path else root
+    except AttributeError:
+        return False
+    return name in owner._parameters or name in owner._buffers
+
+
+def save_adapters(gm: nn.Module, path: str | os.PathLike) -> None:
+    """``lrc.save_adapters`` of a DDP- or FSDP2-wrapped graph: every rank calls, rank 0 writes.
+
+    The file is the ordinary single-process format (full tensors): it loads with
+    ``lrc.load_adapters`` into any process count, including a plain single-process model.
+    """
+    from .serialize import save_adapters as _save
+
+    full = full_copy(gm) if is_sharded(_unwrap(gm)) else _unwrap(gm)
+    if rank() == 0:
+        _save(full, path)
+    barrier()
+
+
+def save(gm: nn.Module, path: str | os.PathLike) -> None:
+    """``lrc.save`` (base graph + weights + adapters) of a DDP- or FSDP2-wrapped graph; rank 0 writes."""
+    from .serialize import save as _save
+
+    full = full_copy(gm) if is_sharded(_unwrap(gm)) else _unwrap(gm)
+    if rank() == 0:
+        _save(full, path)
+    barrier()
+
+
+def _unwrap(gm: nn.Module) -> nn.Module:
+    return gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
+
+
+@contextmanager
+def process_group(backend: str = "gloo", world: int | None = None, rank_: int | None = None) -> Any:
+    """``init_process_group`` from torchrun's environment (or the given rank/world), destroyed on exit."""
+    if _initialized():
+        yield
+        return
+    kw: dict[str, Any] = {}
+    if world is not None:
+        kw.update(world_size=world, rank=rank_)
+    dist.init_process_group(backend, **kw)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

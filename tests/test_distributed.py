@@ -1,0 +1,105 @@
+"""DDP and FSDP2 training of transformed graphs: 2 gloo processes on CPU against one process.
+
+One spawned job (tests/dist_helpers.py) trains with DDP, FSDP2 and LoRA-GA + FSDP2 and saves
+checkpoints from rank 0; the reference is the same training in this process on the global batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank_compiler as lrc
+from lowrank_compiler import distributed as lrcd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import dist_helpers as dh  # noqa: E402
+
+MODES = ("ddp", "fsdp", "loraga")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, str(HERE / "dist_helpers.py"), str(out), str(_free_port())],
+                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    for mode in ("ddp", "loraga"):
+        dh.single(mode, str(out))
+    return out, ranks
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_curve_equals_one_process(runs, mode):
+    out, ranks = runs
+    ref = torch.load(out / f"single_{'loraga' if mode == 'loraga' else 'ddp'}.pt")
+    for r in ranks:
+        assert r[f"{mode}_losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+    assert ref["losses"][-1] < ref["losses"][0]  # it trained
+    if mode != "ddp":
+        assert all(r[f"{mode}_sharded"] for r in ranks)
+
+
+def test_loraga_statistics_allreduced_under_fsdp(runs):
+    """Each rank saw only its half of the init batches; the all-reduced init equals one process on all."""
+    _, ranks = runs
+    one = {n: p.detach() for n, p in dh.build(dh.GA_SPEC, 0, 1).named_parameters() if p.requires_grad}
+    half = {n: p.detach() for n, p in dh.build(dh.GA_SPEC, 0, 2).named_parameters() if p.requires_grad}
+    for r in ranks:  # ranks agree bitwise (rank 0 broadcasts), and equal one process up to SVD signs
+        assert r["loraga_init"].keys() == one.keys()
+        for k in one:
+            torch.testing.assert_close(r["loraga_init"][k], ranks[0]["loraga_init"][k], rtol=0, atol=0)
+            assert _up_to_sign(r["loraga_init"][k], one[k]) < 1e-5, k
+    # a rank alone (half the init batches) draws a different init: the all-reduce mattered
+    assert max(_up_to_sign(half[k], one[k]) for k in one) > 1e-2
+
+
+def _up_to_sign(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| after flipping each singular direction (rows of A r×d_in, columns of B d_out×r)."""
+    dim = 1 if a.shape[0] < a.shape[1] else 0
+    s = torch.sign((a * b).sum(dim, keepdim=True))
+    return float((a - s * b).abs().max())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rank0_checkpoints_load_in_one_process(runs, mode):
+    out, _ = runs
+    ref = torch.load(out / f"single_{'loraga' if mode == 'loraga' else 'ddp'}.pt")
+    ids, mask, _ = dh.data(99)
+    gm = lrc.load(out / f"{mode}.lrc").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids, attention_mask=mask).last_hidden_state, ref["y"], rtol=1e-4, atol=1e-5)
+    if mode != "loraga":  # adapters alone into a freshly transformed base
+        fresh = dh.build(dh.SPEC, 0, 1).eval()
+        lrc.load_adapters(fresh, out / f"{mode}.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(ids, attention_mask=mask).last_hidden_state, ref["y"],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_refuses_step_rules_on_shards():
+    gm = lrc.transform(dh.bert(), "attention.self.query:lora_pro(r=4); attention.self.value:lora(r=4)",
+                       example_inputs=(dh.data(0)[0],))
+    with pytest.raises(lrc.LrcError, match=r"lora_pro.*use lrc.distributed.ddp"):
+        lrcd.fsdp(gm)
+
+
+def test_wrappers_need_a_process_group():
+    gm = lrc.transform(dh.bert(), dh.SPEC, example_inputs=(dh.data(0)[0],))
+    with pytest.raises(lrc.LrcError, match="init_process_group"):
+        lrcd.ddp(gm)
+    with pytest.raises(lrc.LrcError, match="GraphModule"):
+        lrcd.fsdp(torch.nn.Linear(2, 2))
