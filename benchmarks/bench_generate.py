@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends.onnx import session  # noqa: E402
+from lowrank_compiler.backends.onnx import OrtSession  # noqa: E402
 from lowrank_compiler.backends.onnx_generate import export_decoder_onnx, ort_generate  # noqa: E402
 
 SPEC = "self_attn.*:lora(r=8, alpha=16); mlp.*:lora(r=8, alpha=16)"
@@ -42,7 +42,18 @@ def build() -> torch.nn.Module:
     return tf.LlamaForCausalLM(cfg).eval()
 
 
-def variants(tmp: Path, new: int) -> dict[str, Callable[[dict[str, torch.Tensor]], object]]:
+def _session(path: Path, threads: int) -> OrtSession:
+    """A CPU session on ``threads`` threads that does not spin between runs (spinning ORT threads would
+    steal the cores from the torch variants that run next)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return OrtSession(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+
+
+def variants(tmp: Path, new: int, threads: int) -> dict[str, Callable[[dict[str, torch.Tensor]], object]]:
     from peft import PeftModel
 
     model = build()
@@ -58,7 +69,7 @@ def variants(tmp: Path, new: int) -> dict[str, Callable[[dict[str, torch.Tensor]
     merged = lrc.merge(gm).eval()
     export_decoder_onnx(merged, tmp / "merged.onnx", merge=True, validate=False)
     export_decoder_onnx(gm, tmp / "sep.onnx", merge=False, adapters_dir=tmp, adapter_name="a", validate=False)
-    s_merged, s_sep = session(tmp / "merged.onnx", providers="cpu"), session(tmp / "sep.onnx", providers="cpu")
+    s_merged, s_sep = _session(tmp / "merged.onnx", threads), _session(tmp / "sep.onnx", threads)
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return {
         "torch eager base": lambda b: base.generate(**b, **kw),
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_generate."))
-    fns = variants(tmp, a.new)
+    fns = variants(tmp, a.new, a.threads)
     results: dict[int, dict[str, float]] = {}
     for bs in (1, 8):
         g = torch.Generator().manual_seed(bs)
