@@ -18,8 +18,7 @@ from safetensors.torch import save as st_save
 from torch import fx, nn
 
 from .errors import LoadError
-from .ir import META_KEY, finalize, lrc_meta
-from .ir import AdapterMark, adapter_nodes, adapters_of
+from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, finalize, lrc_meta
 from .passes.insert import insert
 from .passes.match import SiteMark
 from .passes.mode import TrainOnlySDPA, make_mode_switchable

@@ -11,8 +11,7 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..ir import META_KEY
-from ..ir import adapter_nodes
+from ..ir import META_KEY, adapter_nodes
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
@@ -107,13 +106,13 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
+    from ..errors import LoadError
     from .onnx_adapters import (
         check_adapter_fits,
         input_name,
         lora_adapter_tensors,
         rank_dim,
     )
-    from ..errors import LoadError
 
     src = Path(src)
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
@@ -161,9 +160,9 @@ def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     import io
 
     from ..api import merge as merged_copy
-    from .onnx import example_inputs_of
     from ..serialize import atomic_write
     from ..trace import _dynamic_dims
+    from .onnx import example_inputs_of
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training

@@ -8,10 +8,10 @@ from torch import fx
 
 from ..errors import SpecError
 from ..ir import META_KEY, SiteMark, lrc_meta
-from .manager import PassResult
 from ..methods.base import get_method
 from ..sites import Site, find_sites
 from ..spec import Spec, nearby_names
+from .manager import PassResult
 
 
 @dataclass(frozen=True)
