@@ -253,7 +253,8 @@ class Face:
                 model.__dict__["forward"] = prev
 
 
-def _lookup(root: nn.Module, path: str) -> Any:
+def lookup_attr(root: nn.Module, path: str) -> Any:
+    """The object at dotted ``path`` under ``root``, or None."""
     obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -265,9 +266,9 @@ def _lookup(root: nn.Module, path: str) -> Any:
 def _share_hierarchy(primary: fx.GraphModule, var: fx.GraphModule) -> None:
     """Make ``var`` use the primary's submodules, adding to them any tensor only ``var`` needs."""
     for node in var.graph.nodes:
-        if node.op != "get_attr" or _lookup(primary, node.target) is not None:
+        if node.op != "get_attr" or lookup_attr(primary, node.target) is not None:
             continue
-        obj = _lookup(var, node.target)
+        obj = lookup_attr(var, node.target)
         if isinstance(obj, nn.Parameter):
             obj.requires_grad_(False)
         *parents, leaf = node.target.split(".")

@@ -204,7 +204,10 @@ def _register_output_pytrees() -> None:
     try:
         import transformers.modeling_outputs  # noqa: F401
     except ImportError:
-        pass
+        return
+    from .trace import register_cache_pytrees
+
+    register_cache_pytrees()  # a decoder's program returns a DynamicCache
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[float] | None = None) -> fx.GraphModule:

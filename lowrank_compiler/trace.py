@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
-from .face import attach, default_inputs
+from .face import attach, default_inputs, lookup_attr
 from .ir import lrc_meta
 from .passes.mode import make_mode_switchable
 
@@ -179,12 +179,12 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
         if node.op != "get_attr":
             continue
         short = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
-        if _lookup(model, short) is not None:  # a model tensor: the root's (a later graph's root may hold a new one)
-            obj = _lookup(root if root is not None else model, short)
+        if lookup_attr(model, short) is not None:  # a model tensor: the root's (a later graph's root may hold a new one)
+            obj = lookup_attr(root if root is not None else model, short)
         else:  # a constant the export lifted: its name is per-export, so make it unique under the root
-            obj = _lookup(em, node.target)
+            obj = lookup_attr(em, node.target)
             base, i = short, 0
-            while (root is not None and _lookup(root, short) is not None) or short in found:
+            while (root is not None and lookup_attr(root, short) is not None) or short in found:
                 i += 1
                 short = f"{base}_{i}"
         if obj is None:
@@ -198,15 +198,6 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
     lrc_meta(gm).update(trace="export", input_names=list(names), const_kwargs=dict(consts),
                         model_class=type(model).__name__)
     return gm
-
-
-def _lookup(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> fx.GraphModule:

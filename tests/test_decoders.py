@@ -162,3 +162,22 @@ def test_tied_lm_head_refused_with_reason_but_exports():
     model = make_decoder("gpt2")
     with pytest.raises(lrc.SpecError, match="(?i)tied"):
         lrc.transform(model, "lm_head:lora(r=2)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora(r=4)", "vera(r=8)", "lora_fa(r=4)"])
+def test_every_method_generates_through_the_same_path(method):
+    """Each method's adapters run in the decode graphs: unmerged tokens == merged tokens != base tokens."""
+    model = make_decoder("llama")
+    base = copy.deepcopy(model)
+    gm = lrc.transform(model, f"self_attn.*:{method}; mlp.*:{method}")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lrc.adapters(gm).values():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    b = batch(seed=11)
+    ours = gm.generate(**b, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, lrc.merge(gm).generate(**b, max_new_tokens=8, do_sample=False))
+    assert not torch.equal(ours, base.generate(**b, max_new_tokens=8, do_sample=False))
