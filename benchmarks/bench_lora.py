@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler, not an installed one
 import lowrank_compiler as lrc  # noqa: E402
+from lowrank_compiler.trace import trace  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 LRC_SPEC = "; ".join(f"{t}:lora(r=8, alpha=16)" for t in ["attention.self.query", "attention.self.key",
@@ -88,7 +89,7 @@ def build(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, n
     n_lrc = sum(p.numel() for p in lrc_gm.parameters() if p.requires_grad)
     n_peft = sum(p.numel() for p in peft_m.parameters() if p.requires_grad)
     assert n_lrc == n_peft, (n_lrc, n_peft)
-    traced = lrc.trace(copy.deepcopy(base), (ids[:2],), {"attention_mask": mask[:2]})
+    traced = trace(copy.deepcopy(base), (ids[:2],), {"attention_mask": mask[:2]})
     return {"lrc": lrc_gm, "peft": peft_m, "full": full, "base": base, "lrc_merged": lrc.merge(lrc_gm),
             "traced": traced}
 

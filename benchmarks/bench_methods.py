@@ -139,7 +139,7 @@ def main() -> None:
         gm.train()
         opt = lrc.optimizer(gm, torch.optim.AdamW, lr=lr, weight_decay=0.0)
         ours = step_fn(gm, opt, batch, loss_fn, True)
-        n_ours = lrc.trainable_parameters(gm)[0]
+        n_ours = sum(p.numel() for p in gm.parameters() if p.requires_grad)
         peft_step, n_peft = None, None
         if name in pcfg:
             import peft

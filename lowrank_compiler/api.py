@@ -9,15 +9,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import InitError
-from .ir import lrc_meta
-from .passes.manager import Pass, run_passes
-from .methods.base import AdapterMethod
 from .ir import adapters_of
-from .passes.insert import insert
-from .passes.match import match
-from .passes.merge import merge as _merge_pass
-from .passes.merge import set_merged
+from .methods.base import AdapterMethod
+from .pipelines import merge_pipeline, set_merged_pipeline, transform_pipeline
 from .spec import Spec, parse_spec
 from .trace import trace
 
@@ -48,21 +42,7 @@ def transform(
     """
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
     gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
-    res = run_passes(gm, [Pass("match", lambda g: match(g, parsed)), Pass("insert", insert)], "transform")
-    gm = res.gm
-    needs_data = [site for site, mod in adapters_of(gm).items() if getattr(mod, "data_dependent", False)]
-    if needs_data:
-        if data is None or loss_fn is None:
-            missing = " and ".join(x for x, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
-            raise InitError(
-                f"sites {needs_data[:3]}{'...' if len(needs_data) > 3 else ''} use a data-dependent method; "
-                f"pass {missing} to transform(): data=an iterable of batches (each called as gm(*batch) "
-                "or gm(**batch)), loss_fn=lambda output, batch: scalar loss"
-            )
-        from .passes.initialize import initialize
-
-        initialize(gm, data, loss_fn, batches=init_batches, progress=progress)
-    return gm
+    return transform_pipeline(parsed, data, loss_fn, init_batches, progress)(gm).gm
 
 
 def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
@@ -72,18 +52,17 @@ def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
 
 def merge(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """A plain GraphModule with every adapter folded into its weight (a copy unless ``inplace``)."""
-    target = gm if inplace else copy.deepcopy(gm)
-    return _merge_pass(target).gm
+    return merge_pipeline()(gm if inplace else copy.deepcopy(gm)).gm
 
 
 def merge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold adapters into the weights in place but keep them, so ``unmerge_adapters`` can undo it."""
-    return set_merged(gm, True).gm
+    return set_merged_pipeline(True)(gm).gm
 
 
 def unmerge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
     """Undo ``merge_adapters``: restore the base weights and the separate adapter branch."""
-    return set_merged(gm, False).gm
+    return set_merged_pipeline(False)(gm).gm
 
 
 def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
@@ -99,8 +78,3 @@ def print_trainable_parameters(gm: nn.Module) -> str:
     line = f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
     print(line)
     return line
-
-
-def specs_of(gm: fx.GraphModule) -> list[str]:
-    """The spec strings that were applied to ``gm``, in order."""
-    return list(lrc_meta(gm).get("specs", []))

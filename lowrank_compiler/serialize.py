@@ -17,14 +17,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import fx, nn
 
-from .errors import LoadError
-from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, finalize, lrc_meta
-from .passes.insert import insert
-from .passes.match import SiteMark
+from .errors import LoadError, SpecError
+from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
-from .passes.strip import strip
+from .pipelines import adapter_pipeline, base_pipeline
 from .sites import find_sites
-from .trace import _dynamic_dims
+from .trace import export_program
 
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
@@ -88,11 +86,11 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     if not inputs:
         raise LoadError("cannot save: the model was traced without example inputs; pass "
                         "example_inputs=(...) to lrc.transform so the base graph can be exported")
-    base = strip(gm).gm.eval()
+    base = base_pipeline()(gm).gm.eval()
     sdpa_p = [m.p for _, m in sorted(((n, m) for n, m in base.named_modules() if isinstance(m, TrainOnlySDPA)),
                                     key=lambda nm: _node_order(base, nm[0]))]
     try:
-        ep = torch.export.export(base, inputs, dynamic_shapes=tuple(_dynamic_dims(t) for t in inputs), strict=False)
+        ep = export_program(base, inputs)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot save: re-exporting the base graph failed: {type(e).__name__}: {e}") from e
     prog = io.BytesIO()
@@ -170,7 +168,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest.get("const_kwargs", {}),
                         specs=manifest.get("specs", []))
-    apply_records(gm, manifest["adapters"])
+    apply_records(gm, manifest["adapters"], str(path))
     _load_adapter_tensors(gm, adapters, str(path))
     merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
@@ -200,16 +198,28 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     return gm
 
 
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]]) -> None:
-    """Mark and insert exactly the adapters the records name (no spec matching)."""
-    by_name = {s.name: s for s in find_sites(gm) if not s.refused}
-    missing = [r["site"] for r in records if r["site"] not in by_name]
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records") -> None:
+    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site).
+
+    Raises:
+        LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
+    """
+    from .spec import Spec
+
+    if not records:
+        return
+    have = {s.name for s in find_sites(gm) if not s.refused}
+    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
     if missing:
-        raise LoadError(f"the model has no linear site(s) {missing[:5]}; sites are e.g. {list(by_name)[:5]}")
-    for i, r in enumerate(records):
-        by_name[r["site"]].node.meta[META_KEY] = SiteMark(r["site"], i, r["method"], tuple(r["args"].items()))
-    insert(gm)
-    finalize(gm)
+        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
+    try:
+        spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
+        adapter_pipeline(spec)(gm)
+    except SpecError as e:
+        raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
+            from None
+    except (KeyError, TypeError) as e:
+        raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
 
 
 def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], source: str) -> None:

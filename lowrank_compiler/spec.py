@@ -77,9 +77,19 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Spec:
-        rules = tuple(Rule(r["pattern"], r["method"], dict(r.get("args", {})), r.get("exclude", False),
-                           r.get("regex", False)) for r in d["rules"])
-        return cls(rules, "; ".join(map(str, rules)))
+        """The inverse of :meth:`to_dict`, validated exactly like :func:`parse_spec` (SpecError otherwise)."""
+        try:
+            rules = tuple(Rule(r["pattern"], r["method"], dict(r.get("args", {})), bool(r.get("exclude", False)),
+                               bool(r.get("regex", False))) for r in d["rules"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SpecError(f"a spec dict needs 'rules': [{{'pattern', 'method', 'args'...}}]: {e}") from None
+        return parse_spec("; ".join(map(str, rules)))
+
+    @classmethod
+    def for_sites(cls, records: Iterable[tuple[str, str, dict[str, Any]]]) -> Spec:
+        """One exact-name rule per ``(site, method, args)``: how load and load_peft re-decide saved sites."""
+        return parse_spec("; ".join(str(Rule(re.escape(site), method, dict(args), regex=True))
+                                    for site, method, args in records))
 
     def __str__(self) -> str:
         return "; ".join(map(str, self.rules))

@@ -104,9 +104,24 @@ def _positional_names(model: nn.Module, n: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), n)]
 
 
-def _dynamic_dims(t: torch.Tensor) -> dict[int, Any]:
-    dims = (0, 1) if t.dim() in (2, 3) else (0,) if t.dim() >= 1 else ()
-    return {d: torch.export.Dim.AUTO for d in dims}
+def dynamic_dims(inputs: tuple[torch.Tensor, ...], named: bool = False) -> tuple[dict[int, Any], ...]:
+    """Which dims of each input are dynamic: batch (dim 0) and, for 2-D/3-D inputs, sequence (dim 1).
+
+    ``named=False`` gives ``Dim.AUTO`` (torch.export decides, no upper bound to break on models with short
+    position tables); ``named=True`` gives shared ``Dim("batch")``/``Dim("seq")`` (named ONNX axes).
+    The one place that decides this for trace, save, pt2 and ONNX export.
+    """
+    batch, seq = (torch.export.Dim("batch"), torch.export.Dim("seq")) if named else (None, None)
+    out = []
+    for t in inputs:
+        dims = (0, 1) if t.dim() in (2, 3) else (0,) if t.dim() >= 1 else ()
+        out.append({d: (torch.export.Dim.AUTO if not named else batch if d == 0 else seq) for d in dims})
+    return tuple(out)
+
+
+def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """``torch.export.export`` (non-strict) of ``module`` on ``inputs`` with :func:`dynamic_dims`: lrc's one call."""
+    return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_dims(tuple(inputs)), strict=False)
 
 
 def register_cache_pytrees() -> None:
@@ -181,7 +196,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> 
         raise TraceError("example_inputs must all be tensors; pass other values in example_kwargs")
     names = _positional_names(model, len(args)) + list(tensor_kw)
     inputs = tuple(args) + tuple(tensor_kw.values())
-    gm = export_call(model, names, list(inputs), consts, n_pos=len(args), dims=_dynamic_dims)
+    gm = export_call(model, names, list(inputs), consts, n_pos=len(args), dims=lambda t: dynamic_dims((t,))[0])
     gm.train(was_training)
     lrc_meta(gm).update(example_inputs=inputs, example_kwargs={})
     return gm

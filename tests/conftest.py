@@ -9,6 +9,10 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from lowrank_compiler.passes.manager import set_verify  # noqa: E402
+
+set_verify(True)  # every pipeline checks ir.verify after each pass in the test suite
+
 VOCAB = 100
 
 
@@ -75,3 +79,15 @@ def minilm_batch(minilm):
                "graphs are rewritten by passes"], padding="max_length", max_length=16, truncation=True,
               return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
+
+
+class TinyMLP(torch.nn.Module):
+    """Two linears (8 -> 16 -> 8, with biases): the smallest model with two adapter sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))

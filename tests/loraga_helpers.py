@@ -8,6 +8,7 @@ import torch
 from conftest import VOCAB, hidden
 
 import lowrank_compiler as lrc
+from lowrank_compiler.trace import trace
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,6 +101,6 @@ def traced(kind: str, dropout: bool = True) -> tuple[torch.nn.Module, torch.fx.G
         model = make_hf(kind)
         if not dropout:
             no_dropout(model)
-        _TRACED[key] = (model, lrc.trace(model, (example_ids(),)))
+        _TRACED[key] = (model, trace(model, (example_ids(),)))
     model, gm = _TRACED[key]
     return model, copy.deepcopy(gm)

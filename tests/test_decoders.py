@@ -21,7 +21,7 @@ def lm(request, tmp_path_factory):
     kind = request.param
     gm, base = trained(kind, steps=20)
     d = tmp_path_factory.mktemp(f"peft_{kind}")
-    lrc.save_peft(gm, d)
+    lrc.export(gm, d, format="peft")
     pm = PeftModel.from_pretrained(base, d).eval()
     return kind, gm, pm, batch(seed=99)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lowrank_compiler as lrc
-from lowrank_compiler.demo.run import QUICK_STEPS, run_demo
 from lowrank_compiler.demo.data import LABELS, TEST_PER_LABEL, split
+from lowrank_compiler.demo.run import QUICK_STEPS, run_demo
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

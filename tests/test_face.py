@@ -10,6 +10,7 @@ from decoder_helpers import SPECS, batch, make_decoder
 from torch.utils._pytree import tree_flatten
 
 import lowrank_compiler as lrc
+from lowrank_compiler.api import trainable_parameters
 
 TOL = 1e-5
 
@@ -33,7 +34,7 @@ def _pair(model: torch.nn.Module, spec: str, tmp_path) -> tuple[torch.nn.Module,
     with torch.no_grad():
         for m in lrc.adapters(gm).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-    lrc.save_peft(gm, tmp_path / "peft")
+    lrc.export(gm, tmp_path / "peft", format="peft")
     return gm.eval(), PeftModel.from_pretrained(base, tmp_path / "peft").eval()
 
 
@@ -119,7 +120,7 @@ def test_face_attributes_and_signature(capsys):
     assert gm.config is model.config and gm.generation_config is model.generation_config
     assert gm.device.type == "cpu" and gm.dtype == torch.float32
     line = gm.print_trainable_parameters()
-    t, a = lrc.trainable_parameters(gm)
+    t, a = trainable_parameters(gm)
     assert line == f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / a:.4f}"
     assert "labels" in inspect.signature(gm.forward).parameters  # tools that filter batch columns keep labels
     capsys.readouterr()

@@ -9,7 +9,7 @@ import torch
 from conftest import ATTN_SPEC, example_ids, hidden, make_hf
 
 import lowrank_compiler as lrc
-from lowrank_compiler.passes.insert import adapter_nodes
+from lowrank_compiler.ir import adapter_nodes
 
 KINDS = ["gpt2", "bert", "llama"]
 PEFT_TARGETS = {"gpt2": ["attn.c_attn", "attn.c_proj"], "bert": ["query", "key", "value"],

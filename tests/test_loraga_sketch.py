@@ -12,6 +12,7 @@ from loraga_helpers import batches, captured_energy, projector_cols, projector_r
 
 import lowrank_compiler as lrc
 from lowrank_compiler.gradstats import ExactGradient, GradientSketch
+from lowrank_compiler.trace import trace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -75,7 +76,7 @@ def test_sketch_on_real_minilm_captures_the_exact_energy():
     from loraga_helpers import reference_grads
 
     G = reference_grads(m, sites, data, loss_fn)
-    base = lrc.trace(m, (data[0]["input_ids"],), {"attention_mask": data[0]["attention_mask"]})
+    base = trace(m, (data[0]["input_ids"],), {"attention_mask": data[0]["attention_mask"]})
     spec = "; ".join(f"{s}:loraga(r=8, svd={{svd!r}})" for s in sites)
     gms = {svd: lrc.transform(copy.deepcopy(base), spec.format(svd=svd), data=data, loss_fn=loss_fn,
                               progress=False) for svd in ("exact", "sketch")}

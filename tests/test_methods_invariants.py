@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import lowrank_compiler as lrc
-from lowrank_compiler.ir import META_KEY
-from lowrank_compiler.passes.insert import AdapterMark
+from lowrank_compiler.ir import META_KEY, AdapterMark
 
 SPECS = {
     "lora_plus": "fc*:lora_plus(r=4, alpha=8, ratio=4)",
@@ -80,7 +79,7 @@ def test_trained_merge_equals_unmerged_and_user_model_untouched(method):
     for k, v in model.state_dict().items():  # delta_lora / lorasc write new base Parameters, not the user's
         assert torch.equal(v, before[k]), k
     merged = lrc.merge(gm)
-    assert not any(isinstance(m, lrc.methods.AdapterMethod) for m in merged.modules())
+    assert not any(isinstance(m, lrc.AdapterMethod) for m in merged.modules())
     torch.testing.assert_close(merged(x), y, rtol=0, atol=1e-5)
     lrc.merge_adapters(gm)
     torch.testing.assert_close(gm(x), y, rtol=0, atol=1e-5)

@@ -155,7 +155,7 @@ def test_lorasc_merged_rank_grows_with_cascades():
     merged = lrc.merge(gm)
     linears = [n for n in merged.graph.nodes if "linear" in str(n.target)
                or n.op == "call_module" and isinstance(merged.get_submodule(n.target), torch.nn.Linear)]
-    assert len(linears) == 3 and not any(isinstance(m, lrc.methods.AdapterMethod) for m in merged.modules())
+    assert len(linears) == 3 and not any(isinstance(m, lrc.AdapterMethod) for m in merged.modules())
 
 
 @pytest.mark.parametrize("spec, word", [

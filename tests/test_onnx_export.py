@@ -141,8 +141,11 @@ def test_non_lora_method_cannot_be_separate_and_leaves_no_file(tmp_path):
     from lowrank_compiler.methods.lora import LoRA
 
     @register_method
-    class _TwiceLoRA(LoRA):  # own forward (not recognised as x·A·B), exact delta: merge still works
+    class _TwiceLoRA(LoRA):  # own forward, declared without an x·A·B form; exact delta: merge still works
         name = "test_twice_lora"
+
+        def low_rank_factors(self):
+            return None
 
         def forward(self, x, weight, bias):
             return torch.nn.functional.linear(x, weight, bias) + 2 * self.lora_branch(x)

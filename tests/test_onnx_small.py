@@ -10,7 +10,7 @@ from torch import nn
 import lowrank_compiler as lrc
 from lowrank_compiler.backends import onnx as lo
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.passes.insert import adapter_nodes
+from lowrank_compiler.ir import adapter_nodes
 from lowrank_compiler.passes.separate import separate
 
 

@@ -7,20 +7,22 @@ from conftest import ATTN_SPEC, example_ids, hidden, make_hf
 from torch import fx, nn
 
 import lowrank_compiler as lrc
-from lowrank_compiler.ir import META_KEY
+from lowrank_compiler.ir import META_KEY, AdapterMark, SiteMark, adapter_nodes
 from lowrank_compiler.methods.base import SiteInfo
 from lowrank_compiler.methods.lora import LoRA
-from lowrank_compiler.passes.insert import AdapterMark, adapter_nodes, insert
-from lowrank_compiler.passes.match import SiteMark, match
-from lowrank_compiler.passes.merge import merge, set_merged
+from lowrank_compiler.passes.insert import insert
+from lowrank_compiler.passes.match import match
+from lowrank_compiler.passes.merge import merge
 from lowrank_compiler.passes.mode import make_mode_switchable
+from lowrank_compiler.passes.set_merged import set_merged
 from lowrank_compiler.passes.strip import strip
 from lowrank_compiler.sites import find_sites
 from lowrank_compiler.spec import parse_spec
+from lowrank_compiler.trace import trace
 
 
 def _bert_graph():
-    return lrc.trace(make_hf("bert"), (example_ids(),))
+    return trace(make_hf("bert"), (example_ids(),))
 
 
 def test_mode_pass_idempotent():

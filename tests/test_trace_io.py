@@ -11,7 +11,8 @@ from conftest import ATTN_SPEC, example_ids, hidden, make_hf
 from torch import nn
 
 import lowrank_compiler as lrc
-from lowrank_compiler import LoadError, SpecError, TraceError
+from lowrank_compiler import LoadError, SpecError, TraceError, serialize
+from lowrank_compiler.trace import trace
 
 
 class Tiny(nn.Module):
@@ -52,7 +53,7 @@ def test_symbolic_trace_path_and_mode_switch():
 def test_export_graph_dropout_follows_mode():
     model = make_hf("bert")
     ids = example_ids()
-    gm = lrc.trace(model, (ids,))
+    gm = trace(model, (ids,))
     assert gm.meta["lrc"]["trace"] == "export"
     gm.eval()
     assert torch.equal(hidden(gm(ids)), hidden(model(ids)))
@@ -66,11 +67,11 @@ def test_export_graph_dropout_follows_mode():
 
 def test_trace_error_names_each_strategy():
     with pytest.raises(TraceError) as ei:
-        lrc.trace(Untraceable())
+        trace(Untraceable())
     msg = str(ei.value)
     assert "fx.symbolic_trace" in msg and "torch.export" in msg and "example_inputs" in msg
     with pytest.raises(TraceError):
-        lrc.trace("not a model")
+        trace("not a model")
 
 
 def test_rule_matching_no_site_lists_nearby_names():
@@ -127,7 +128,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(lrc.io, "_tensors", boom)
+    monkeypatch.setattr(serialize, "_tensors", boom)
     with pytest.raises(RuntimeError):
         lrc.save(gm, path)
     assert path.read_bytes() == before

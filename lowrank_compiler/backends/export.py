@@ -161,14 +161,14 @@ def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
 
     from ..api import merge as merged_copy
     from ..serialize import atomic_write
-    from ..trace import _dynamic_dims
+    from ..trace import export_program
     from .onnx import example_inputs_of
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training
     target = (merged_copy(gm) if merge else gm).eval()
     try:
-        ep = torch.export.export(target, inputs, dynamic_shapes=tuple(_dynamic_dims(t) for t in inputs), strict=False)
+        ep = export_program(target, inputs)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
     finally:

@@ -20,9 +20,10 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
+from .. import ir
 from ..errors import ExportError
-from ..ir import META_KEY, lrc_meta
-from ..ir import adapter_nodes
+from ..ir import META_KEY, adapter_nodes
+from ..trace import dynamic_dims
 from .onnx_adapters import (
     LORA_A,
     check_adapter_fits,
@@ -186,19 +187,15 @@ def output_names(out: Any) -> list[str]:
 
 
 def _dynamic_shapes(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[dict[int, Any], ...]]:
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    dims = tuple({0: batch, 1: seq} if t.dim() in (2, 3) else {0: batch} if t.dim() >= 1 else {} for t in inputs)
-    return (dims,)  # _Flat takes *inputs: one positional group
+    return (dynamic_dims(inputs, named=True),)  # _Flat takes *inputs: one positional group
 
 
 def example_inputs_of(gm: fx.GraphModule) -> tuple[tuple[torch.Tensor, ...], list[str]]:
     """(example inputs, input names) recorded at trace time; ExportError if there are none."""
-    meta = lrc_meta(gm)
-    inputs = tuple(meta.get("example_inputs") or ())
+    inputs, names = ir.example_inputs(gm)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise ExportError("the model has no recorded example inputs; trace it with example_inputs=(...) "
                           "(lrc.transform(..., example_inputs=...)) or pass example_inputs= to export")
-    names = list(meta.get("input_names") or [f"input_{i}" for i in range(len(inputs))])
     return inputs, names
 
 
@@ -237,9 +234,8 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     """
     import onnx
 
+    from ..pipelines import merge_pipeline, separate_pipeline
     from ..serialize import atomic_write
-    from ..passes.merge import merge as merge_pass
-    from ..passes.separate import separate
 
     inputs, names = example_inputs_of(gm)
     if example_inputs is not None:
@@ -249,9 +245,9 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     path = Path(path)
     renames: dict[str, tuple[str, int]] = {}
     if merge:
-        target = merge_pass(copy.deepcopy(gm)).gm
+        target = merge_pipeline()(copy.deepcopy(gm)).gm
     else:
-        target = separate(gm, placeholder_seed=0).gm  # distinct random values: no initializer dedup (ONNX_FACTS §5)
+        target = separate_pipeline(placeholder_seed=0)(gm).gm  # distinct random values: no initializer dedup (ONNX_FACTS §5)
         for node in adapter_nodes(gm):
             mp, site = node.meta[META_KEY].module_path, node.meta[META_KEY].site
             for which, axis in ((LORA_A, 1), ("lora_B", 0)):
@@ -291,7 +287,7 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
 def _validate(model_path: Path, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str],
               adapter_tensors: dict[str, np.ndarray], adapter_path: Path | None, merged: bool) -> float:
     """Max |ORT − torch| over every output on the example inputs (with the adapter active if there is one)."""
-    from ..passes.strip import strip
+    from ..pipelines import base_pipeline
 
     sess = session(model_path, providers="cpu")
     feeds = dict(zip(names, (t.numpy() for t in inputs)))
@@ -301,7 +297,7 @@ def _validate(model_path: Path, gm: fx.GraphModule, inputs: tuple[torch.Tensor, 
         if merged or adapter_tensors:
             ref = [t.numpy() for t in tree_flatten(gm(*inputs))[0] if isinstance(t, torch.Tensor)]
         else:
-            ref = [t.numpy() for t in tree_flatten(strip(gm).gm(*inputs))[0] if isinstance(t, torch.Tensor)]
+            ref = [t.numpy() for t in tree_flatten(base_pipeline()(gm).gm(*inputs))[0] if isinstance(t, torch.Tensor)]
     gm.train(was)
     if adapter_path is not None:
         got = sess(feeds, adapter=adapter_path)

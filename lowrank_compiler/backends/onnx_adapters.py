@@ -10,8 +10,7 @@ import torch
 from torch import fx
 
 from ..errors import ExportError
-from ..ir import META_KEY
-from ..ir import adapter_nodes
+from ..ir import META_KEY, adapter_nodes
 from ..passes.separate import LORA_A, LORA_B, onnx_lora_tensors
 
 LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...
@@ -88,16 +87,6 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ExportError(f"{p} is not an ONNX Runtime .onnx_adapter file ({reason})") from None
     # copy while `rd` is alive: the OrtValues' numpy views point into its (mmapped) buffer
     return {k: np.array(v.numpy(), copy=True) for k, v in rd.get_parameters().items()}
-
-
-def lora_input_shapes(model: object) -> dict[str, tuple[object, ...]]:
-    """``{name: dims}`` of the model's LoRA inputs (an ``onnx.ModelProto``), dims with a ``'<site>.lora_r'`` rank."""
-    shapes = {}
-    for i in model.graph.input:  # type: ignore[attr-defined]
-        dims = tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
-        if any(is_rank_dim(d) for d in dims):
-            shapes[i.name] = dims
-    return shapes
 
 
 def check_adapter_fits(shapes: dict[str, tuple[object, ...]], tensors: dict[str, np.ndarray], source: str) -> None:

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 from ..errors import ExportError, LoadError
-from ..ir import META_KEY, lrc_meta
-from ..ir import adapter_nodes
+from ..ir import META_KEY, adapter_nodes, lrc_meta
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -191,7 +190,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
         records.append({"site": site, "method": "lora",
                         "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
                                  "rslora": rslora}})
-    apply_records(gm, records)
+    apply_records(gm, records, str(path))
     _load_adapter_tensors(gm, {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}, str(path))
     lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
     return gm

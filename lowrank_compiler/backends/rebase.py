@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..ir import adapters_of as adapters
 from ..errors import ExportError
+from ..ir import adapters_of as adapters
 
 
 def original_base_pairs(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

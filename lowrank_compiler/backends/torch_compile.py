@@ -30,9 +30,9 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
                           f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
     target = gm
     if merge:
-        from ..passes.merge import merge as merge_pass
+        from ..pipelines import merge_pipeline
 
-        target = merge_pass(copy.deepcopy(gm)).gm
+        target = merge_pipeline()(copy.deepcopy(gm)).gm
     return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
 
 

@@ -11,8 +11,8 @@ from torch import fx
 
 from ..errors import InitError
 from ..gradstats import GradStats
+from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
 from ..methods.base import DataDependentInit
-from ..ir import AdapterMark, META_KEY, adapter_nodes, logical_weight, set_logical_weight
 from .manager import PassResult
 
 
@@ -62,8 +62,8 @@ def _allreduce(stats: list[GradStats]) -> None:
 
 def initialize(
     gm: fx.GraphModule,
-    data: Iterable[Any],
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    data: Iterable[Any] | None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
     batches: int | None = None,
     progress: bool = True,
     seed: int | None = None,
@@ -94,6 +94,13 @@ def initialize(
             sites.append((mark, mod))
     if not sites:
         return PassResult(gm, False)
+    if data is None or loss_fn is None:
+        missing = " and ".join(x for x, v in (("data", data), ("loss_fn", loss_fn)) if v is None)
+        names = [m.site for m, _ in sites]
+        raise InitError(
+            f"sites {names[:3]}{'...' if len(names) > 3 else ''} use a data-dependent method; "
+            f"pass {missing} to transform(): data=an iterable of batches (each called as gm(*batch) "
+            "or gm(**batch)), loss_fn=lambda output, batch: scalar loss")
     if seed is None:
         seed = int(sites[0][1].config.get("seed", 0) or 0)
     device = logical_weight(gm, sites[0][0]).device

@@ -8,9 +8,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..ir import AdapterMark, META_KEY, adapter_nodes, delete_submodule, finalize, logical_weight, set_logical_weight
-from .manager import PassResult
+from ..ir import META_KEY, AdapterMark, adapter_nodes, delete_submodule, finalize, logical_weight, set_logical_weight
 from ..methods.base import AdapterMethod
+from .manager import PassResult
 
 _aten = torch.ops.aten
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -67,7 +67,7 @@ def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassRes
 
 
 def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None) -> bool:
-    
+
     mark: AdapterMark = node.meta[META_KEY]
     method: AdapterMethod = gm.get_submodule(mark.module_path)
     if method.merged:

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import fx
 
-from ..ir import AdapterMark, META_KEY, finalize
+from ..ir import META_KEY, AdapterMark, adapter_to_linear, finalize
 from .manager import PassResult
 
 _aten = torch.ops.aten
@@ -24,12 +24,7 @@ def strip(gm: fx.GraphModule) -> PassResult:
     modified = False
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(node.meta.get(META_KEY), AdapterMark):
-            x, w, b = node.args
-            with graph.inserting_after(node):
-                new = graph.call_function(_aten.linear.default, (x, w, b) if b is not None else (x, w))
-            new.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            adapter_to_linear(graph, node)
             modified = True
     out = fx.GraphModule(gm, graph)
     out.meta.update(copy.copy(gm.meta))

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from ..errors import LrcError
-from ..ir import AdapterMark, META_KEY, adapter_nodes, logical_weight, set_logical_weight
+from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
 from ..methods.base import AdapterMethod, StepContext
 
 _CLASSES: dict[type, type] = {}

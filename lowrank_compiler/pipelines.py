@@ -1,0 +1,64 @@
+"""The named pipelines: each is a list of passes run by the pass manager (``passes/manager.py``).
+
+| pipeline   | passes                          | works on                      | used by                          |
+|------------|---------------------------------|-------------------------------|----------------------------------|
+| adapt      | match(spec), insert             | the traced graph, in place    | transform, load, load_peft       |
+| transform  | adapt + initialize(data)        | the traced graph, in place    | ``lrc.transform``                |
+| merge      | merge                           | a copy made by the caller     | ``lrc.merge``, exports, compile  |
+| base       | strip                           | returns a new graph           | save (base program), validation  |
+| separate   | separate                        | returns a new graph           | ONNX export with adapters apart  |
+| set_merged | set_merged(True / False)        | in place, adapters kept       | merge_adapters / unmerge_adapters|
+
+Copies are made at the API edge (``api.merge`` deep-copies before the in-place merge pipeline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .passes.initialize import initialize
+from .passes.insert import insert
+from .passes.manager import Pass, Pipeline
+from .passes.match import match
+from .passes.merge import merge
+from .passes.separate import separate
+from .passes.set_merged import set_merged
+from .passes.strip import strip
+from .spec import Spec
+
+
+def adapter_pipeline(spec: Spec) -> Pipeline:
+    """Mark the sites ``spec`` adapts, then insert their adapters (in place)."""
+    return Pipeline("adapt", [Pass("match", lambda g: match(g, spec)), Pass("insert", insert)])
+
+
+def transform_pipeline(spec: Spec, data: Iterable[Any] | None = None,
+                       loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                       init_batches: int | None = None, progress: bool = True) -> Pipeline:
+    """``adapt`` plus the data-dependent initialization (a no-op when no adapter needs data)."""
+    init = Pass("initialize", lambda g: initialize(g, data, loss_fn, batches=init_batches, progress=progress))
+    return Pipeline("transform", [*adapter_pipeline(spec).passes, init])
+
+
+def merge_pipeline() -> Pipeline:
+    """Fold every adapter into its weight and remove it (in place: copy first to keep the input)."""
+    return Pipeline("merge", [Pass("merge", merge)])
+
+
+def base_pipeline() -> Pipeline:
+    """A new graph over the same parameters with every adapter call replaced by its base linear."""
+    return Pipeline("base", [Pass("strip", strip, inplace=False)])
+
+
+def separate_pipeline(placeholder_seed: int | None = None) -> Pipeline:
+    """A new graph where each low-rank adapter is an explicit ``(x @ A) @ B`` branch (ONNX adapters)."""
+    return Pipeline("separate", [Pass("separate", lambda g: separate(g, placeholder_seed), inplace=False)])
+
+
+def set_merged_pipeline(merged: bool) -> Pipeline:
+    """Merge or unmerge every adapter in place, keeping the adapters."""
+    return Pipeline("merge_adapters" if merged else "unmerge_adapters",
+                    [Pass("set_merged", lambda g: set_merged(g, merged))])
