@@ -64,7 +64,7 @@ def variants(tmp: Path, new: int, threads: int) -> dict[str, Callable[[dict[str,
     with torch.no_grad():
         for m in lrc.adapters(gm).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.02)
-    lrc.save_peft(gm, tmp / "peft")
+    lrc.export(gm, tmp / "peft", format="peft")
     pm = PeftModel.from_pretrained(peft_base, tmp / "peft").eval()
     merged = lrc.merge(gm).eval()
     export_decoder_onnx(merged, tmp / "merged.onnx", merge=True, validate=False)

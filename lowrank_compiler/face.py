@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
-from .ir import adapter_sites, lrc_meta
+from .ir import adapter_sites, lrc_meta, verify
 
 _MISSING = object()
 _SIMPLE = (bool, int, float, str, type(None))
@@ -51,9 +51,12 @@ def default_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] |
     return (ids,), kwargs
 
 
+_T = "T"
+
+
 def _desc(leaf: Any) -> tuple:
     if isinstance(leaf, torch.Tensor):
-        return ("T", leaf.dtype, leaf.dim(), leaf.device.type)
+        return (_T, leaf.dtype, leaf.dim(), leaf.device.type)
     if isinstance(leaf, _SIMPLE):
         return ("V", type(leaf).__name__, leaf)
     return ("O", type(leaf).__name__, id(leaf))
@@ -133,11 +136,19 @@ class Face:
         return out
 
     @staticmethod
-    def key(bound: dict[str, Any]) -> tuple:
+    def key(bound: dict[str, Any], leaves: dict[str, list[Any]] | None = None) -> tuple:
+        """The call's signature key; ``leaves`` (when given) receives each input's flattened leaves."""
         parts = []
         for k, v in bound.items():
-            leaves, spec = tree_flatten(v)
-            parts.append((k, "" if isinstance(v, torch.Tensor) else str(spec), tuple(_desc(x) for x in leaves)))
+            if isinstance(v, torch.Tensor):
+                parts.append((k, "", ((_T, v.dtype, v.dim(), v.device.type),)))
+                if leaves is not None:
+                    leaves[k] = [v]
+            else:
+                flat, spec = tree_flatten(v)
+                parts.append((k, spec, tuple(_desc(x) for x in flat)))  # TreeSpec: hashable, compared by value
+                if leaves is not None:
+                    leaves[k] = flat
         return tuple(parts)
 
     def set_primary(self, gm: fx.GraphModule, names: list[str], inputs: tuple, consts: dict[str, Any]) -> None:
@@ -161,15 +172,16 @@ class Face:
 
     def entry(self, gm: fx.GraphModule, bound: dict[str, Any]) -> _Entry:
         """The graph that serves the call ``bound`` (``entry.gm is gm`` for the primary), traced if new."""
-        key = self.key(bound)
+        by_name: dict[str, list[Any]] = {}
+        key = self.key(bound, by_name)
         if self.stamp is not gm._code:  # the primary graph was rewritten: variants are stale
             self.variants.clear()
             self.stamp = gm._code
         p = self.primary
-        if key == self.primary_key and p is not None and p.fits(tree_flatten([bound[n] for n in p.names])[0]):
+        if key == self.primary_key and p is not None and p.fits([x for n in p.names for x in by_name[n]]):
             return _Entry(p.names, p.guards, gm)
         for entry in self.variants.get(key, ()):
-            if entry.fits(tree_flatten([bound[n] for n in entry.names])[0]):
+            if entry.fits([x for n in entry.names for x in by_name[n]]):
                 return entry
         entry = self._trace_variant(gm, bound, key)
         self.variants.setdefault(key, []).append(entry)
@@ -186,12 +198,11 @@ class Face:
             return
         self.announced.add(key)
         desc = ", ".join(f"{k}={leaves[0][2]!r}" if len(leaves) == 1 and leaves[0][0] == "V"
-                         else k if spec == "" else f"{k}[{len(leaves)} tensors]" for k, spec, leaves in key)
+                         else k if isinstance(spec, str) else f"{k}[{len(leaves)} tensors]" for k, spec, leaves in key)
         print(f"lrc: tracing {type(self.model).__name__} for a new call signature ({desc}); once per signature",
               file=sys.stderr)
 
     def _trace_variant(self, gm: fx.GraphModule, bound: dict[str, Any], key: tuple) -> _Entry:
-        from .ir import verify
         from .passes.manager import verification, verify_enabled
         from .serialize import apply_records
         from .trace import export_call
@@ -215,7 +226,7 @@ class Face:
             # graph is only whole after the pipeline: verify once at the end
             check = verify_enabled()
             with verification(False):
-                apply_records(var, records)
+                apply_records(var, records, source=f"the adapters of {type(self.model).__name__}")
             if check:
                 verify(var)
         var.train(gm.training)
