@@ -10,8 +10,20 @@ from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.o
 from .backends.export import export
 from .backends.peft import load_peft
 from .backends.torch_compile import compile
+from .batched import adapter_ids, mixed_add, mixed_batch
 from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
 from .methods import AdapterMethod, register_method
+from .named import (
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    load_named_adapters,
+    save_named_adapters,
+    set_adapter,
+)
 from .passes.train import optimizer, trainer_optimizers
 from .serialize import load, load_adapters, save, save_adapters
 from .spec import Spec, parse_spec
@@ -27,4 +39,9 @@ __all__ = [
     "Spec", "parse_spec", "AdapterMethod", "register_method", "backends",
     # errors
     "LrcError", "SpecError", "TraceError", "LoadError", "ExportError", "InitError", "MergeError",
+    # named adapters (PEFT semantics)
+    "add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapter", "adapter_names",
+    "load_adapter", "save_named_adapters", "load_named_adapters",
+    # mixed-adapter batches (adapter_ids per row)
+    "mixed_batch", "mixed_add", "adapter_ids",
 ]

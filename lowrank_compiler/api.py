@@ -12,6 +12,7 @@ from torch import fx, nn
 from .ir import adapters_of
 from .methods.base import AdapterMethod
 from .pipelines import merge_pipeline, set_merged_pipeline, transform_pipeline
+from .quiet import quiet
 from .spec import Spec, parse_spec
 from .trace import trace
 
@@ -31,8 +32,8 @@ def transform(
     """Trace ``model``, insert the adapters ``spec`` asks for, and initialize them.
 
     The returned GraphModule shares the model's (now frozen) base parameters; only adapter
-    parameters require grad. Data-dependent methods (e.g. ``loraga``) need ``data`` (an iterable
-    of batches, each passed to the graph as ``gm(*batch)`` / ``gm(**batch)``) and
+    parameters require grad, and those of modules a ``full`` rule trains (copied first).
+    Data-dependent methods (e.g. ``loraga``) need ``data`` (an iterable of batches, each passed to the graph as ``gm(*batch)`` / ``gm(**batch)``) and
     ``loss_fn(output, batch) -> scalar``.
 
     Raises:
@@ -50,6 +51,7 @@ def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
     return adapters_of(gm)
 
 
+@quiet
 def merge(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """A plain GraphModule with every adapter folded into its weight (a copy unless ``inplace``)."""
     return merge_pipeline()(gm if inplace else copy.deepcopy(gm)).gm

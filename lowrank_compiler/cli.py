@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")  # lowrank_compiler.backends.export.FORMATS
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
@@ -27,19 +27,41 @@ def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     return lrc_io.load(p, trust=trust)
 
 
+def hf_model_class(config: Any) -> Any:
+    """The transformers class a config names in ``architectures`` (``BertForSequenceClassification`` ...),
+    so a directory keeps its head; ``AutoModel`` when it names none."""
+    import transformers
+
+    from .backends.hf import hf_class
+    from .errors import LoadError
+
+    names = list(getattr(config, "architectures", None) or [])
+    cls = hf_class(names)
+    if cls is None and names:
+        raise LoadError(f"config.architectures names {names}, which this transformers {transformers.__version__} "
+                        "does not have")
+    return cls or transformers.AutoModel
+
+
 def _load_hf_dir(p: Path, seq: int) -> Any:
     import torch
 
     from .errors import LoadError
+    from .ir import lrc_meta
+    from .quiet import quiet_third_party
     from .trace import trace
 
     try:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
     except ImportError:
         raise LoadError("loading a Hugging Face directory needs `transformers` (pip install 'lowrank-compiler[hf]')") from None
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-        model = AutoModel.from_pretrained(str(p), local_files_only=True).eval()
+        cls = hf_model_class(config)
+        with quiet_third_party():
+            model = cls.from_pretrained(str(p), local_files_only=True).eval()
+    except LoadError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{p}: could not load as a Hugging Face model offline: {e}") from None
     vocab = int(getattr(config, "vocab_size", 100) or 100)
@@ -47,7 +69,10 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
     kwargs: dict[str, Any] = {"attention_mask": torch.ones(2, seq, dtype=torch.long)}
     if getattr(config, "use_cache", False) or "use_cache" in config.to_dict():
         kwargs["use_cache"] = False
-    return trace(model, (ids,), kwargs)
+    with quiet_third_party():
+        gm = trace(model, (ids,), kwargs)
+    lrc_meta(gm)["base_model_name_or_path"] = str(p)
+    return gm
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
@@ -79,7 +104,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
                     extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate,
                     quantize=a.quantize, force=a.force, min_cosine=a.min_cosine)
-    print(f"wrote {report['path']} ({fmt}{', merged' if a.merge else ''})")
+    print(f"wrote {report['path']} ({fmt}{', merged' if a.merge or fmt == 'hf' else ''})")
     for p in report.get("adapters", []):
         print(f"wrote {p}")
     if "quantize" in report:
@@ -106,7 +131,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree (kept separate so extensions can add options)."""
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="lrc", description="lowrank-compiler: low-rank adaptation as graph rewriting")
+    ap.add_argument("--version", action="version", version=f"lrc (lowrank-compiler) {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     model_help = "an lrc model file (lrc.save), a torch.export archive (.pt2), or a Hugging Face model directory"
 
@@ -151,10 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="2x16", help="BATCHxSEQ of the random inputs (default: 2x16)")
     p.add_argument("--vocab", type=int, default=None, help="random ids are drawn below this (default: the model's vocab)")
     p.add_argument("--providers", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="a causal LM exported by `lrc export`: greedy-generate N tokens with the KV cache")
+    p.add_argument("--eos", type=int, default=None, help="with --generate: stop a row at this token id")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded all-MiniLM-L6-v2")
-    p.add_argument("--out-dir", default="lrc-demo", help="where the demo writes its files (default: lrc-demo)")
+    p.add_argument("--out-dir", default=None, help="where the demo writes its files (default: a new temporary directory)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(fn=_cmd_demo)
@@ -162,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # torch's own deprecation notice from deep-copying pytree specs; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
@@ -172,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in msg[1:]:
             print(f"  {line}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"lrc {a.cmd}: error: {e}", file=sys.stderr)
+    except OSError as e:  # a path the OS refuses (missing, permission, is a directory, too long ...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"lrc {a.cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

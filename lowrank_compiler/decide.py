@@ -1,4 +1,5 @@
-"""What a spec does to one linear site, decided once for match, ``lrc inspect``, load and load_peft."""
+"""What a spec does to one linear site (and which modules its ``full`` rules train), decided once for
+match, ``lrc inspect``, load and load_peft."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from torch import nn
 
 from .errors import SpecError
-from .methods.base import get_method
+from .methods.base import AdapterMethod, get_method
 from .sites import Site
 from .spec import Rule, Spec
 
@@ -43,6 +45,29 @@ class Decision:
         return sum(p.numel() for p in mod.parameters() if p.requires_grad)
 
 
+def decide_full(gm: nn.Module, spec: Spec, sites: set[str]) -> list[tuple[str, int]]:
+    """``(module path, rule index)`` of each module a ``full`` rule trains (outermost only).
+
+    Any module with parameters is a candidate, found by its path in ``gm``. The first rule matching the
+    path decides it; rules that adapt decide only linear sites (``sites``: their names), so ``*:lora``
+    does not shadow ``*LayerNorm:full`` for a LayerNorm.
+    """
+    if not any(r.full for r in spec.rules):
+        return []
+    out: list[tuple[str, int]] = []
+    for path, mod in gm.named_modules():
+        if not path or isinstance(mod, AdapterMethod) or any(path.startswith(p + ".") for p, _ in out):
+            continue
+        if next(mod.parameters(), None) is None:
+            continue
+        for i, rule in enumerate(spec.rules):
+            if rule.matches(path) and (rule.full or not rule.adapts or path in sites):
+                if rule.full:
+                    out.append((path, i))
+                break
+    return out
+
+
 def decide(site: Site, spec: Spec) -> Decision:
     """Apply ``spec`` to ``site``: the first matching rule decides (adapt, exclude, skip), then the method
     checks the site (``check_site``)."""
@@ -52,6 +77,8 @@ def decide(site: Site, spec: Spec) -> Decision:
     i, rule = hit
     if rule.exclude:
         return Decision(site, spec, i, rule, f"excluded by rule {i + 1} ({rule})", None)
+    if rule.full:
+        return Decision(site, spec, i, rule, f"trained in full by rule {i + 1} ({rule})", None)
     if not rule.adapts:
         return Decision(site, spec, i, rule, f"skipped by rule {i + 1} ({rule})", None)
     if site.refused:

@@ -50,8 +50,8 @@ class GradStats:
         self.updates += 1
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
         d2 = dy.reshape(-1, dy.shape[-1]).to(torch.float32)
-        # one lazy flag per site (no host sync here; the pass checks it once per batch)
-        self.nonfinite = self.nonfinite.to(d2.device) | ~torch.isfinite(d2.sum())
+        # one lazy flag per site for non-finite inputs or gradients (no host sync here; checked once per batch)
+        self.nonfinite = self.nonfinite.to(d2.device) | ~torch.isfinite(d2.sum()) | ~torch.isfinite(x2.sum())
         return x2, d2
 
 

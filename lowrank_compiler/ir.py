@@ -20,6 +20,8 @@ from .methods.base import AdapterMethod, get_method
 
 META_KEY = "lrc"
 ADAPTER_ATTR = "adapter"
+#: where inactive named adapters live (``<NAMED_ROOT>.<name>.<site key>``, see named.py); verify skips them
+NAMED_ROOT = "lrc_adapters"
 _aten = torch.ops.aten
 
 
@@ -240,11 +242,15 @@ def verify(gm: fx.GraphModule) -> None:
         _verify_weight_arg(gm, node, mark)
         if has_val and "val" not in node.meta:
             raise VerifyError(f"invariant 6 (meta): adapter node {node.name} ({mark.site}) lost meta['val']")
+    # adapters held by a called module (the members of a mixed-batch adapter) or stored inactive count as owned
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    owned = [name for name, mod in gm.named_modules() if isinstance(mod, AdapterMethod) and name not in called
+             and (name.startswith(NAMED_ROOT + ".") or any(name.startswith(t + ".") for t in targets))]
     for name, mod in gm.named_modules():
-        if isinstance(mod, AdapterMethod) and name not in called:
+        if isinstance(mod, AdapterMethod) and name not in called and name not in owned:
             raise VerifyError(f"invariant 2 (marks): adapter module {name} is not called by any marked node")
-    if called:
-        keep = {id(p) for name in called for p in gm.get_submodule(name).parameters()}
+    if called or owned:
+        keep = {id(p) for name in [*called, *owned] for p in gm.get_submodule(name).parameters()}
         keep |= {id(p) for p in lrc_meta(gm).get("trainable_extra", ())}
         loose = [n for n, p in gm.named_parameters() if p.requires_grad and id(p) not in keep]
         if loose:

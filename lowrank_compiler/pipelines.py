@@ -2,7 +2,7 @@
 
 | pipeline   | passes                          | works on                      | used by                          |
 |------------|---------------------------------|-------------------------------|----------------------------------|
-| adapt      | match(spec), insert             | the traced graph, in place    | transform, load, load_peft       |
+| adapt      | match(spec), insert, full       | the traced graph, in place    | transform, load, load_peft       |
 | transform  | adapt + initialize(data)        | the traced graph, in place    | ``lrc.transform``                |
 | merge      | merge                           | a copy made by the caller     | ``lrc.merge``, exports, compile  |
 | base       | strip                           | returns a new graph           | save (base program), validation  |
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .passes.full import train_full
 from .passes.initialize import initialize
 from .passes.insert import insert
 from .passes.manager import Pass, Pipeline
@@ -31,8 +32,8 @@ from .spec import Spec
 
 
 def adapter_pipeline(spec: Spec) -> Pipeline:
-    """Mark the sites ``spec`` adapts, then insert their adapters (in place)."""
-    return Pipeline("adapt", [Pass("match", lambda g: match(g, spec)), Pass("insert", insert)])
+    """Mark the sites ``spec`` adapts, insert their adapters, and train its ``full`` modules (in place)."""
+    return Pipeline("adapt", [Pass("match", lambda g: match(g, spec)), Pass("insert", insert), Pass("full", train_full)])
 
 
 def transform_pipeline(spec: Spec, data: Iterable[Any] | None = None,

@@ -6,53 +6,40 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import fx, nn
 
+from . import safeload, validate
 from .errors import LoadError, SpecError
-from .ir import META_KEY, AdapterMark, adapter_nodes, adapters_of, lrc_meta
+from .ir import (
+    META_KEY,
+    AdapterMark,
+    adapter_nodes,
+    adapter_sites,
+    adapters_of,
+    logical_weight,
+    lrc_meta,
+    set_logical_weight,
+)
+from .methods.base import by_method_class
+from .passes.full import full_parameters
 from .passes.mode import TrainOnlySDPA, make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
+from .quiet import quiet
+from .safewrite import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
 from .sites import find_sites
 from .trace import export_program
 
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
 VERSION = 1
+_KEPT_META = ("model_class", "hf_config", "base_model_name_or_path")  # what HF layout / PEFT export read later
 _MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS = "manifest.json", "program.pt2", "adapters.safetensors", "inputs.safetensors"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(fileobj)`` to a temp file beside ``path``, then rename over it.
-
-    On any failure the temp file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _tensors(d: dict[str, torch.Tensor]) -> bytes:
@@ -79,6 +66,7 @@ def adapter_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
+@quiet
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``gm`` (base graph, base weights, adapters) to one file; atomic, no pickle."""
     meta = lrc_meta(gm)
@@ -101,6 +89,8 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "const_kwargs": {k: v for k, v in (meta.get("const_kwargs") or {}).items()
                          if isinstance(v, (int, float, str, bool, type(None)))},
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
+        "full_modules": list(meta.get("full_modules", [])),
+        **{k: meta[k] for k in _KEPT_META if meta.get(k) is not None},
     }
 
     def write(f: Any) -> None:
@@ -121,56 +111,89 @@ def _node_order(gm: fx.GraphModule, module_path: str) -> int:
     return -1
 
 
-def _is_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80":
+def _is_pickle(data: bytes) -> bool:
+    """A raw pickle or a torch.save zip (data.pkl inside, no lrc manifest); judged without unpickling."""
+    if data[:1] == b"\x80":
         return True
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist()) and _MANIFEST not in z.namelist()
+    if data[:2] == b"PK":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+            return False
+        return any(n.endswith("data.pkl") for n in names) and _MANIFEST not in names
     return False
 
 
-def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
-    """Load a file written by :func:`save` (never runs pickled code unless ``trust=True``)."""
-    path = Path(path)
+def _read_file(path: Path) -> bytes:
+    if path.is_dir():
+        raise LoadError(f"{path} is a directory, not an lrc model file")
     if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+        raise LoadError(f"{path}: no such file" if not path.exists() else f"{path} is not a regular file")
+    try:
+        return path.read_bytes()
+    except (OSError, MemoryError) as e:
+        raise LoadError(f"{path}: cannot read ({e.strerror if isinstance(e, OSError) else 'out of memory'})") \
+            from None
+
+
+def _load_trusted_pickle(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (a trusted pickle can fail in any way)
+        raise LoadError(f"{path}: the pickle could not be loaded ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+    if not isinstance(obj, nn.Module):
+        raise LoadError(f"{path}: the pickle holds a {type(obj).__name__}, not a model")
+    return obj
+
+
+@quiet
+def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
+    """Load a file written by :func:`save`, or a ``.pt2`` torch.export archive.
+
+    Nothing from the file is unpickled or evaluated unless ``trust=True`` (which only matters for a
+    legacy ``torch.save`` pickle): archives are validated by :mod:`.safeload` before torch reads them,
+    the manifest and tensors by :mod:`.validate`. Every problem is a :class:`LoadError`.
+    """
+    path = Path(path)
+    src = str(path)
+    data = _read_file(path)
     _register_output_pytrees()
-    if _is_pickle(path):
+    if _is_pickle(data):
         if not trust:
             raise LoadError(f"{path} is a pickle (legacy torch.save), which can run arbitrary code when loaded; "
                             "load it only if you trust its source: lrc.load(..., trust=True) or `--trust`")
-        obj = torch.load(path, weights_only=False)
-        if not isinstance(obj, nn.Module):
-            raise LoadError(f"{path}: the pickle holds a {type(obj).__name__}, not a model")
-        return obj
-    if not zipfile.is_zipfile(path):
+        return _load_trusted_pickle(path)
+    if data[:2] != b"PK":
         raise LoadError(f"{path} is not an lrc model file (expected a zip written by lrc.save)")
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
-        if _MANIFEST not in names:
-            if any(n.endswith(".json") and "archive" in n or n.endswith("serialized_exported_program.json")
-                   for n in names):
-                return from_exported_program(torch.export.load(str(path)))
-            raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
-        manifest = json.loads(z.read(_MANIFEST))
-        if manifest.get("format") != FORMAT:
-            raise LoadError(f"{path}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
-        if manifest.get("version", 0) > VERSION:
-            raise LoadError(f"{path}: written by a newer lrc (format version {manifest['version']} > {VERSION})")
-        ep = torch.export.load(io.BytesIO(z.read(_PROGRAM)))
-        adapters = st_load(z.read(_ADAPTERS))
-        inputs = st_load(z.read(_INPUTS))
-    gm = from_exported_program(ep, manifest.get("sdpa_dropout") or [])
+    z = safeload.open_zip(data, src)
+    names = set(z.namelist())
+    if _MANIFEST not in names:
+        fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
+        if fmt and safeload.read_member(z, fmt[0], src).strip() == b"pt2":  # a .pt2, told by content not name
+            return from_exported_program(safeload.load_exported_program(data, src))
+        raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
+    manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
+    ep = safeload.load_exported_program(safeload.read_member(z, _PROGRAM, src), f"{src}: {_PROGRAM}")
+    adapters, _ = validate.safetensors_bytes(safeload.read_member(z, _ADAPTERS, src), f"{src}: {_ADAPTERS}")
+    inputs, _ = validate.safetensors_bytes(safeload.read_member(z, _INPUTS, src), f"{src}: {_INPUTS}")
     names_in = manifest["input_names"]
+    missing = [n for n in names_in if n not in inputs]
+    if missing:
+        raise LoadError(f"{src}: {_INPUTS} lacks the example input(s) {missing[:5]} the manifest names")
+    gm = from_exported_program(ep, manifest["sdpa_dropout"])
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
-                        example_kwargs={}, const_kwargs=manifest.get("const_kwargs", {}),
-                        specs=manifest.get("specs", []))
-    apply_records(gm, manifest["adapters"], str(path))
-    _load_adapter_tensors(gm, adapters, str(path))
-    merged = {r["site"]: bool(r.get("merged", False)) for r in manifest["adapters"]}
+                        example_kwargs={}, const_kwargs=manifest["const_kwargs"], specs=manifest["specs"],
+                        **{k: manifest[k] for k in _KEPT_META if k in manifest})
+    full = manifest.get("full_modules", [])
+    if not isinstance(full, list) or not all(isinstance(x, str) and x for x in full):
+        raise LoadError(f"{src}: manifest 'full_modules' must be a list of module paths")
+    try:
+        apply_records(gm, manifest["adapters"], src, full)
+    except LoadError as e:
+        raise LoadError(safeload.one_line(str(e))) from None
+    _load_adapter_tensors(gm, adapters, src)
+    merged = {r["site"]: r["merged"] for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
         mod.merged = merged[site]
     return gm
@@ -195,22 +218,25 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     return gm
 
 
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records") -> None:
-    """Insert exactly the adapters the records name, decided like a spec (one exact-name rule per site).
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
+                  full_modules: list[str] = ()) -> None:
+    """Insert exactly the adapters the records name and train ``full_modules``, decided like a spec (one
+    exact-name rule per site or module).
 
     Raises:
         LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
     """
     from .spec import Spec
 
-    if not records:
+    if not records and not full_modules:
         return
     have = {s.name for s in find_sites(gm) if not s.refused}
     missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
     if missing:
         raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
     try:
-        spec = Spec.for_sites((r["site"], r["method"], r.get("args", {})) for r in records)
+        spec = Spec.for_sites([*((r["site"], r["method"], r.get("args", {})) for r in records),
+                               *((path, "full", {}) for path in full_modules)])
         adapter_pipeline(spec)(gm)
     except SpecError as e:
         raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
@@ -219,8 +245,7 @@ def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str
         raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
 
 
-def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], source: str) -> None:
-    expected = adapter_state(gm)
+def _check_adapter_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
     problems += [f"{k}: shape {tuple(tensors[k].shape)} != model's {tuple(v.shape)}"
@@ -228,37 +253,101 @@ def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], 
     if problems:
         raise LoadError(f"{source}: adapter tensors don't fit the model: " + "; ".join(problems[:8])
                         + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    validate.tensor_values(expected, tensors, source)
+
+
+def _load_adapter_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], source: str) -> None:
+    expected = adapter_state(gm)
+    _check_adapter_tensors(expected, tensors, source)
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k].to(v.dtype))
+    for cls, mods in by_method_class(list(adapters_of(gm).values())).items():
+        cls.tie(mods)  # tensors shared across sites (LoRA-drop) become one object again
 
 
+def _set_merged(gm: fx.GraphModule, methods: list[Any], merged: bool) -> None:
+    """Merge or unmerge exactly ``methods`` (the set_merged pass does all adapters at once)."""
+    ids = {id(m) for m in methods}
+    for _, mark, method in adapter_sites(gm):
+        if id(method) in ids and method.merged != merged:
+            w = logical_weight(gm, mark)
+            set_logical_weight(gm, mark, method.merged_weight(w) if merged else method.unmerged_weight(w))
+            method.merged = merged
+
+
+@quiet
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write only the adapters (tensors + which method sits where) as one safetensors file."""
-    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm))}
-    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in adapter_state(gm).items()}, metadata=meta)
+    """Write only what training changes: the adapters (tensors + which method sits where) and the
+    modules a ``full`` rule trains, as one safetensors file."""
+    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
+            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", [])))}
+    state = {**adapter_state(gm), **full_parameters(gm)}
+    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
 
 
+@quiet
 def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule:
-    """Swap in adapters saved by :func:`save_adapters`; names, methods and shapes must fit ``gm``."""
-    from safetensors import safe_open
+    """Swap in adapters saved by :func:`save_adapters`; sites, methods, arguments and shapes must fit ``gm``.
 
+    Adapters that are merged into the base are unmerged with their old values first and merged again
+    with the new ones, so the base weights end exactly where a fresh merge would put them.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise LoadError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{path} is not a safetensors adapter file: {e}") from None
+    src = str(path)
+    if path.is_dir():
+        raise LoadError(f"{path} is a directory, not an lrc adapter file")
+    tensors, meta = validate.safetensors_bytes(_read_file(path), src)
     if meta.get("format") != ADAPTER_FORMAT:
-        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r})")
-    have = {(r["site"], r["method"]) for r in adapter_records(gm)}
-    want = {(r["site"], r["method"]) for r in json.loads(meta["adapters"])}
-    if have != want:
-        diff = sorted(want ^ have)[:5]
+        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
+    try:
+        records = json.loads(meta.get("adapters", ""))
+    except ValueError as e:
+        raise LoadError(f"{path}: the 'adapters' metadata is not valid JSON ({e})") from None
+    want = {(r["site"], r["method"]): r["args"] for r in validate.adapter_records(records, src)}
+    have = {(r["site"], r["method"]): r["args"] for r in adapter_records(gm)}
+    if set(have) != set(want):
+        diff = sorted(set(want) ^ set(have))[:5]
         raise LoadError(f"{path}: adapter sites/methods differ from the model's: {diff}")
-    _load_adapter_tensors(gm, tensors, str(path))
+    full_have = list(lrc_meta(gm).get("full_modules", []))
+    try:
+        full_want = json.loads(meta.get("full_modules", "[]"))
+    except ValueError:
+        full_want = None
+    if not isinstance(full_want, list) or sorted(map(str, full_want)) != sorted(full_have):
+        raise LoadError(f"{path}: fully trained modules {full_want!r:.200} differ from the model's {full_have}; "
+                        "transform with the spec the adapters were trained with (its `:full` rules)")
+    heads = full_parameters(gm)
+    heads_in = {k: v for k, v in tensors.items() if k in heads}
+    expected = adapter_state(gm)
+    _check_adapter_tensors(expected, {k: v for k, v in tensors.items() if k not in heads}, src)
+    args_diff = [f"{k[0]}: " + ", ".join(f"{a}={want[k].get(a)!r} (model: {have[k].get(a)!r})"
+                                         for a in sorted(set(want[k]) | set(have[k])) if want[k].get(a) != have[k].get(a))
+                 for k in have if want[k] != have[k]]
+    if args_diff:
+        raise LoadError(f"{path}: adapter arguments differ from the model's: " + "; ".join(args_diff[:3]))
+    validate.tensor_values(heads, heads_in, src)
+    merged = [m for m in adapters_of(gm).values() if m.merged]
+    with torch.no_grad():
+        _set_merged(gm, merged, False)
+        for k, v in expected.items():
+            v.copy_(tensors[k].to(v.dtype))
+        for cls, mods in by_method_class(list(adapters_of(gm).values())).items():
+            cls.tie(mods)
+        _set_merged(gm, merged, True)
+    _copy_checked(heads_in, heads, src)
     return gm
+
+
+def _copy_checked(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's own (never shared) trainable copies ``params``; names and shapes must fit."""
+    problems = [f"missing {k}" for k in params if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in params]
+    problems += [f"{k}: shape {tuple(t.shape)} != model's {tuple(params[k].shape)}"
+                 for k, t in tensors.items() if k in params and t.shape != params[k].shape]
+    if problems:
+        raise LoadError(f"{source}: fully trained module tensors don't fit the model: " + "; ".join(problems[:8]))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))

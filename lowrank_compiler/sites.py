@@ -97,12 +97,21 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every linear site in graph order; a weight used by two nodes marks the later one refused."""
     sites: list[Site] = []
     seen: dict[str, Site] = {}
+    users: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            users.setdefault(node.target, []).extend(node.users)
     for node in gm.graph.nodes:
         site = _site_of(gm, node)
         if site is None:
             continue
+        other = [u for u in users.get(site.weight_path, ()) if u is not node and node not in u.users]
         if site.weight_path in seen:
             site.refused = f"weight {site.weight_path} is shared with node {seen[site.weight_path].node.name} (tied)"
+        elif other and site.kind == "function":
+            site.refused = (f"weight {site.weight_path} is tied to another use ({other[0].name}, e.g. the input "
+                            "embedding); an adapter would be folded into both on merge")
+            seen[site.weight_path] = site
         else:
             seen[site.weight_path] = site
         sites.append(site)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError
-from .methods.base import SKIP, get_method
+from .methods.base import FULL, SKIP, get_method
 
 _RULE_RE = re.compile(r"^(?P<pat>.*\S)\s*:\s*(?P<meth>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$", re.S)
 _LITERAL_NAMES = {"true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
@@ -19,7 +19,8 @@ _LITERAL_NAMES = {"true": True, "false": False, "none": None, "True": True, "Fal
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule. ``exclude`` rules (``!PATTERN``) and ``skip`` rules adapt nothing."""
+    """One rule. ``exclude`` rules (``!PATTERN``) and ``skip`` rules adapt nothing; ``full`` rules make the
+    matched module (any module with parameters, found by its path) fully trainable instead of adapting it."""
 
     pattern: str
     method: str
@@ -34,7 +35,12 @@ class Rule:
 
     @property
     def adapts(self) -> bool:
-        return not self.exclude and self.method != SKIP
+        return not self.exclude and self.method not in (SKIP, FULL)
+
+    @property
+    def full(self) -> bool:
+        """The matched module is trained as a whole (not adapted)."""
+        return not self.exclude and self.method == FULL
 
     def matches(self, name: str) -> bool:
         """Glob over the whole dotted name or any dot-aligned suffix; ``re:`` is a full regex."""
@@ -191,10 +197,10 @@ def parse_spec(text: str) -> Spec:
         _check_regex(pat, regex, text, col)
         mcol = col + m.start("meth")
         args = _parse_args(m["args"] or "", text, col + m.start("args")) if m["args"] is not None else {}
-        if method == SKIP:
+        if method in (SKIP, FULL):
             if args:
-                raise SpecError("'skip' takes no arguments", text, mcol)
-            rules.append(Rule(pat, SKIP, {}, regex=regex, column=col))
+                raise SpecError(f"'{method}' takes no arguments", text, mcol)
+            rules.append(Rule(pat, method, {}, regex=regex, column=col))
             continue
         try:
             cls = get_method(method)
@@ -213,6 +219,11 @@ def _check_regex(pat: str, regex: bool, text: str, col: int) -> None:
             re.compile(pat)
         except (re.error, RecursionError, OverflowError) as e:
             raise SpecError(f"bad regular expression {pat!r}: {e}", text, col) from None
+        from .saferegex import pattern_problem
+
+        problem = pattern_problem(pat)
+        if problem:
+            raise SpecError(f"regular expression {pat!r} refused: {problem}", text, col)
 
 
 def nearby_names(pattern: str, names: list[str], n: int = 5) -> list[str]:

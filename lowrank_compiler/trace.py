@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import json
 import keyword
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
+from .face import attach, default_inputs
 from .ir import lrc_meta
 from .passes.mode import make_mode_switchable
 
@@ -22,7 +27,10 @@ def trace(
     example_kwargs: dict[str, Any] | None = None,
     strategy: str = "auto",
 ) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule whose dropout follows train()/eval().
+    """Trace ``model`` into an :class:`~lowrank_compiler.face.LrcGraphModule` whose dropout follows train()/eval().
+
+    Without example inputs, an HF model (one with a ``config``) is traced on ``input_ids`` [2, 16]
+    (+ ``attention_mask``); every other call the model accepts is traced on first use (face.py).
 
     ``strategy``: ``"auto"`` tries ``fx.symbolic_trace`` then ``torch.export``; ``"fx"`` or
     ``"export"`` forces one. For export, tensor inputs get dynamic batch (dim 0) and sequence
@@ -37,6 +45,8 @@ def trace(
         raise TraceError(f"strategy must be 'auto', 'fx' or 'export', got {strategy!r}")
     if isinstance(model, fx.GraphModule) and "lrc" in model.meta:
         return model
+    if example_inputs is None and example_kwargs is None:
+        example_inputs, example_kwargs = default_inputs(model) or ((), {})
     example_inputs = tuple(example_inputs or ())
     example_kwargs = dict(example_kwargs or {})
     failures: list[str] = []
@@ -45,9 +55,10 @@ def trace(
         try:
             gm = fx.symbolic_trace(model)
             lrc_meta(gm).update(trace="fx", example_inputs=example_inputs, example_kwargs=example_kwargs,
-                                input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
+                                input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"],
+                                **_model_record(model))
             gm.train(was_training)
-            return gm
+            return attach(gm, model)
         except Exception as e:  # noqa: BLE001 - reported below
             failures.append(f"fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
     if strategy in ("auto", "export"):
@@ -56,12 +67,21 @@ def trace(
                             "and/or example_kwargs={...}")
         else:
             try:
-                return _export(model, example_inputs, example_kwargs, was_training)
+                return attach(_export(model, example_inputs, example_kwargs, was_training), model)
             except Exception as e:  # noqa: BLE001
                 failures.append(f"torch.export (non-strict): {type(e).__name__}: {_first_line(e)}")
             finally:
                 model.train(was_training)
     raise TraceError(f"could not trace {type(model).__name__}:\n  - " + "\n  - ".join(failures))
+
+
+def _model_record(model: nn.Module) -> dict[str, Any]:
+    """What the HF layout export needs later: the model's class name and (for HF models) its config."""
+    config = getattr(model, "config", None)
+    rec: dict[str, Any] = {"model_class": type(model).__name__}
+    if hasattr(config, "to_json_string"):  # JSON-able, so lrc.save can keep it
+        rec["hf_config"] = json.loads(config.to_json_string(use_diff=False))
+    return rec
 
 
 def _first_line(e: Exception) -> str:
@@ -115,28 +135,90 @@ def export_program(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch
     return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_dims(tuple(inputs)), strict=False)
 
 
+def register_cache_pytrees() -> None:
+    """Let torch.export take and return transformers' ``DynamicCache`` (transformers' own registration)."""
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:  # no transformers, or one without cache export support
+        return
+    register_dynamic_cache_export_support()
+
+
+def export_call(model: nn.Module, names: list[str], values: list[Any], consts: dict[str, Any],
+                n_pos: int = 0, dims: Callable[[torch.Tensor], dict[int, Any]] | None = None,
+                root: nn.Module | None = None) -> fx.GraphModule:
+    """``torch.export`` (non-strict, eval mode) of ``model(names[:n_pos]..., name=value..., **consts)``.
+
+    ``values`` may be pytrees (a ``DynamicCache``); every tensor leaf gets the dynamic dims
+    ``dims(t)`` (default: every dim ``Dim.AUTO``, so sizes the model fixes specialise). get_attr
+    targets resolve against ``root`` (default the model) and, for constants export lifted, the
+    exported module. The result is a mode-switchable GraphModule whose forward takes ``values``.
+    """
+    register_cache_pytrees()
+    dims = dims or (lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())})
+    wrapper = _binding_wrapper(model, names, n_pos, consts)
+    shapes = torch.export.ShapesCollection()
+    for leaf in tree_flatten(list(values))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim():
+            shapes[leaf] = dims(leaf)
+    was_training = model.training
+    model.eval()  # eval-mode trace: matches eager exactly; the mode pass restores train-time dropout
+    quiet = logging.getLogger("torch._export.non_strict_utils")  # "0/1 specialized" notes: expected, guarded
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ep = torch.export.export(wrapper, tuple(values), dynamic_shapes=shapes.dynamic_shapes(wrapper, tuple(values)),
+                                 strict=False)
+    finally:
+        model.train(was_training)
+        quiet.setLevel(level)
+    em = ep.module(check_guards=False)
+    graph, prefix = em.graph, _ROOT + "."
+    found: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        short = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
+        if _lookup(model, short) is not None:  # a model tensor: the root's (a later graph's root may hold a new one)
+            obj = _lookup(root if root is not None else model, short)
+        else:  # a constant the export lifted: its name is per-export, so make it unique under the root
+            obj = _lookup(em, node.target)
+            base, i = short, 0
+            while (root is not None and _lookup(root, short) is not None) or short in found:
+                i += 1
+                short = f"{base}_{i}"
+        if obj is None:
+            raise TraceError(f"exported graph references {node.target!r}, which neither the model nor the export holds")
+        node.target = short
+        found[short] = obj
+    gm = fx.GraphModule(found, graph)
+    gm.meta.update({k: v for k, v in em.meta.items() if k != "lrc"})
+    make_mode_switchable(gm, _sdpa_dropout(model, gm))
+    gm.train(was_training)
+    lrc_meta(gm).update(trace="export", input_names=list(names), const_kwargs=dict(consts),
+                        model_class=type(model).__name__)
+    return gm
+
+
+def _lookup(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> fx.GraphModule:
     tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     consts = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise TraceError("example_inputs must all be tensors; pass other values in example_kwargs")
     names = _positional_names(model, len(args)) + list(tensor_kw)
-    wrapper = _binding_wrapper(model, names, len(args), consts)
     inputs = tuple(args) + tuple(tensor_kw.values())
-    model.eval()  # eval-mode trace: matches eager exactly; mode pass restores train-time dropout
-    ep = export_program(wrapper, inputs)
-    em = ep.module(check_guards=False)
-    graph = em.graph
-    prefix = _ROOT + "."
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target.startswith(prefix):
-            node.target = node.target[len(prefix):]
-    gm = fx.GraphModule(model, graph)
-    gm.meta.update({k: v for k, v in em.meta.items() if k != "lrc"})
-    make_mode_switchable(gm, _sdpa_dropout(model, gm))
+    gm = export_call(model, names, list(inputs), consts, n_pos=len(args), dims=lambda t: dynamic_dims((t,))[0])
     gm.train(was_training)
-    lrc_meta(gm).update(trace="export", example_inputs=inputs, example_kwargs={}, input_names=names,
-                        const_kwargs=consts, model_class=type(model).__name__)
+    lrc_meta(gm).update(example_inputs=inputs, example_kwargs={}, **_model_record(model))
     return gm
 
 

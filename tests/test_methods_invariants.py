@@ -20,6 +20,8 @@ SPECS = {
     "delta_lora": "fc*:delta_lora(r=4, alpha=8, ratio=2, start=1)",
     "lora_pro": "fc*:lora_pro(r=4, alpha=8)",
     "lorasc": "fc*:lorasc(r=4, alpha=8, cascade_every=2, slow_rate=0.5, noise=0.01)",
+    "adalora": "fc*:adalora(init_r=4, target_r=2, total_step=3)",
+    "alora": "fc*:alora(r=2, r_max=4, alpha=4, rounds=0)",
 }
 
 

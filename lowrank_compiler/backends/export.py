@@ -12,8 +12,9 @@ from torch import fx
 
 from ..errors import ExportError
 from ..ir import META_KEY, adapter_nodes
+from ..quiet import quiet
 
-FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt")
+FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
 
 
@@ -32,13 +33,15 @@ def infer_format(path: str | os.PathLike, format: str | None) -> str:
                       f"{', '.join(FORMATS)}")
 
 
+@quiet
 def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = None, *, merge: bool = False,
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True,
            quantize: str | None = None, force: bool = False, min_cosine: float | None = None) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
-    - ``onnx``: ``merge=True`` folds every adapter in (any method). Otherwise the base graph takes each
+    - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
+      decode graph with past key values (``lrc.backends.onnx_generate``), ready for generation. Otherwise the base graph takes each
       LoRA pair as an ONNX Runtime adapter input and the model's adapters go to
       ``<adapters_dir>/<adapter_name>.onnx_adapter`` (default: beside ``path``, named after it);
       ``extra_adapters`` (lrc adapter files or PEFT directories) are converted next to it.
@@ -46,6 +49,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     - ``safetensors``: the adapters only (``lrc.save_adapters``); with ``merge`` the merged weights.
     - ``peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
     - ``pt``: an lrc model file (``lrc.save``).
+    - ``hf``: the merged model as a Hugging Face directory (``config.json`` + ``model.safetensors``) that
+      ``AutoModel*.from_pretrained`` loads strictly; always merged. Never inferred from a suffix.
     Every file is written atomically: on error nothing is left behind.
 
     ``quantize`` (ONNX only): ``"int8"`` or ``"int4"``, the base weights only; refused below
@@ -64,7 +69,14 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
-        if quantize is not None:
+        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
+            from .onnx_generate import export_decoder_onnx
+
+            if quantize is not None:
+                raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "
+                                  "include past key values the accuracy gate cannot sample); export fp32")
+            report = export_decoder_onnx(gm, path, **kw)
+        elif quantize is not None:
             from .quantize import DEFAULT_MIN_COSINE, export_quantized
 
             report = export_quantized(gm, path, quantize, force=force, **kw,
@@ -79,6 +91,10 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         raise ExportError(f"quantize={quantize!r} needs ONNX output (format 'onnx' / a .onnx path), not {fmt!r}")
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
+    if fmt == "hf":
+        from .hf import save_hf
+
+        return save_hf(gm, path)
     if fmt == "peft":
         from .peft import save_peft
 
@@ -95,6 +111,14 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     else:
         _save_pt2(gm, path, merge)
     return {"path": str(path), "format": fmt}
+
+
+def is_causal_lm(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` was transformed from an HF model that generates with a KV cache (ONNX gets the decode graph)."""
+    face = getattr(gm, "lrc_face", None)
+    model = getattr(face, "model", None)
+    can = getattr(model, "can_generate", None)
+    return bool(callable(can) and can() and "cache" in face.signature.parameters)
 
 
 def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str, Any]:

@@ -203,8 +203,12 @@ def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: li
     """torch.onnx.export (dynamo) → in-memory ModelProto with dynamic batch/seq."""
     module = module.eval()
     flat = _Flat(module).eval()  # eval on the top-level wrapper too (ONNX_FACTS §3 gotcha)
-    with torch.no_grad():
-        outs = output_names(module(*inputs))
+    try:
+        with torch.no_grad():
+            outs = output_names(module(*inputs))
+    except Exception as e:  # noqa: BLE001  (a graph that cannot run on its own example inputs)
+        raise ExportError(f"the graph to export fails on its example inputs: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -227,7 +231,9 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     ``<site>.lora_B.weight`` [<site>.lora_r, d_out], r=0 defaults = base model), and this model's own adapters
     written to ``<adapters_dir>/<adapter_name>.onnx_adapter``. Both are ``onnx.checker``-clean with
     dynamic ``batch``/``seq`` axes. ``validate`` runs ORT on the example inputs and reports the max
-    absolute difference to torch. The file appears only when everything succeeded.
+    absolute difference to torch; without ``merge`` it also runs a random non-zero adapter
+    (:func:`probe_adapters`) and reports ``probe_effect``, how far that adapter moved the outputs.
+    The file appears only when everything succeeded.
 
     Raises:
         ExportError: no example inputs, a method with no x·A·B form in separate mode, exporter failure.
@@ -274,6 +280,11 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
             report["adapters"].append(str(adapter_path))
         if validate:
             report["max_abs_diff"] = _validate(tmp_model, gm, inputs, names, adapter_tensors, adapter_path, merge)
+            if not merge and adapter_tensors:  # the model's own adapter may be zero (B=0): also check a random one
+                probe = probe_adapters(gm)
+                diff = _validate(tmp_model, probe, inputs, names, lora_adapter_tensors(probe), None, False)
+                report["max_abs_diff"] = max(report["max_abs_diff"], diff)
+                report["probe_effect"] = _output_change(probe, gm, inputs)
         atomic_write(path, lambda f: f.write(data))
     except BaseException:
         if report["adapters"]:
@@ -282,6 +293,31 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     finally:
         tmp_model.unlink(missing_ok=True)
     return report
+
+
+def probe_adapters(gm: fx.GraphModule, seed: int = 0) -> fx.GraphModule:
+    """A copy of ``gm`` whose trainable adapter tensors are random and non-zero (seeded): validating
+    ORT against it proves the adapter inputs are wired, which a fresh B=0 adapter cannot."""
+    probe = copy.deepcopy(gm)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for node in adapter_nodes(probe):
+            for p in probe.get_submodule(node.meta[META_KEY].module_path).parameters():
+                if p.requires_grad and p.is_floating_point():
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.1)
+    return probe
+
+
+def _output_change(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Max |a(x) − b(x)| over every output: how much the probe adapter moves the outputs."""
+    outs = []
+    for m in (a, b):
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            outs.append([t for t in tree_flatten(m(*inputs))[0] if isinstance(t, torch.Tensor)])
+        m.train(was)
+    return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(*outs))
 
 
 def _validate(model_path: Path, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def write_onnx_adapter(tensors: dict[str, np.ndarray], path: str | os.PathLike, 
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
 
     def write(f: object) -> None:  # AdapterFormat writes by path: export beside, then stream into the temp file
-        tmp = Path(str(path) + ".export.tmp")
+        tmp = Path(path).parent / f".{Path(path).name}.{secrets.token_hex(4)}.export.tmp"  # stale ones: see safewrite
         try:
             fmt.export_adapter(str(tmp))
             f.write(tmp.read_bytes())  # type: ignore[attr-defined]
@@ -86,7 +87,16 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
         reason = str(e).strip().splitlines()[0].rsplit(") ", 1)[-1]
         raise ExportError(f"{p} is not an ONNX Runtime .onnx_adapter file ({reason})") from None
     # copy while `rd` is alive: the OrtValues' numpy views point into its (mmapped) buffer
-    return {k: np.array(v.numpy(), copy=True) for k, v in rd.get_parameters().items()}
+    try:
+        out = {k: np.array(v.numpy(), copy=True) for k, v in rd.get_parameters().items()}
+    except Exception as e:  # noqa: BLE001  (ORT raises its own types on odd element types)
+        raise ExportError(f"{p}: unreadable adapter tensors ({str(e).strip().splitlines()[0][:160]})") from None
+    bad = [f"{k}: dtype {v.dtype}" for k, v in out.items() if not np.issubdtype(v.dtype, np.floating)]
+    bad += [f"{k}: has NaN/inf entries" for k, v in out.items()
+            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"{p}: bad adapter tensors (floating point and finite expected): " + "; ".join(bad[:4]))
+    return out
 
 
 def check_adapter_fits(shapes: dict[str, tuple[object, ...]], tensors: dict[str, np.ndarray], source: str) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,9 @@ from torch import fx, nn
 
 from ..errors import ExportError, LoadError
 from ..ir import META_KEY, adapter_nodes, lrc_meta
+from ..passes.full import full_parameters
+from ..quiet import quiet
+from ..saferegex import pattern_problem
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -26,6 +28,8 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     """(tensors with PEFT key names, adapter_config dict) for the LoRA-family adapters of ``gm``.
 
     Per-site ranks/scales go to PEFT's ``rank_pattern``/``alpha_pattern`` (keys are full module paths).
+    Modules a ``full`` rule trains go to ``modules_to_save`` (their tensors as ``base_model.model.<path>.<name>``,
+    which PEFT loads into its trainable copy).
 
     Raises:
         ExportError: a method PEFT's plain LoRA cannot express (DoRA, or a method that changed the base
@@ -51,8 +55,12 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     rslora = all(c.get("rslora", False) for *_, c, _ in sites)
 
     def alpha_of(r: int, s: float, c: dict[str, Any]) -> float:
-        return float(c["alpha"]) if "alpha" in c and (bool(c.get("rslora", False)) == rslora) else (
-            s * (r ** 0.5 if rslora else r))
+        # the spec's alpha when it gives this scale at this rank, else derived from the scale (AdaLoRA/ALoRA
+        # factors have fewer ranks than their spec's r: s = alpha / r_spec ≠ alpha / r_exported)
+        derived = s * (r ** 0.5 if rslora else r)
+        given = c.get("alpha")
+        same = given is not None and bool(c.get("rslora", False)) == rslora
+        return float(given) if same and abs(float(given) - derived) <= 1e-6 * abs(derived) else derived
 
     ranks = Counter(a.shape[0] for _, a, *_ in sites)
     r0 = ranks.most_common(1)[0][0]
@@ -72,39 +80,33 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
         "inference_mode": True, "r": int(r0), "lora_alpha": alpha0, "use_rslora": rslora,
         "lora_dropout": float(sites[0][4].get("dropout", 0.0)),
         "target_modules": sorted(s[0] for s in sites), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none", "modules_to_save": None,
+        "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none",
+        "modules_to_save": list(lrc_meta(gm).get("full_modules", [])) or None,
         "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
         "layers_pattern": None,
     }
+    for key, t in full_parameters(gm).items():
+        tensors[f"{PREFIX}{key}"] = t.detach().contiguous().clone()
     return tensors, config
 
 
+@quiet
 def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write a PEFT adapter directory that ``peft.PeftModel.from_pretrained(original_model, path)`` loads.
 
-    Both files are written to a temp dir and moved in only when complete.
+    Both files are written to a temp dir that replaces ``path`` in one rename (other files in an
+    existing ``path`` are carried over); concurrent writers never mix one's weights with another's config.
     """
     tensors, config = peft_state(gm)
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory; PEFT format writes a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from ..safewrite import atomic_dir
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        if not out.exists():
-            from ..serialize import _umask
 
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out)
-        else:
-            for name in (WEIGHTS, CONFIG):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(path, fill)
 
 
 def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
@@ -114,8 +116,41 @@ def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
     return default
 
 
+def _check_config(config: Any, p: Path) -> None:
+    """Types and ranges of the adapter_config fields lrc uses; LoadError naming the field."""
+    if not isinstance(config, dict):
+        raise LoadError(f"{p}: {CONFIG} is not a JSON object")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not (number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
+        problems.append(f"lora_alpha={config.get('lora_alpha')!r:.40} (a finite number > 0)")
+    if not (number(config.get("lora_dropout", 0.0)) and 0 <= config.get("lora_dropout", 0.0) < 1):
+        problems.append(f"lora_dropout={config.get('lora_dropout')!r:.40} (in [0, 1))")
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.append(f"use_rslora={config.get('use_rslora')!r:.40} (true or false)")
+    for key in ("alpha_pattern", "rank_pattern"):
+        pat = {} if config.get(key) is None else config[key]
+        if not isinstance(pat, dict):
+            problems.append(f"{key} is not an object")
+            continue
+        for k, v in pat.items():
+            why = pattern_problem(k)
+            if why:
+                problems.append(f"{key} key {k!r:.40}: {why}")
+            elif not (number(v) and v > 0):
+                problems.append(f"{key}[{k!r:.40}]={v!r:.40} (a finite number > 0)")
+    if problems:
+        raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(problems[:4]))
+
+
 def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle)."""
+    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle).
+
+    Tensors of ``modules_to_save`` are returned under ``config["_modules_to_save"]``: ``{module path: {name: t}}``.
+    """
     p = Path(path)
     if not (p / CONFIG).is_file():
         raise LoadError(f"{p}: not a PEFT adapter directory (no {CONFIG})")
@@ -124,23 +159,42 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
             if (p / "adapter_model.bin").exists() else ""
         raise LoadError(f"{p}: no {WEIGHTS}{extra}")
     try:
-        config = json.loads((p / CONFIG).read_text())
+        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
         tensors = load_file(str(p / WEIGHTS))
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0]}") from None
+        raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    _check_config(config, p)
     problems = [f"{k}={config.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"),
                                                      ("lora_bias", False)) if config.get(k, ok) != ok]
     sites: dict[str, dict[str, torch.Tensor]] = {}
+    saved = [str(n) for n in config.get("modules_to_save") or []]
+    heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY_RE.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _KEY_RE.match(key)
+        module, _, leaf = key.rpartition(".")
+        if not m and any(module == n or module.endswith("." + n) for n in saved):
+            heads.setdefault(module, {})[leaf] = t
+            continue
         if not m:
             problems.append(f"unsupported tensor {key!r}")
             continue
         sites.setdefault(m["site"], {})[m["which"]] = t
     problems += [f"{s}: missing {w}" for s, d in sites.items() for w in ("lora_A", "lora_B") if w not in d]
     if problems:
-        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings, modules_to_save) can be read: "
+        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings) with modules_to_save can be read: "
                         + "; ".join(problems[:5]))
+    for site, d in sites.items():
+        a, b = d["lora_A"], d["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise LoadError(f"{p}: {site}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not an "
+                            "(r × d_in, d_out × r) pair with the same rank r >= 1")
+        for w, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point():
+                raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise LoadError(f"{p}: {site}.{w} has NaN/inf entries")
+    config["_modules_to_save"] = heads
     return config, sites
 
 
@@ -157,6 +211,7 @@ def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+@quiet
 def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,
               example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` (or take an adapter-free lrc GraphModule) and insert the PEFT adapters at ``path``.
@@ -166,7 +221,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     Raises:
         LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
     """
-    from ..serialize import _load_adapter_tensors, apply_records
+    from ..serialize import _copy_checked, _load_adapter_tensors, apply_records
     from ..trace import trace
 
     config, sites = read_peft(path)
@@ -190,7 +245,9 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
         records.append({"site": site, "method": "lora",
                         "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
                                  "rslora": rslora}})
-    apply_records(gm, records, str(path))
+    heads = config.pop("_modules_to_save")
+    apply_records(gm, records, str(path), list(heads))
     _load_adapter_tensors(gm, {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}, str(path))
+    _copy_checked({f"{m}.{k}": t for m, d in heads.items() for k, t in d.items()}, full_parameters(gm), str(path))
     lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
     return gm

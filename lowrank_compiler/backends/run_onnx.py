@@ -50,6 +50,19 @@ def sample_inputs(sess: Any, model_path: str | Path, shape: tuple[int, int], voc
     return feeds
 
 
+def check_feeds(sess: Any, given: dict[str, np.ndarray]) -> None:
+    """Each given input names a model input and has its dtype and rank (and any fixed sizes)."""
+    spec = {i.name: i for i in sess.get_inputs()}
+    for name, arr in given.items():
+        if name not in spec:
+            raise ExportError(f"--input {name}: the model has no input {name!r}; inputs: {', '.join(spec)}")
+        want, dims = _NP.get(spec[name].type), list(spec[name].shape)
+        if want is not None and arr.dtype != want:
+            raise ExportError(f"--input {name}: dtype {arr.dtype}, the model takes {np.dtype(want)}")
+        if arr.ndim != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims, arr.shape)):
+            raise ExportError(f"--input {name}: shape {list(arr.shape)}, the model takes {dims}")
+
+
 def run_cli(a: argparse.Namespace) -> int:
     """Run the model on sample inputs; print each output's shape and, per adapter, how far it moves the output."""
     from .onnx import session
@@ -63,8 +76,15 @@ def run_cli(a: argparse.Namespace) -> int:
         name, sep, file = item.partition("=")
         if not sep or not Path(file).is_file():
             raise ExportError(f"--input must be NAME=FILE.npy with an existing file, got {item!r}")
-        given[name] = np.load(file, allow_pickle=False)
+        try:
+            given[name] = np.load(file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ExportError(f"--input {name}: {file} is not a .npy array ({str(e).strip().splitlines()[0][:120]})") \
+                from None
     sess = session(a.model, providers=a.providers)
+    check_feeds(sess, given)
+    if getattr(a, "generate", None):
+        return _generate_cli(a, sess, (b, s), given)
     feeds = sample_inputs(sess, a.model, (b, s), a.vocab, given)
     print(f"{a.model}: providers {sess.get_providers()}; inputs "
           + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
@@ -78,4 +98,21 @@ def run_cli(a: argparse.Namespace) -> int:
         outs = sess(feeds, adapter=ad)
         diff = max(float(np.abs(o.astype(np.float64) - r).max()) for o, r in zip(outs, base))
         print(f"  with adapter {ad}: max |adapter - base| = {diff:.6g}")
+    return 0
+
+
+def _generate_cli(a: argparse.Namespace, sess: Any, shape: tuple[int, int], given: dict[str, np.ndarray]) -> int:
+    """Greedy-generate ``a.generate`` tokens from the prompt (``--input input_ids=...`` or random ids), per adapter."""
+    from .onnx_generate import ort_generate
+
+    ids = given.get("input_ids")
+    if ids is None:
+        high = a.vocab or vocab_size(a.model, "input_ids") or 100
+        ids = np.random.default_rng(0).integers(0, high, shape).astype(np.int64)
+    mask = given.get("attention_mask")
+    for ad in [None, *(a.adapter or [])]:
+        out = ort_generate(sess, ids, mask, max_new_tokens=a.generate, eos_token_id=a.eos, adapter=ad)
+        print(f"{'base/merged' if ad is None else ad}: generated {out.shape[1] - ids.shape[1]} tokens")
+        for row in out[:, ids.shape[1]:]:
+            print("  " + " ".join(str(int(t)) for t in row))
     return 0

@@ -3,6 +3,7 @@ all-MiniLM-L6-v2, fine-tuned with LoRA on a built-in 4-topic sentence classifica
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..errors import LoadError, LrcError
 
-SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
+SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16); head:full"
 DEFAULT_STEPS = 60
 QUICK_STEPS = 3
 BATCH = 8
@@ -76,10 +77,11 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = False,
+def run_demo(out_dir: str | None = None, steps: int | None = None, quick: bool = False,
              threads: int | None = 1) -> dict[str, Any]:
     """Fine-tune MiniLM with LoRA on the built-in topic task and round-trip it through merge/save/load.
 
+    ``out_dir``: where the files go (created if needed); None: a new temporary directory, printed.
     Prints progress (tqdm) and a summary table; returns its numbers: accuracies before/after on
     the held-out split, train loss, timings, the max abs logit differences of the parity checks
     (in-memory merged vs unmerged, reloaded vs in-memory for both files), and the written files.
@@ -98,7 +100,7 @@ def run_demo(out_dir: str = "lrc-demo", steps: int | None = None, quick: bool = 
         torch.set_num_threads(prev)
 
 
-def _run(out_dir: str, steps: int | None, quick: bool) -> dict[str, Any]:
+def _run(out_dir: str | None, steps: int | None, quick: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .. import api
@@ -110,7 +112,7 @@ def _run(out_dir: str, steps: int | None, quick: bool) -> dict[str, Any]:
     if n_steps < 0:
         raise LrcError(f"--steps must be >= 0, got {n_steps}")
     torch.manual_seed(SEED)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="lrc-demo-"))
     out.mkdir(parents=True, exist_ok=True)
 
     print("[1/6] loading all-MiniLM-L6-v2 (embedded) ...")
@@ -123,8 +125,6 @@ def _run(out_dir: str, steps: int | None, quick: bool) -> dict[str, Any]:
 
     print(f"[2/6] transform: {SPEC}")
     gm = api.transform(model, SPEC, example_inputs=(tr_ids[:2],), example_kwargs={"attention_mask": tr_mask[:2]})
-    for p in gm.head.parameters():  # the task head trains in full; transform froze every base parameter
-        p.requires_grad_(True)
     trainable, total = api.trainable_parameters(gm)
     print(f"      {len(api.adapters(gm))} LoRA adapters; trainable {trainable:,} of {total:,} parameters")
     acc_before = _accuracy(_logits(gm, te_ids, te_mask), te_y)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -33,6 +34,23 @@ def suggest(word: str, options: list[str] | tuple[str, ...] | dict) -> str:
     if not close:
         close = [o for o in opts if word.startswith(o) or o.startswith(word)][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+#: largest magnitude a float spec argument may have: a scale beyond it overflows float32 (max ~3.4e38)
+#: as soon as it multiplies adapter weights, giving inf/NaN outputs
+MAX_FLOAT_ARG = 1e12
+INT_ARG_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _number_range(v: Any) -> str | None:
+    """Generic check for every numeric spec argument: floats finite and not huge, ints fit int64."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be a finite number"
+    if isinstance(v, float) and abs(v) > MAX_FLOAT_ARG:
+        return f"is too large (at most {MAX_FLOAT_ARG:g} in magnitude: larger scales overflow float32)"
+    if isinstance(v, int) and not isinstance(v, bool) and not INT_ARG_RANGE[0] <= v <= INT_ARG_RANGE[1]:
+        return "does not fit a 64-bit integer"
+    return None
 
 
 def positive(v: Any) -> str | None:
@@ -86,6 +104,18 @@ class LowRank(NamedTuple):
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+
+
+class MixedFactors(NamedTuple):
+    """An additive adapter in the form a mixed-adapter batch stacks (``passes/mixed.py``), differentiable:
+    ``y = g ⊙ (W x' + B A x') + b`` with ``x' = dropout_p(x)`` (DoRA's exact dropout form when ``g`` is
+    set: ``W x + (g − 1) ⊙ W x' + g ⊙ B A x'``). ``A`` r × d_in, ``B`` d_out × r with the scale folded in,
+    ``gain`` (d_out) or None for 1."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    gain: torch.Tensor | None
+    dropout: float
 
 
 class AdapterMethod(nn.Module):
@@ -158,6 +188,10 @@ class AdapterMethod(nn.Module):
                     want = " or ".join(t.__name__ for t in spec.types)
                     problems.append(f"{cls.name}: argument {key}={value!r} must be {want}")
                     continue
+                err = _number_range(value)
+                if err:
+                    problems.append(f"{cls.name}: argument {key}={value!r} {err}")
+                    continue
                 if spec.check is not None and value is not None:
                     err = spec.check(value)
                     if err:
@@ -198,6 +232,15 @@ class AdapterMethod(nn.Module):
     def low_rank_factors(self) -> LowRank | None:
         """``(A, B, s)`` such that this adapter adds ``s·B A x`` to the current base linear, or None."""
         return None
+
+    def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
+        """This adapter as :class:`MixedFactors` (gradients flow to its parameters), or None when it is not
+        additive-low-rank-with-gain (then it cannot share a mixed-adapter batch)."""
+        return None
+
+    #: True for methods that hold several adapters themselves and pick one per row (FLoRA): they
+    #: implement ``forward_rows(x, weight, bias, adapter_ids)`` and ``n_slots``.
+    batched: ClassVar[bool] = False
 
     def base_offset(self) -> LowRank | None:
         """The low-rank offset this method applied to the base (W_now = W_original − s·B0 A0), or None."""
@@ -242,6 +285,26 @@ class AdapterMethod(nn.Module):
         """Update rule after the optimizer step; return a new base weight (d_out × d_in) or None."""
         return None
 
+    @classmethod
+    def before_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
+        """Called once per optimizer step for each method class present, with all of its adapters in
+        graph order, after the per-site ``transform_grads`` and before the base step (a view across
+        sites, e.g. a regulariser normalized over all sites); default: nothing."""
+
+    @classmethod
+    def after_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
+        """Like :meth:`before_step_all`, after the per-site ``after_step`` (global rank budgets); default: nothing."""
+
+    @classmethod
+    def tie(cls, adapters: list[AdapterMethod]) -> None:
+        """Re-establish tensors shared across sites (by identity) from the adapters' buffers; called with
+        every adapter of this class in a graph after its tensors are loaded; default: nothing."""
+
+    def final_rank(self) -> int | None:
+        """The rank this adapter has now (after masking/pruning), or None when it has no rank notion."""
+        f = self.low_rank_factors()
+        return None if f is None else int(f.A.shape[0])
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
 
@@ -270,6 +333,12 @@ class DataDependentInit:
     def needs_init(self) -> bool:
         return not bool(self.initialized)
 
+    @classmethod
+    def initialize_all(cls, adapters: list[Any]) -> None:
+        """Called by ``passes.initialize`` once per method class, after every site's ``initialize``,
+        with the adapters of this class it just initialized (graph order): decisions across sites
+        (LoRA-drop's kept set); default: nothing."""
+
 
 def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
     """``weight`` if every entry is finite, else :class:`MergeError` naming the site."""
@@ -279,8 +348,17 @@ def check_finite(weight: torch.Tensor, site: str) -> torch.Tensor:
     return weight
 
 
+def by_method_class(adapters: list[Any]) -> dict[type, list[Any]]:
+    """``{method class: its adapters in the given order}``, classes in order of first appearance."""
+    out: dict[type, list[Any]] = {}
+    for ad in adapters:
+        out.setdefault(type(ad), []).append(ad)
+    return out
+
+
 _REGISTRY: dict[str, type[AdapterMethod]] = {}
 SKIP = "skip"
+FULL = "full"  # not an adapter: the matched module is trained as a whole (PEFT's modules_to_save)
 
 
 def register_method(cls: type[AdapterMethod]) -> type[AdapterMethod]:
@@ -298,7 +376,7 @@ def get_method(name: str) -> type[AdapterMethod]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        options = sorted(_REGISTRY) + [SKIP]
+        options = sorted(_REGISTRY) + [SKIP, FULL]
         raise SpecError(f"unknown method {name!r}{suggest(name, options)}; valid: {', '.join(options)}") from None
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arg, LowRank, SiteInfo, check_finite, positive, probability, register_method
+from .base import Arg, LowRank, MixedFactors, SiteInfo, check_finite, positive, probability, register_method
 from .lora import LoRA
 
 
@@ -95,3 +95,9 @@ class DoRA(LoRA):
         with torch.no_grad():
             w = merged.float() * (self.merge_norm / self.lora_magnitude_vector.float()).unsqueeze(1)
             return (w - (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(merged.dtype)
+
+    def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
+        """Gain m/‖W + s·B A‖ (norm detached, as forward) on top of the LoRA factors."""
+        f = super().mixed_factors(weight)
+        gain = self.lora_magnitude_vector / self._norm(weight).to(self.lora_magnitude_vector.dtype)
+        return f._replace(gain=gain)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, LowRank, SiteInfo, positive, probability, register_method
+from .base import AdapterMethod, Arg, LowRank, MixedFactors, SiteInfo, positive, probability, register_method
 
 
 @register_method
@@ -103,3 +103,7 @@ class LoRA(AdapterMethod):
 
     def low_rank_factors(self) -> LowRank | None:
         return LowRank(self.lora_A.detach(), self.lora_B.detach(), float(self.scaling))
+
+    def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return MixedFactors(self.lora_A, self.lora_B * self.scaling, None, p)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LrcError
 from .base import Arg, SiteInfo, StepContext, one_of, register_method
 from .lora import LoRA
 
@@ -56,6 +57,9 @@ class LoRAPro(LoRA):
     are read from the param group, so schedulers apply. Choice: the frozen base W is not decayed
     (the authors also decay W). ``mode="efficient"``: the adjusted gradients go to the base
     optimizer as they are (any optimizer). Memory of "full": 2·d_out·d_in floats per site.
+    With an optimizer that keeps no Adam moments (no ``betas`` in its param group, e.g.
+    ``torch.optim.SGD``), "full" does what "efficient" does: that optimizer steps the adjusted
+    gradients (the authors' LoRA-Pro SGD), never a hidden Adam step.
 
     Args:
         r (int, 8), alpha (float, 8), dropout (float, 0.0), rslora (bool, false): as LoRA.
@@ -77,13 +81,16 @@ class LoRAPro(LoRA):
         A, B = self.lora_A, self.lora_B
         if A.grad is None or B.grad is None:
             return
+        if not (bool(torch.isfinite(A.grad).all()) and bool(torch.isfinite(B.grad).all())):
+            raise LrcError(f"lora_pro at site {self.site_name!r}, step {ctx.step}: non-finite gradients (NaN/inf "
+                           "in the batch or the loss); nothing was updated")
         a, b, s = A.float(), B.float(), self.scaling
         ga, gb = adjusted_grads(a, b, A.grad.float(), B.grad.float(), s)
-        if self.mode == "efficient":
+        group, state = ctx.group(B), ctx.state(B)
+        if self.mode == "efficient" or "betas" not in group:  # no Adam moments: the authors' SGD variant
             A.grad.copy_(ga)
             B.grad.copy_(gb)
             return
-        group, state = ctx.group(B), ctx.state(B)
         lr, wd = float(group["lr"]), float(group.get("weight_decay", 0.0))
         beta1, beta2 = group.get("betas", (0.9, 0.999))
         eps = float(group.get("eps", 1e-8))

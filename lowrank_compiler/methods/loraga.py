@@ -104,6 +104,9 @@ class LoRAGA(DataDependentInit, LoRA):
         if stats.n_batches <= 0:
             raise InitError(f"site {self.site_name!r}: no gradient was recorded (0 batches reached this "
                             "site); check that data is not empty and that loss_fn depends on the output")
+        if not all(bool(torch.isfinite(t).all()) for t in stats.tensors()):
+            raise InitError(f"site {self.site_name!r}: the gradient statistics are non-finite (NaN/inf in the "
+                            "site's input activations or gradients); check the data")
         r = self.r
         q = min(4 * r, self.d_out, self.d_in)
         cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []

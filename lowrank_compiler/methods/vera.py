@@ -10,7 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, LowRank, SiteInfo, non_negative, positive, probability, register_method
+from .base import (
+    AdapterMethod,
+    Arg,
+    LowRank,
+    MixedFactors,
+    SiteInfo,
+    non_negative,
+    positive,
+    probability,
+    register_method,
+)
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -102,3 +112,10 @@ class VeRA(AdapterMethod):
         a = self.vera_lambda_d.detach().float().unsqueeze(1) * self.vera_A.float()
         b = self.vera_lambda_b.detach().float().unsqueeze(1) * self.vera_B.float()
         return LowRank(a, b, 1.0)
+
+    def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
+        """(Λ_d A, Λ_b B), differentiable in Λ_d and Λ_b (the shared pair stays frozen)."""
+        a = self.vera_lambda_d.unsqueeze(1) * self.vera_A.to(self.vera_lambda_d.dtype)
+        b = self.vera_lambda_b.unsqueeze(1) * self.vera_B.to(self.vera_lambda_b.dtype)
+        p = self.vera_dropout.p if isinstance(self.vera_dropout, nn.Dropout) else 0.0
+        return MixedFactors(a, b, None, p)

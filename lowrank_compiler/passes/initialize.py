@@ -12,7 +12,7 @@ from torch import fx
 from ..errors import InitError
 from ..gradstats import GradStats
 from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
-from ..methods.base import DataDependentInit
+from ..methods.base import DataDependentInit, by_method_class
 from .manager import PassResult
 
 
@@ -146,7 +146,7 @@ def initialize(
                 bad = torch.stack([s.nonfinite for s in stats])
                 if bool(bad.any()):
                     site = sites[int(bad.nonzero()[0, 0])][0].site
-                    raise InitError(f"non-finite gradient at site {site!r} in batch {n}; "
+                    raise InitError(f"non-finite gradient at site {site!r} in batch {n} (or NaN/inf in its input); "
                                     "check the data and loss_fn (or lower the loss scale)")
     finally:
         for h in hooks:
@@ -171,6 +171,8 @@ def initialize(
             new = mod.initialize(s, logical_weight(gm, mark))
             if new is not None:
                 set_logical_weight(gm, mark, new)
+        for cls, mods in by_method_class([mod for _, mod in sites]).items():
+            cls.initialize_all(mods)
         _broadcast(gm, sites)
     return PassResult(gm, True)
 

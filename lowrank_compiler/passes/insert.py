@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, adapters_of, finalize, replace_with_module
-from ..methods.base import get_method
+from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, finalize, lrc_meta, replace_with_module
+from ..methods.base import AdapterMethod, get_method
 from ..sites import Site, find_sites
 from .manager import PassResult
 
@@ -15,8 +15,11 @@ _LINEAR_TARGETS = (_aten.linear.default, torch.nn.functional.linear, torch._C._n
 
 
 def freeze_base(gm: fx.GraphModule) -> None:
-    """Every parameter that is not inside an adapter stops requiring grad."""
-    keep = {id(p) for mod in adapters_of(gm).values() for p in mod.parameters()}
+    """Every parameter that is not inside an adapter (or a module a spec trains fully) stops requiring grad."""
+    # any AdapterMethod in the hierarchy, not only those the graph calls yet: a variant graph (face.py)
+    # shares the primary's adapters before its insert runs
+    keep = {id(p) for mod in gm.modules() if isinstance(mod, AdapterMethod) for p in mod.parameters()}
+    keep |= {id(p) for p in lrc_meta(gm).get("trainable_extra", ())}
     for p in gm.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -74,13 +77,24 @@ def _try_rewrite(gm: fx.GraphModule, site: Site, mark: SiteMark,
         with g.inserting_before(node):
             w = g.call_function(_aten.t.default, (w,))
     weight = gm.get_parameter(site.weight_path)
-    info = site.info()
-    info.extra["group_shape"] = group_shape or (site.d_out, site.d_in)  # max (d_out, d_in) over the sites sharing this method+args (VeRA)
-    method = get_method(mark.method)(info, **dict(mark.args))
-    method.to(device=weight.device)
-    method.train(gm.training)  # a new module defaults to train mode; follow the graph's (dropout)
-    method.init_from_base(weight.t() if site.layout == "conv1d" else weight)
     path = adapter_path(gm, site.name)
+    method = _existing(gm, path, mark.method)
+    if method is None:
+        info = site.info()
+        info.extra["group_shape"] = group_shape or (site.d_out, site.d_in)  # max (d_out, d_in) over the sites sharing this method+args (VeRA)
+        method = get_method(mark.method)(info, **dict(mark.args))
+        method.to(device=weight.device)
+        method.train(gm.training)  # a new module defaults to train mode; follow the graph's (dropout)
+        method.init_from_base(weight.t() if site.layout == "conv1d" else weight)
     new = replace_with_module(gm, node, path, method, (x, w, b))
     new.meta[META_KEY] = AdapterMark(site.name, mark.method, site.layout, site.weight_path, site.bias_path, path)
     return True
+
+
+def _existing(gm: fx.GraphModule, path: str, method: str) -> AdapterMethod | None:
+    """The adapter already at ``path`` (another graph over the same hierarchy inserted it), reused as is."""
+    try:
+        mod = gm.get_submodule(path)
+    except AttributeError:
+        return None
+    return mod if isinstance(mod, AdapterMethod) and mod.name == method else None

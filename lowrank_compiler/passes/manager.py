@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -71,6 +72,17 @@ def verify_enabled() -> bool:
 def set_verify(on: bool) -> None:
     """Turn per-pass ``ir.verify`` on or off for every pipeline."""
     _VERIFY[0] = bool(on)
+
+
+@contextmanager
+def verification(on: bool) -> Iterator[None]:
+    """Turn per-pass ``ir.verify`` on or off inside the block (e.g. off while a graph is mid-construction)."""
+    was = _VERIFY[0]
+    _VERIFY[0] = bool(on)
+    try:
+        yield
+    finally:
+        _VERIFY[0] = was
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], name: str = "pipeline") -> PassResult:

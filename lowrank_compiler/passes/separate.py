@@ -86,10 +86,14 @@ def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None)
         lin = g.call_function(_aten.linear.default, (x, w, bias) if bias is not None else (x, w))
         pa = g.get_attr(f"{mark.module_path}.{LORA_A}")
         pb = g.get_attr(f"{mark.module_path}.{LORA_B}")
-        if a.dtype != _dtype_of(x):
+        base_dtype = logical_weight(gm, mark).dtype
+        x_dtype = _dtype_of(x) or base_dtype
+        if a.dtype != x_dtype:  # e.g. LoRA-GA keeps fp32 factors on a bf16 model
             x = g.call_function(_aten._to_copy.default, (x,), {"dtype": a.dtype})
         h = g.call_function(_aten.matmul.default, (x, pa))
         d = g.call_function(_aten.matmul.default, (h, pb))
+        if a.dtype != x_dtype:  # back to the activation dtype, so the next layer sees what the model did
+            d = g.call_function(_aten._to_copy.default, (d,), {"dtype": x_dtype})
         y = g.call_function(_aten.add.Tensor, (lin, d))
     lin.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
     y.meta["lrc_separate"] = mark.site

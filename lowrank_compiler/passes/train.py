@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import LrcError
+from ..errors import LrcError, MergeError
 from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
-from ..methods.base import AdapterMethod, StepContext
+from ..methods.base import AdapterMethod, StepContext, by_method_class
 
 _CLASSES: dict[type, type] = {}
 
@@ -18,9 +18,11 @@ _CLASSES: dict[type, type] = {}
 class LrcOptimizerMixin:
     """Mixed into the user's optimizer class (``LrcAdamW`` is-a ``torch.optim.AdamW``).
 
-    ``step()`` runs, in order: every adapter's ``transform_grads`` (LoRA-Pro, LoRA-FA), the base
-    optimizer's own step over the method-specific param groups (LoRA+ ratios), then every adapter's
-    ``after_step`` (Delta-LoRA, LoRASC), writing any new base weight it returns. ``param_groups`` and
+    ``step()`` runs, in order: every adapter's ``transform_grads`` (LoRA-Pro, LoRA-FA), each method
+    class's ``before_step_all`` over all its adapters (AdaLoRA's regulariser gradient), the base
+    optimizer's own step over the method-specific param groups (LoRA+ ratios), every adapter's
+    ``after_step`` (Delta-LoRA, LoRASC), writing any new base weight it returns, then each class's
+    ``after_step_all`` (AdaLoRA's global rank budget, ALoRA's pruning rounds). ``param_groups`` and
     ``state`` are the base optimizer's, so LR schedulers, ``clip_grad_norm_``, GradScaler and
     ``state_dict()``/``load_state_dict()`` work unchanged; the lrc step counter is saved in the
     state dict under ``"lrc"``.
@@ -60,18 +62,36 @@ class LrcOptimizerMixin:
         self._lrc_step += 1
         ctx = StepContext(self._lrc_step, lambda p: self.state[p], self._group)  # type: ignore[attr-defined]
         gm = self._lrc_gm
+        by_class = by_method_class([ad for _, ad in self._lrc_sites])
         for mark, ad in self._lrc_sites:
             ad.transform_grads(logical_weight(gm, mark), ctx)
+        for cls, ads in by_class.items():
+            cls.before_step_all(ads, ctx)
         _base_step(self)
+        updates = []
         for mark, ad in self._lrc_sites:
             new = ad.after_step(logical_weight(gm, mark), ctx)
             if new is not None:
-                self._write_base(mark, new)
+                updates.append((mark, new))
+        for mark, new in updates:  # check all before writing any: a refused step changes no base weight
+            _check_finite_base(mark, new, self._lrc_step)
+        for mark, new in updates:
+            self._write_base(mark, new)
+        for cls, ads in by_class.items():
+            cls.after_step_all(ads, ctx)
         return loss
 
     def _write_base(self, mark: AdapterMark, value: torch.Tensor) -> None:
         """Write a new base weight: in place when this optimizer created the Parameter, else a new one
-        (the original may be shared with the user's model, see ``passes.merge.set_logical_weight``)."""
+        (the original may be shared with the user's model, see ``passes.merge.set_logical_weight``).
+
+        A non-finite value is refused (:class:`MergeError` naming the site and method; the base weight
+        keeps its old value). lrc refuses rather than skips: a skipped update would silently
+        desynchronise methods that track the base (Delta-LoRA's previous B·A, LoRASC's cascade).
+        Under ``torch.cuda.amp.GradScaler`` an inf/NaN gradient step never reaches here, since the
+        scaler skips ``optimizer.step()`` itself.
+        """
+        _check_finite_base(mark, value, self._lrc_step)
         gm = self._lrc_gm
         ref = self._lrc_owned.get(mark.weight_path)
         if ref is not None and ref() is gm.get_parameter(mark.weight_path):
@@ -91,6 +111,13 @@ class LrcOptimizerMixin:
         super().load_state_dict(sd)  # type: ignore[misc]
         self._lrc_step = int(lrc.get("step", 0))
         self._lrc_group_of = {}
+
+
+def _check_finite_base(mark: AdapterMark, value: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise MergeError(f"step {step}: the {mark.method!r} update of site {mark.site!r} would write NaN/inf into its "
+                         "base weight (non-finite loss or gradients, or a too-large learning rate); the base "
+                         "weights were not changed; check the batch and the learning rate")
 
 
 def _base_step(opt: Any) -> None:

@@ -1,0 +1,110 @@
+"""Build malicious / corrupt variants of a fresh ``lrc.save`` file (payloads only create a marker file)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lowrank_compiler as lrc
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def fresh_save(path: Path, spec: str = "fc*:lora(r=2, alpha=4)") -> Path:
+    torch.manual_seed(0)
+    gm = lrc.transform(Tiny(), spec, example_inputs=(torch.randn(4, 6),))
+    lrc.save(gm, path)
+    return path
+
+
+class Payload:
+    """Unpickling this opens (creates) ``marker``: the stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def torch_save_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def members(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    return buf.getvalue()
+
+
+def edit_program(lrc_file: Path, out: Path, edit: Callable[[dict[str, bytes]], None]) -> Path:
+    """Copy ``lrc_file`` to ``out`` with its embedded program.pt2 members changed by ``edit``."""
+    outer = members(lrc_file.read_bytes())
+    inner = members(outer["program.pt2"])
+    edit(inner)
+    outer["program.pt2"] = zip_bytes(inner)
+    out.write_bytes(zip_bytes(outer))
+    return out
+
+
+def program_json(inner: dict[str, bytes]) -> tuple[str, dict]:
+    name = next(n for n in inner if n.endswith("models/model.json"))
+    return name, json.loads(inner[name])
+
+
+def attack_sample_inputs(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """Route 1: a pickled sample-inputs member that needs weights_only=False."""
+    def edit(inner: dict[str, bytes]) -> None:
+        name = next(n for n in inner if "sample_inputs" in n)
+        inner[name] = torch_save_bytes(Payload(marker))
+    return edit
+
+
+def attack_use_pickle(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """Route 2: a weight marked use_pickle whose payload is a pickle."""
+    def edit(inner: dict[str, bytes]) -> None:
+        cfg_name = next(n for n in inner if n.endswith("weights_config.json"))
+        cfg = json.loads(inner[cfg_name])
+        fqn, entry = next(iter(cfg["config"].items()))
+        entry["use_pickle"] = True
+        inner[cfg_name] = json.dumps(cfg).encode()
+        inner[next(n for n in inner if n.endswith("/" + entry["path_name"]))] = torch_save_bytes(Payload(marker))
+    return edit
+
+
+def attack_sympy(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """Route 3: a symbolic shape expression that is Python code (sympify evaluates it)."""
+    def edit(inner: dict[str, bytes]) -> None:
+        name, prog = program_json(inner)
+        text = json.dumps(prog)
+        sym = next(iter(prog["range_constraints"]))
+        old = f"Symbol('{sym}', positive=True, integer=True)"
+        assert old in text, "the fresh program has no symbolic expression to replace"
+        new = f"open('{marker}', 'w') and Symbol('{sym}', positive=True, integer=True)"
+        inner[name] = text.replace(json.dumps(old)[1:-1], json.dumps(new)[1:-1], 1).encode()
+    return edit
+
+
+ATTACKS = {"sample_inputs": attack_sample_inputs, "use_pickle": attack_use_pickle, "sympy": attack_sympy}
