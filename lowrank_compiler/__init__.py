@@ -4,7 +4,7 @@ The public face is the names in ``__all__``; everything else is reachable throug
 (``lowrank_compiler.trace``, ``lowrank_compiler.backends.peft``, ``lowrank_compiler.ir`` ...).
 """
 
-from . import backends
+from . import backends, distributed  # noqa: F401  (lrc.distributed: DDP / FSDP2 helpers)
 from .api import adapters, merge, merge_adapters, print_trainable_parameters, transform, unmerge_adapters
 from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
 from .backends.export import export

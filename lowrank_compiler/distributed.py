@@ -21,7 +21,6 @@ reduce-scatter.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -215,19 +214,3 @@ def save(gm: nn.Module, path: str | os.PathLike) -> None:
 
 def _unwrap(gm: nn.Module) -> nn.Module:
     return gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
-
-
-@contextmanager
-def process_group(backend: str = "gloo", world: int | None = None, rank_: int | None = None) -> Any:
-    """``init_process_group`` from torchrun's environment (or the given rank/world), destroyed on exit."""
-    if _initialized():
-        yield
-        return
-    kw: dict[str, Any] = {}
-    if world is not None:
-        kw.update(world_size=world, rank=rank_)
-    dist.init_process_group(backend, **kw)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

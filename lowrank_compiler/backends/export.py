@@ -69,15 +69,18 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
-        if quantize is not None:
+        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
+            from .onnx_generate import export_decoder_onnx
+
+            if quantize is not None:
+                raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "
+                                  "include past key values the accuracy gate cannot sample); export fp32")
+            report = export_decoder_onnx(gm, path, **kw)
+        elif quantize is not None:
             from .quantize import DEFAULT_MIN_COSINE, export_quantized
 
             report = export_quantized(gm, path, quantize, force=force, **kw,
                                       min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
-        elif is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
-            from .onnx_generate import export_decoder_onnx
-
-            report = export_decoder_onnx(gm, path, **kw)
         else:
             report = export_onnx(gm, path, **kw)
         for stem, tensors in extra:

@@ -14,9 +14,9 @@ sentence embeddings whose cosines differ by more than ~0.01 and is what per-chan
 the few sensitive MatMuls stay fp32.
 
 Sensitive ops are found, not guessed: when quantizing every weight MatMul fails the gate, each MatMul
-is quantized alone, its error (1 − cos) measured, and the least sensitive ones are quantized together
-while the summed error stays within half the budget (1 − min_cosine); the result is re-checked (and
-the budget halved, up to 3 times, if the sum under-estimated). The report lists what stayed fp32.
+is quantized alone and ranked by its error (1 − cos); then a binary search finds the longest prefix of
+that ranking (least sensitive first) whose quantized model passes the gate (log2(n) more checks; the
+error grows with the prefix, up to noise). The report lists what stayed fp32.
 """
 
 from __future__ import annotations
@@ -187,30 +187,27 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "i
 
 def _search(src: Path, tmp: Path, d: Path, mode: str, cands: list[str], exclude: list[str], runner: _Runner,
             min_cosine: float) -> tuple[list[str], float, float] | None:
-    """Quantize each candidate alone, then the least sensitive set whose summed (1 − cos) fits the budget;
-    ``(chosen, max_abs, cos)`` of a passing set written to ``tmp``, or None when none was found."""
+    """Rank the candidates by their error quantized alone, then binary-search the longest prefix of that
+    ranking (least sensitive first) that passes; ``(chosen, max_abs, cos)`` written to ``tmp``, or None."""
     sens: list[tuple[float, str]] = []
-    one = d / "one.onnx"
+    trial = d / "trial.onnx"
     for name in cands:
-        _quantize(src, one, mode, [name], exclude)
-        sens.append((1.0 - runner.error(one)[1], name))
+        _quantize(src, trial, mode, [name], exclude)
+        sens.append((1.0 - runner.error(trial)[1], name))
     sens.sort()
-    budget = (1.0 - min_cosine) / 2
-    for _ in range(4):
-        chosen, total = [], 0.0
-        for s, name in sens:
-            if total + max(s, 0.0) > budget:
-                break
-            chosen.append(name)
-            total += max(s, 0.0)
-        if not chosen:
-            break
-        _quantize(src, tmp, mode, chosen, exclude)
-        max_abs, cos = runner.error(tmp)
+    names = [n for _, n in sens]
+    lo, hi = 0, len(names)  # a prefix of length lo passes (0 trivially); hi fails (all of them, measured)
+    best: tuple[list[str], float, float] | None = None
+    while hi - lo > 1:
+        k = (lo + hi) // 2
+        _quantize(src, trial, mode, names[:k], exclude)
+        max_abs, cos = runner.error(trial)
         if cos >= min_cosine:
-            return chosen, max_abs, cos
-        budget /= 2
-    return None
+            lo, best = k, (names[:k], max_abs, cos)
+            tmp.write_bytes(trial.read_bytes())
+        else:
+            hi = k
+    return best
 
 
 def export_quantized(gm: Any, path: str | os.PathLike, mode: str, *, force: bool = False,
