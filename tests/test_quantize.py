@@ -137,7 +137,7 @@ def test_minilm_int8_gate_and_adapters(minilm, minilm_batch, tmp_path):
                        example_inputs=(ids,), example_kwargs={"attention_mask": mask}, progress=False)
     with torch.no_grad():
         for a in lrc.adapters(gm).values():
-            a.lora_B.normal_(std=0.02)
+            a.lora_B.normal_(std=0.05)
     rep = lrc.export(gm, tmp_path / "m.onnx", merge=True, quantize="int8")
     assert rep["passed"] and rep["cosine"] >= 0.999 and rep["quantized"] > 0
     got = lo.session(tmp_path / "m.onnx", providers="cpu")({"input_ids": ids, "attention_mask": mask})[0]
@@ -148,4 +148,4 @@ def test_minilm_int8_gate_and_adapters(minilm, minilm_batch, tmp_path):
     without = sess({"input_ids": ids, "attention_mask": mask})[0]
     ref = _torch_out(gm, ids, mask)
     assert _cos(with_a, ref) >= 0.999 - 1e-4
-    assert np.abs(with_a - ref).max() < np.abs(without - ref).max()
+    assert np.abs(with_a - ref).mean() < np.abs(without - ref).mean() / 2  # the fp32 adapter switched on
