@@ -71,7 +71,7 @@ class AdaLoRA(AdapterMethod):
         "target_r": Arg(8, (int,), positive, "average target rank"),
         "alpha": Arg(8.0, (float,), positive, "scaling numerator"),
         "dropout": Arg(0.0, (float,), probability, "dropout on the adapter input"),
-        "total_step": Arg(None, (int,), positive, "planned optimizer steps (required)"),
+        "total_step": Arg(None, (int,), positive, "the planned number of optimizer steps", required=True),
         "tinit": Arg(0, (int,), non_negative, "steps before the budget starts to fall"),
         "tfinal": Arg(0, (int,), non_negative, "final steps at the target budget"),
         "deltaT": Arg(1, (int,), positive, "steps between two maskings"),
@@ -83,9 +83,6 @@ class AdaLoRA(AdapterMethod):
     @classmethod
     def resolve_args(cls, given: dict[str, Any]) -> dict[str, Any]:
         out = super().resolve_args(given)
-        if out["total_step"] is None:
-            raise SpecError("adalora: argument total_step is required (the planned number of optimizer steps, "
-                            "e.g. adalora(init_r=12, target_r=8, total_step=1000))")
         if out["target_r"] > out["init_r"]:
             raise SpecError(f"adalora: target_r={out['target_r']} must be <= init_r={out['init_r']}")
         if out["tinit"] >= out["total_step"] - out["tfinal"]:

@@ -25,6 +25,8 @@ class Arg:
     types: tuple[type, ...]
     check: Callable[[Any], str | None] | None = None
     doc: str = ""
+    #: the spec must give it (``default`` is then None)
+    required: bool = False
 
 
 def suggest(word: str, options: list[str] | tuple[str, ...] | dict) -> str:
@@ -176,6 +178,9 @@ class AdapterMethod(nn.Module):
                 )
         out: dict[str, Any] = {}
         for key, spec in cls.args.items():
+            if spec.required and given.get(key) is None:
+                problems.append(f"{cls.name}: argument {key} is required ({spec.doc}), e.g. {cls.name}({key}=...)")
+                continue
             value = given.get(key, spec.default)
             if key in given:
                 if float in spec.types and isinstance(value, int) and not isinstance(value, bool):

@@ -49,20 +49,12 @@ class LoRASC(LoRA):
     name = "lorasc"
     args = {
         **LoRA.args,
-        "cascade_every": Arg(None, (int,), positive, "optimizer steps per cascade (required)"),
+        "cascade_every": Arg(None, (int,), positive, "optimizer steps per cascade", required=True),
         "slow_rate": Arg(1.0, (float,), _unit_interval, "share of the fast LoRA merged per cascade"),
         "noise": Arg(0.0, (float,), non_negative, "NoisyTune strength per cascade"),
         "seed": Arg(0, (int,), non_negative, "seed of the re-init and noise"),
     }
     modifies_base: ClassVar[bool] = True
-
-    @classmethod
-    def resolve_args(cls, given: dict[str, Any]) -> dict[str, Any]:
-        out = super().resolve_args(given)
-        if out["cascade_every"] is None:
-            raise SpecError("lorasc: argument cascade_every is required (optimizer steps per cascade, "
-                            "e.g. lorasc(r=8, cascade_every=100))")
-        return out
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
