@@ -91,3 +91,38 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
+
+
+def tiny_bert_classifier():
+    """(tiny seeded BertForSequenceClassification, example ids, example kwargs with mask and labels)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=64, num_labels=2)
+    model = tf.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 100, (4, 8))
+    return model, ids, {"attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+
+
+class LabeledIds(torch.utils.data.Dataset):
+    """``n`` seeded rows of 8 token ids with a mask and a 0/1 label: what an HF Trainer batch carries."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        x = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor(i % 2)}
+
+
+def trainer_args(tmp_path, max_steps: int):
+    """TrainingArguments for a short CPU run that writes and reports nothing."""
+    import transformers as tf
+
+    return tf.TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                                learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                remove_unused_columns=False, disable_tqdm=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import LabeledIds, tiny_bert_classifier, trainer_args
 from test_methods_invariants import MLP, inputs, make_mlp
 
 import lowrank_compiler as lrc
@@ -175,28 +176,12 @@ def test_total_step_is_required_and_schedule_checked():
 
 @pytest.mark.slow
 def test_hf_trainer_runs_the_schedule_without_a_callback(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
-                                  intermediate_size=64, vocab_size=100, max_position_embeddings=64, num_labels=2)
-    model = transformers.BertForSequenceClassification(cfg).eval()
-    ids = torch.randint(0, 100, (4, 8))
-    example = {"attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    model, ids, example = tiny_bert_classifier()
     spec = "attention.self.[qv][ua]*:adalora(init_r=4, target_r=2, total_step=4, tfinal=1)"
     gm = lrc.transform(model, spec, example_inputs=(ids,), example_kwargs=example)
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            x = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor(i % 2)}
-
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                                          remove_unused_columns=False, disable_tqdm=True)
+    args = trainer_args(tmp_path, 4)
     opt, sched = lrc.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
-    transformers.Trainer(model=gm, args=args, train_dataset=Data(), optimizers=(opt, sched)).train()
+    transformers.Trainer(model=gm, args=args, train_dataset=LabeledIds(16), optimizers=(opt, sched)).train()
     ads = list(lrc.adapters(gm).values())
     assert len(ads) == 4 and all(int(a.steps) == 4 for a in ads)
     assert sum(a.final_rank() for a in ads) == 2 * 4  # the target budget, reached inside opt.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LabeledIds, tiny_bert_classifier, trainer_args
 from test_methods_invariants import inputs, make_mlp
 
 import lowrank_compiler as lrc
@@ -123,29 +124,13 @@ def test_closure_and_plain_trainables():
 @pytest.mark.slow
 def test_hf_trainer_runs_the_update_rules(tmp_path):
     tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
-                        vocab_size=100, max_position_embeddings=64, num_labels=2)
-    model = tf.BertForSequenceClassification(cfg).eval()
-    ids = torch.randint(0, 100, (4, 8))
-    example = {"attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    model, ids, example = tiny_bert_classifier()
     spec = "attention.self.query:delta_lora(r=4, start=1); attention.self.value:lora_plus(r=4, ratio=4)"
     gm = lrc.transform(model, spec, example_inputs=(ids,), example_kwargs=example)
     w0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            x = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor(i % 2)}
-
-    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                                learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                                remove_unused_columns=False, disable_tqdm=True)
+    args = trainer_args(tmp_path, 3)
     opt, sched = lrc.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
-    trainer = tf.Trainer(model=gm, args=args, train_dataset=Data(), optimizers=(opt, sched))
+    trainer = tf.Trainer(model=gm, args=args, train_dataset=LabeledIds(8), optimizers=(opt, sched))
     trainer.train()
     assert opt.lrc_step == 3
     lrs = sorted({g["lr"] for g in opt.param_groups})
