@@ -5,7 +5,7 @@ The public face is the names in ``__all__``; everything else is reachable throug
 """
 
 from . import backends, distributed  # noqa: F401  (lrc.distributed: DDP / FSDP2 helpers)
-from .api import adapters, merge, merge_adapters, print_trainable_parameters, transform, unmerge_adapters
+from .api import adapters, lower_memory, merge, merge_adapters, print_trainable_parameters, transform, unmerge_adapters
 from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
 from .backends.export import export
 from .backends.peft import load_peft
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the pipeline
     "transform", "optimizer", "trainer_optimizers", "adapters", "print_trainable_parameters",
-    "merge", "merge_adapters", "unmerge_adapters",
+    "merge", "merge_adapters", "unmerge_adapters", "lower_memory",
     "save", "load", "save_adapters", "load_adapters", "load_peft", "export", "compile",
     # extending
     "Spec", "parse_spec", "AdapterMethod", "register_method", "backends",

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .ir import adapters_of
 from .methods.base import AdapterMethod
-from .pipelines import merge_pipeline, set_merged_pipeline, transform_pipeline
+from .pipelines import memory_pipeline, merge_pipeline, set_merged_pipeline, transform_pipeline
 from .quiet import quiet
 from .spec import Spec, parse_spec
 from .trace import trace
@@ -80,3 +80,13 @@ def print_trainable_parameters(gm: nn.Module) -> str:
     line = f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
     print(line)
     return line
+
+
+def lower_memory(gm: fx.GraphModule, *, attention: str | None = "recompute", mask: str = "bool",
+                 checkpoint: bool = False) -> fx.GraphModule:
+    """A training graph that saves less for backward and shares every parameter with ``gm`` (``gm`` untouched).
+
+    Outputs and gradients equal ``gm``'s under the same RNG state. Build the optimizer, save, merge and
+    export from ``gm``; run the training steps through the result. Options: :func:`pipelines.memory_pipeline`.
+    """
+    return memory_pipeline(attention, mask, checkpoint)(gm).gm

@@ -9,6 +9,7 @@ the invariants of docs/INVARIANTS.md in code.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +166,24 @@ def replace_with_module(
     new.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
+
+
+def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph that shares all of ``gm``'s submodules and tensors.
+
+    The base of every *lowering* (a graph for running steps whose parameters stay owned by ``gm``):
+    node meta (marks, module stacks) and the pytree calling convention are copied with the graph.
+    """
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for name, child in gm.named_children():
+        setattr(new, name, child)
+    for name, p in gm._parameters.items():
+        new._parameters[name] = p
+    for name, b in gm._buffers.items():
+        new._buffers[name] = b
+    new.meta = dict(gm.meta)
+    new.train(gm.training)
     return new
 
 

@@ -1,0 +1,143 @@
+"""Training-memory lowerings (passes/lean_attention.py, passes/checkpoint_blocks.py) against the unrewritten graph.
+
+Parity is exact (bitwise) under the same seed with dropout on: the lowerings run the same ops in the same
+order and draw the same dropout masks. Saved-tensor bytes are counted with ``saved_tensors_hooks`` (unique
+storages) and compared with what the shapes say the rewrite removes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import example_ids, hidden, make_hf
+
+import lowrank_compiler as lrc
+from lowrank_compiler.errors import LrcError
+from lowrank_compiler.passes.checkpoint_blocks import CheckpointedBlock, checkpoint_blocks
+from lowrank_compiler.passes.lean_attention import LeanAttention, lean_attention
+
+SPECS = {"bert": "attention.self.*:lora(r=4, alpha=8); attention.output.dense:lora(r=2)",
+         "gpt2": "attn.c_attn:lora(r=4, alpha=8); attn.c_proj:lora(r=4)"}
+B, T = 4, 16
+
+
+@pytest.fixture(scope="module", params=["bert", "gpt2"])
+def setup(request):
+    ids = example_ids(B, T)
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    gm = lrc.transform(make_hf(request.param), SPECS[request.param], example_inputs=(ids,),
+                       example_kwargs={"attention_mask": mask})
+    with torch.no_grad():
+        for a in lrc.adapters(gm).values():
+            a.lora_B.normal_(std=0.3)
+    return request.param, gm, ids, mask
+
+
+def _step(model, gm, ids, mask, seed=7):
+    """Output and adapter gradients of one train-mode forward/backward under ``seed``."""
+    model.train()
+    torch.manual_seed(seed)
+    out = hidden(model(ids, attention_mask=mask))
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+    gm.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=0, atol=0)
+
+
+def _saved_bytes(model, ids, mask) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one train-mode forward."""
+    sizes: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        sizes[s.data_ptr()] = max(sizes.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    model.train()
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden(model(ids, attention_mask=mask))
+    return sum(sizes.values())
+
+
+@pytest.mark.parametrize("opts", [dict(attention="recompute"), dict(attention="probs", mask="rng"),
+                                  dict(attention=None, checkpoint=True), dict(checkpoint=True)])
+def test_lowering_equals_the_unrewritten_graph_with_dropout(setup, opts):
+    kind, gm, ids, mask = setup
+    ref = _step(gm, gm, ids, mask)
+    low = lrc.lower_memory(gm, **opts)
+    assert low is not gm
+    n_attn = sum(isinstance(m, LeanAttention) for m in low.modules())
+    n_blocks = sum(isinstance(m, CheckpointedBlock) for m in low.modules())
+    assert (n_attn, n_blocks) == (2 if opts.get("attention", "recompute") else 0, 2 if opts.get("checkpoint") else 0)
+    _assert_same(_step(low, gm, ids, mask), ref)
+    gm.eval()
+    low.eval()
+    with torch.no_grad():  # eval / inference: plain SDPA, blocks run directly
+        torch.testing.assert_close(hidden(low(ids, attention_mask=mask)), hidden(gm(ids, attention_mask=mask)),
+                                   rtol=0, atol=0)
+
+
+def test_saved_bytes_drop_by_the_attention_maps(setup):
+    """Per layer autograd keeps softmax P, the dropout noise and P·noise: 3 float (B, H, T, T) maps. The
+    rewrite keeps a 1-byte mask instead (recompute), or P and the mask (probs); q, k replace q·s, kᵀ·s."""
+    kind, gm, ids, mask = setup
+    cfg = gm.config
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    tt = B * heads * T * T
+    base = _saved_bytes(gm, ids, mask)
+    attn_mask_bytes = B * T * T  # the bool (B, 1, T, T) attention mask, saved once (shared by the layers)
+    recompute = _saved_bytes(lean_attention(gm, recompute=True).gm, ids, mask)
+    assert base - recompute == layers * (3 * tt * 4 - tt) - attn_mask_bytes
+    probs = _saved_bytes(lean_attention(gm, recompute=False).gm, ids, mask)
+    assert base - probs == layers * (2 * tt * 4 - tt)
+    ckpt = checkpoint_blocks(gm).gm
+    # a checkpointed block keeps nothing: at least the maps and the LayerNorm inputs (B, T, d) of every layer go
+    assert _saved_bytes(ckpt, ids, mask) <= base - layers * (3 * tt * 4 + 2 * B * T * cfg.hidden_size * 4)
+
+
+def test_gm_still_trains_merges_and_exports(setup, tmp_path):
+    kind, gm, ids, mask = setup
+    low = lrc.lower_memory(gm, checkpoint=True)
+    before = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+    opt = lrc.optimizer(gm, torch.optim.SGD, lr=0.1)
+    _step(low, gm, ids, mask)
+    low.train()
+    hidden(low(ids, attention_mask=mask)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    assert any(not torch.equal(p, before[n]) for n, p in gm.named_parameters() if p.requires_grad)
+    gm.eval()
+    low.eval()
+    with torch.no_grad():
+        out = hidden(gm(ids, attention_mask=mask))
+        torch.testing.assert_close(hidden(low(ids, attention_mask=mask)), out, rtol=0, atol=0)  # trained gm
+        torch.testing.assert_close(hidden(lrc.merge(gm)(ids, attention_mask=mask)), out, rtol=1e-4, atol=1e-5)
+    lrc.export(gm, tmp_path / "peft", format="peft")
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    with torch.no_grad():  # restore the fixture's weights for the other tests
+        for n, p in gm.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+
+
+def test_without_dropout_attention_there_is_nothing_to_lower():
+    llama = lrc.transform(make_hf("llama"), "self_attn.*:lora(r=4, alpha=8)", example_inputs=(example_ids(B, T),))
+    res = lean_attention(llama)  # attention_dropout=0: SDPA keeps its fused CPU kernel, nothing to save
+    assert not res.modified and res.gm is llama
+
+
+def test_bad_options_are_refused(setup):
+    gm = setup[1]
+    with pytest.raises(LrcError, match="'bool', 'rng'"):
+        lrc.lower_memory(gm, mask="bits")
+    with pytest.raises(LrcError, match="'recompute', 'probs', None"):
+        lrc.lower_memory(gm, attention="all")
