@@ -5,11 +5,14 @@ Step = forward + backward + AdamW step in train mode (BERT's attention and hidde
   peft            PEFT eager (the reference)
   peft+gc         PEFT with HF ``gradient_checkpointing_enable()`` (non-reentrant): the checkpoint baseline
   lrc             lrc eager (transformed graph)
-  lrc+attn        ``lrc.lower_memory(gm)``: dropout attention saves q, k, v + a 1-byte mask, recomputes QKᵀ/softmax
+  lrc+attn        ``lower_memory(gm, dropout=False)``: dropout attention saves q, k, v + a 1-byte mask and
+                  recomputes QKᵀ/softmax in backward
   lrc+attn-probs  ``attention="probs"``: saves the softmax output + the mask (no GEMM recomputed)
-  lrc+attn-rng    ``mask="rng"``: saves the RNG state instead of the mask (the mask is redrawn in backward)
-  lrc+ckpt        ``attention=None, checkpoint=True``: every encoder layer recomputed in backward
-  lrc+attn+ckpt   both
+  lrc+attn-rng    ``mask="rng"``: saves the RNG state instead of the mask (redrawn in backward; not run by
+                  default, ``--variants all``)
+  lrc+lean        ``lower_memory(gm)`` (the defaults): lrc+attn and hidden dropouts keeping bool masks
+  lrc+ckpt        ``attention=None, dropout=False, checkpoint=True``: each encoder layer recomputed in backward
+  lrc+lean+ckpt   ``lower_memory(gm, checkpoint=True)``
 Memory (one process per variant, after a warm-up step so model, grads and AdamW state already exist):
 peak of live tensor bytes above the step's start (torch.profiler allocation events, exact, independent of
 the allocator and of other processes), bytes autograd keeps for backward after the forward (distinct
@@ -43,9 +46,11 @@ import bench_lora as bl  # noqa: E402
 import lowrank_compiler as lrc  # noqa: E402
 
 DOCS = HERE.parent / "docs"
-LOWER = {"lrc": None, "lrc+attn": {}, "lrc+attn-probs": {"attention": "probs"}, "lrc+attn-rng": {"mask": "rng"},
-         "lrc+ckpt": {"attention": None, "checkpoint": True}, "lrc+attn+ckpt": {"checkpoint": True}}
+LOWER = {"lrc": None, "lrc+attn": {"dropout": False}, "lrc+attn-probs": {"attention": "probs", "dropout": False},
+         "lrc+attn-rng": {"mask": "rng", "dropout": False}, "lrc+lean": {},
+         "lrc+ckpt": {"attention": None, "dropout": False, "checkpoint": True}, "lrc+lean+ckpt": {"checkpoint": True}}
 VARIANTS = ("peft", "peft+gc", *LOWER)
+DEFAULT = [v for v in VARIANTS if v != "lrc+attn-rng"]
 
 
 def build(names: list[str], batch: int, seq: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -191,14 +196,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="threads of each memory process")
     ap.add_argument("--jobs", type=int, default=2, help="memory processes run side by side")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT), help="comma-separated, or 'all'")
     ap.add_argument("--out", default=str(DOCS / "memory.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(memory_child(a.child, a.batch, a.seq, a.threads)))
         return
-    names = [n for n in a.variants.split(",") if n]
+    names = list(VARIANTS) if a.variants == "all" else [n for n in a.variants.split(",") if n]
     bad = [n for n in names if n not in VARIANTS]
     if bad or names[:1] != ["peft"]:
         ap.error(f"variants must start with peft and be among {', '.join(VARIANTS)} (got {a.variants})")

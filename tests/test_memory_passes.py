@@ -15,6 +15,7 @@ import lowrank_compiler as lrc
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.passes.checkpoint_blocks import CheckpointedBlock, checkpoint_blocks
 from lowrank_compiler.passes.lean_attention import LeanAttention, lean_attention
+from lowrank_compiler.passes.lean_dropout import LeanDropout, lean_dropout
 
 SPECS = {"bert": "attention.self.*:lora(r=4, alpha=8); attention.output.dense:lora(r=2)",
          "gpt2": "attn.c_attn:lora(r=4, alpha=8); attn.c_proj:lora(r=4)"}
@@ -68,16 +69,16 @@ def _saved_bytes(model, ids, mask) -> int:
     return sum(sizes.values())
 
 
-@pytest.mark.parametrize("opts", [dict(attention="recompute"), dict(attention="probs", mask="rng"),
-                                  dict(attention=None, checkpoint=True), dict(checkpoint=True)])
+@pytest.mark.parametrize("opts", [dict(attention="recompute", dropout=False), dict(attention="probs", mask="rng"),
+                                  dict(attention=None, dropout=False, checkpoint=True), dict(checkpoint=True)])
 def test_lowering_equals_the_unrewritten_graph_with_dropout(setup, opts):
     kind, gm, ids, mask = setup
     ref = _step(gm, gm, ids, mask)
     low = lrc.lower_memory(gm, **opts)
     assert low is not gm
-    n_attn = sum(isinstance(m, LeanAttention) for m in low.modules())
-    n_blocks = sum(isinstance(m, CheckpointedBlock) for m in low.modules())
-    assert (n_attn, n_blocks) == (2 if opts.get("attention", "recompute") else 0, 2 if opts.get("checkpoint") else 0)
+    count = {c: sum(isinstance(m, c) for m in low.modules()) for c in (LeanAttention, LeanDropout, CheckpointedBlock)}
+    assert list(count.values()) == [2 if opts.get("attention", "recompute") else 0,
+                                    5 if opts.get("dropout", True) else 0, 2 if opts.get("checkpoint") else 0]
     _assert_same(_step(low, gm, ids, mask), ref)
     gm.eval()
     low.eval()
@@ -86,7 +87,7 @@ def test_lowering_equals_the_unrewritten_graph_with_dropout(setup, opts):
                                    rtol=0, atol=0)
 
 
-def test_saved_bytes_drop_by_the_attention_maps(setup):
+def test_saved_bytes_drop_by_what_the_shapes_say(setup):
     """Per layer autograd keeps softmax P, the dropout noise and P·noise: 3 float (B, H, T, T) maps. The
     rewrite keeps a 1-byte mask instead (recompute), or P and the mask (probs); q, k replace q·s, kᵀ·s."""
     kind, gm, ids, mask = setup
@@ -99,6 +100,8 @@ def test_saved_bytes_drop_by_the_attention_maps(setup):
     assert base - recompute == layers * (3 * tt * 4 - tt) - attn_mask_bytes
     probs = _saved_bytes(lean_attention(gm, recompute=False).gm, ids, mask)
     assert base - probs == layers * (2 * tt * 4 - tt)
+    # hidden dropouts after a site that needs grad (2 per layer; not the embeddings'): 4-byte noise -> 1-byte mask
+    assert base - _saved_bytes(lean_dropout(gm).gm, ids, mask) == layers * 2 * B * T * cfg.hidden_size * 3
     ckpt = checkpoint_blocks(gm).gm
     # a checkpointed block keeps nothing: at least the maps and the LayerNorm inputs (B, T, d) of every layer go
     assert _saved_bytes(ckpt, ids, mask) <= base - layers * (3 * tt * 4 + 2 * B * T * cfg.hidden_size * 4)
@@ -141,3 +144,33 @@ def test_bad_options_are_refused(setup):
         lrc.lower_memory(gm, mask="bits")
     with pytest.raises(LrcError, match="'recompute', 'probs', None"):
         lrc.lower_memory(gm, attention="all")
+
+
+def test_no_activation_is_saved_twice(setup):
+    """The base GEMM of a site (frozen W) keeps no input; the adapter's A-GEMM keeps x, once per input node
+    (q/k/v share one), and no other saved storage holds a copy of any saved activation."""
+    kind, gm, ids, mask = setup
+    weights = {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()]}
+    saved: dict[int, torch.Tensor] = {}
+    inputs: set[int] = set()
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+
+    hooks = [a.register_forward_pre_hook(lambda m, args: inputs.add(args[0].untyped_storage().data_ptr()))
+             for a in lrc.adapters(gm).values()]
+    gm.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden(gm(ids, attention_mask=mask))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(inputs) == 2 * gm.config.num_hidden_layers  # q/k/v (or c_attn) input and the out-projection's
+    assert inputs <= saved.keys()  # kept once, by the A-GEMM
+    flat = [t.detach().reshape(-1) for t in saved.values()]
+    for i, a in enumerate(flat):
+        for b in flat[i + 1:]:
+            assert not (a.numel() == b.numel() > 64 and a.dtype == b.dtype and torch.equal(a, b)), "stored twice"
