@@ -239,7 +239,8 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['tensor_peak_mib']:.0f} | {r['vs_peft']:.2f}x | {r['saved_mib']:.0f} | {tr} "
                      f"| {r['rss_peak_mib']} | {r['rss_growth_mib']} |")
     print("\n".join(lines))
-    meta = {"command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+    args = " ".join(x for x in sys.argv[1:] if x != a.out and not x.startswith("--out"))
+    meta = {"command": f"flock /tmp/lrc-bench.lock python benchmarks/bench_memory.py {args}".strip(), "torch": torch.__version__,
             "loadavg": [round(x, 2) for x in load], "batch": a.batch, "seq": a.seq, "rounds": a.rounds}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plot(rows, Path(a.out).with_suffix(".png"), title)
