@@ -174,3 +174,27 @@ def test_no_activation_is_saved_twice(setup):
     for i, a in enumerate(flat):
         for b in flat[i + 1:]:
             assert not (a.numel() == b.numel() > 64 and a.dtype == b.dtype and torch.equal(a, b)), "stored twice"
+
+
+@pytest.mark.parametrize("case", ["bool", "float", "none", "causal"])
+def test_lean_attention_module_equals_sdpa_bitwise(case):
+    """LeanAttention vs torch's own SDPA with dropout (the math path), masks of every kind, both save modes."""
+
+    class Sdpa(torch.nn.Module):  # stands in for the mode pass's module (recognised by name there)
+        p = 0.25
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = {"bool": torch.rand(2, 1, 12, 12, generator=g) > 0.3, "float": torch.randn(2, 3, 12, 12, generator=g),
+            "none": None, "causal": None}[case]
+    kw = dict(attn_mask=mask, is_causal=case == "causal", scale=0.3 if case == "float" else None)
+    d_out = torch.randn(2, 3, 12, 8, generator=g)
+    torch.manual_seed(4)
+    ref_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.25, **kw)
+    ref = (ref_out, *torch.autograd.grad(ref_out, (q, k, v), d_out))
+    for recompute, how in ((True, "bool"), (False, "rng")):
+        torch.manual_seed(4)
+        out = LeanAttention(Sdpa().train(), recompute, how)(q, k, v, **kw)
+        assert out.grad_fn is not None and "LeanSDPA" in type(out.grad_fn).__name__
+        for a, b in zip((out, *torch.autograd.grad(out, (q, k, v), d_out)), ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
