@@ -11,6 +11,7 @@ Step = forward + backward + AdamW step in train mode (BERT's attention and hidde
   lrc+attn-rng    ``mask="rng"``: saves the RNG state instead of the mask (redrawn in backward; not run by
                   default, ``--variants all``)
   lrc+lean        ``lower_memory(gm)`` (the defaults): lrc+attn and hidden dropouts keeping bool masks
+  lrc+lean+ffn    ``ffn=True``: also gelu(frozen linear) keeps the linear's input, recomputing one GEMM per layer
   lrc+ckpt        ``attention=None, dropout=False, checkpoint=True``: each encoder layer recomputed in backward
   lrc+lean+ckpt   ``lower_memory(gm, checkpoint=True)``
 Memory (one process per variant, after a warm-up step so model, grads and AdamW state already exist):
@@ -47,7 +48,7 @@ import lowrank_compiler as lrc  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 LOWER = {"lrc": None, "lrc+attn": {"dropout": False}, "lrc+attn-probs": {"attention": "probs", "dropout": False},
-         "lrc+attn-rng": {"mask": "rng", "dropout": False}, "lrc+lean": {},
+         "lrc+attn-rng": {"mask": "rng", "dropout": False}, "lrc+lean": {}, "lrc+lean+ffn": {"ffn": True},
          "lrc+ckpt": {"attention": None, "dropout": False, "checkpoint": True}, "lrc+lean+ckpt": {"checkpoint": True}}
 VARIANTS = ("peft", "peft+gc", *LOWER)
 DEFAULT = [v for v in VARIANTS if v != "lrc+attn-rng"]

@@ -83,10 +83,10 @@ def print_trainable_parameters(gm: nn.Module) -> str:
 
 
 def lower_memory(gm: fx.GraphModule, *, attention: str | None = "recompute", mask: str = "bool",
-                 dropout: bool = True, checkpoint: bool = False) -> fx.GraphModule:
+                 dropout: bool = True, ffn: bool = False, checkpoint: bool = False) -> fx.GraphModule:
     """A training graph that saves less for backward and shares every parameter with ``gm`` (``gm`` untouched).
 
     Outputs and gradients equal ``gm``'s under the same RNG state. Build the optimizer, save, merge and
     export from ``gm``; run the training steps through the result. Options: :func:`pipelines.memory_pipeline`.
     """
-    return memory_pipeline(attention, mask, dropout, checkpoint)(gm).gm
+    return memory_pipeline(attention, mask, dropout, ffn, checkpoint)(gm).gm

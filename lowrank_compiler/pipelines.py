@@ -8,7 +8,7 @@
 | base       | strip                           | returns a new graph           | save (base program), validation  |
 | separate   | separate                        | returns a new graph           | ONNX export with adapters apart  |
 | set_merged | set_merged(True / False)        | in place, adapters kept       | merge_adapters / unmerge_adapters|
-| memory     | lean_attention, lean_dropout, checkpoint_blocks (each optional) | returns a new graph sharing the parameters | ``lrc.lower_memory`` |
+| memory     | lean_attention, lean_dropout, lean_ffn, checkpoint_blocks (each optional) | returns a new graph sharing the parameters | ``lrc.lower_memory`` |
 
 Copies are made at the API edge (``api.merge`` deep-copies before the in-place merge pipeline).
 """
@@ -27,6 +27,7 @@ from .passes.initialize import initialize
 from .passes.insert import insert
 from .passes.lean_attention import lean_attention
 from .passes.lean_dropout import lean_dropout
+from .passes.lean_ffn import lean_ffn
 from .passes.manager import Pass, Pipeline
 from .passes.match import match
 from .passes.merge import merge
@@ -74,12 +75,13 @@ ATTENTION_MODES = ("recompute", "probs", None)
 
 
 def memory_pipeline(attention: str | None = "recompute", mask: str = "bool", dropout: bool = True,
-                    checkpoint: bool = False) -> Pipeline:
+                    ffn: bool = False, checkpoint: bool = False) -> Pipeline:
     """Training-memory lowerings (each returns a new graph over the same parameters; see docs/memory.md).
 
     ``attention``: "recompute" (dropout attention saves q, k, v and a mask), "probs" (saves the softmax
     output and a mask, no recompute) or None; ``mask``: "bool" or "rng"; ``dropout``: hidden dropouts save a
-    bool mask, not the float noise; ``checkpoint``: recompute each block (encoder/decoder layer) in backward.
+    bool mask, not the float noise; ``ffn``: gelu(frozen linear) keeps the linear's input and recomputes it
+    (one GEMM per layer); ``checkpoint``: recompute each block (encoder/decoder layer) in backward.
     """
     if attention not in ATTENTION_MODES:
         raise LrcError(f"memory: attention={attention!r} is not one of {', '.join(map(repr, ATTENTION_MODES))}")
@@ -88,6 +90,8 @@ def memory_pipeline(attention: str | None = "recompute", mask: str = "bool", dro
         passes.append(Pass("lean_attention", lambda g: lean_attention(g, attention == "recompute", mask), inplace=False))
     if dropout:
         passes.append(Pass("lean_dropout", lean_dropout, inplace=False))
+    if ffn:
+        passes.append(Pass("lean_ffn", lean_ffn, inplace=False))
     if checkpoint:
         passes.append(Pass("checkpoint_blocks", checkpoint_blocks, inplace=False))
     return Pipeline("memory", passes)

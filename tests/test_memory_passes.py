@@ -16,6 +16,7 @@ from lowrank_compiler.errors import LrcError
 from lowrank_compiler.passes.checkpoint_blocks import CheckpointedBlock, checkpoint_blocks
 from lowrank_compiler.passes.lean_attention import LeanAttention, lean_attention
 from lowrank_compiler.passes.lean_dropout import LeanDropout, lean_dropout
+from lowrank_compiler.passes.lean_ffn import gelu_linear, lean_ffn
 
 SPECS = {"bert": "attention.self.*:lora(r=4, alpha=8); attention.output.dense:lora(r=2)",
          "gpt2": "attn.c_attn:lora(r=4, alpha=8); attn.c_proj:lora(r=4)"}
@@ -54,12 +55,14 @@ def _assert_same(a, b):
 
 
 def _saved_bytes(model, ids, mask) -> int:
-    """Bytes of the distinct storages autograd keeps for backward after one train-mode forward."""
+    """Bytes of the distinct activation storages (not weights) autograd keeps after one train-mode forward."""
     sizes: dict[int, int] = {}
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     def pack(t):
         s = t.untyped_storage()
-        sizes[s.data_ptr()] = max(sizes.get(s.data_ptr(), 0), s.nbytes())
+        if s.data_ptr() not in weights:
+            sizes[s.data_ptr()] = max(sizes.get(s.data_ptr(), 0), s.nbytes())
         return t
 
     model.train()
@@ -70,15 +73,18 @@ def _saved_bytes(model, ids, mask) -> int:
 
 
 @pytest.mark.parametrize("opts", [dict(attention="recompute", dropout=False), dict(attention="probs", mask="rng"),
-                                  dict(attention=None, dropout=False, checkpoint=True), dict(checkpoint=True)])
+                                  dict(attention=None, dropout=False, checkpoint=True),
+                                  dict(ffn=True, checkpoint=True)])
 def test_lowering_equals_the_unrewritten_graph_with_dropout(setup, opts):
     kind, gm, ids, mask = setup
     ref = _step(gm, gm, ids, mask)
     low = lrc.lower_memory(gm, **opts)
     assert low is not gm
-    count = {c: sum(isinstance(m, c) for m in low.modules()) for c in (LeanAttention, LeanDropout, CheckpointedBlock)}
-    assert list(count.values()) == [2 if opts.get("attention", "recompute") else 0,
-                                    5 if opts.get("dropout", True) else 0, 2 if opts.get("checkpoint") else 0]
+    count = [sum(isinstance(m, c) for m in low.modules()) for c in (LeanAttention, LeanDropout, CheckpointedBlock)]
+    count.append(sum(n.target is gelu_linear for m in low.modules() if isinstance(m, torch.fx.GraphModule)
+                     for n in m.graph.nodes))
+    assert count == [2 if opts.get("attention", "recompute") else 0, 5 if opts.get("dropout", True) else 0,
+                     2 if opts.get("checkpoint") else 0, 2 if opts.get("ffn") and kind == "bert" else 0]  # gpt2: gelu_new
     _assert_same(_step(low, gm, ids, mask), ref)
     gm.eval()
     low.eval()
@@ -102,6 +108,9 @@ def test_saved_bytes_drop_by_what_the_shapes_say(setup):
     assert base - probs == layers * (2 * tt * 4 - tt)
     # hidden dropouts after a site that needs grad (2 per layer; not the embeddings'): 4-byte noise -> 1-byte mask
     assert base - _saved_bytes(lean_dropout(gm).gm, ids, mask) == layers * 2 * B * T * cfg.hidden_size * 3
+    if kind == "bert":  # gelu(frozen intermediate.dense) keeps its (B, T, d) input, not the (B, T, d_ff) output
+        ffn = _saved_bytes(lean_ffn(gm).gm, ids, mask)
+        assert base - ffn == layers * B * T * (cfg.intermediate_size - cfg.hidden_size) * 4
     ckpt = checkpoint_blocks(gm).gm
     # a checkpointed block keeps nothing: at least the maps and the LayerNorm inputs (B, T, d) of every layer go
     assert _saved_bytes(ckpt, ids, mask) <= base - layers * (3 * tt * 4 + 2 * B * T * cfg.hidden_size * 4)
