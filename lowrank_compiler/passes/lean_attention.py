@@ -114,7 +114,7 @@ class LeanAttention(nn.Module):
 
 def _lean_applies(q, k, v, mask, p, is_causal, scale, enable_gqa) -> bool:
     """True exactly where torch would run SDPA's math path with dropout and autograd would save its maps."""
-    if not (0.0 < p < 1.0) or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
+    if not (0.0 < p < 1.0) or not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
         return False
     if enable_gqa or (scale is not None and scale < 0) or (is_causal and mask is not None):
         return False
@@ -138,7 +138,8 @@ def lean_attention(gm: fx.GraphModule, recompute: bool = True, mask: str = "bool
     """
     if mask not in MASKS:
         raise LrcError(f"lean_attention: mask={mask!r} is not one of {', '.join(map(repr, MASKS))}")
-    targets = {n.target for n in gm.graph.nodes if n.op == "call_module" and _is_dropout_sdpa(gm.get_submodule(n.target))}
+    targets = {n.target for n in gm.graph.nodes
+               if n.op == "call_module" and _is_dropout_sdpa(gm.get_submodule(n.target))}
     if not targets:
         return PassResult(gm, False)
     new = shared_copy(gm)

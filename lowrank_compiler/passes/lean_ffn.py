@@ -39,7 +39,8 @@ class _GeluLinear(torch.autograd.Function):
         return gu.reshape(-1, gu.shape[-1]).mm(w).view(x.shape), None, None, None
 
 
-def gelu_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
+def gelu_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                approximate: str = "none") -> torch.Tensor:
     """``gelu(linear(x, w, b))``; with grad for x only, keeps x (not the linear's output) for backward."""
     if (torch.is_grad_enabled() and x.requires_grad and not w.requires_grad and b is not None
             and not b.requires_grad and x.dim() in (2, 3) and x.is_contiguous() and x.is_floating_point()):
