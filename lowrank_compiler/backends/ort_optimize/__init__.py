@@ -93,9 +93,9 @@ def optimize(model: Any, *, feeds: dict[str, np.ndarray] | list[dict[str, np.nda
         raise ExportError(f"ONNX Runtime cannot run the unfused model on the sample inputs {sorted(feed_sets[0])}: "
                           f"{str(e).strip().splitlines()[0][:200]}; pass feeds= that fit the model") from None
     scale = max(1.0, drift(ref, ref)[1])
-    reasons: list[str] = []
+    reasons: list[tuple[tuple[str, ...], str]] = []
 
-    def attempt(gs: tuple[str, ...]) -> tuple[Any, dict[str, int]] | None:
+    def attempt(gs: tuple[str, ...]) -> tuple[Any, dict[str, Any]] | None:
         counts: dict[str, int] = {}
         try:
             fused, counts = _fuse(data, gs)
@@ -104,19 +104,19 @@ def optimize(model: Any, *, feeds: dict[str, np.ndarray] | list[dict[str, np.nda
             got = run_all(session(fused.SerializeToString(), threads), feed_sets)
         except Exception as e:  # noqa: BLE001  (a rule that breaks the graph: fall back, say why)
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            reasons.append(f"with {'+'.join(gs)}: {type(e).__name__}: {msg}")
+            reasons.append((gs, f"{type(e).__name__}: {msg}"))
             return None
         diff, _ = drift(ref, got)
         if diff > tolerance * scale:
-            reasons.append(f"with {'+'.join(gs)}: outputs moved by {diff:.3g} (> {tolerance:g} x {scale:.3g})")
+            reasons.append((gs, f"outputs moved by {diff:.3g} (> {tolerance:g} x {scale:.3g})"))
             return None
         report = {"fusions": counts, "ops": _fused_ops(model, fused), "groups": list(gs), "max_abs_diff": diff,
-                  "scale": scale, "fallback": "; ".join(reasons) or None}
+                  "scale": scale, "fallback": _why(reasons) or None}
         return fused, report
 
     result = attempt(tuple(groups))
     if result is None and strict:
-        raise ExportError("ORT fusions refused: " + reasons[0] + "; pass strict=False to fall back")
+        raise ExportError("ORT fusions refused: " + _why(reasons) + "; pass strict=False to fall back")
     for drop in reversed(groups):  # find the one group to leave out (attention first: the riskiest rules)
         if result is not None:
             break
@@ -124,9 +124,21 @@ def optimize(model: Any, *, feeds: dict[str, np.ndarray] | list[dict[str, np.nda
             result = attempt(tuple(g for g in groups if g != drop))
     if result is None:
         result = model, {"fusions": {}, "ops": {}, "groups": [], "max_abs_diff": 0.0, "scale": scale,
-                         "fallback": "kept the unfused model: " + "; ".join(reasons)}
+                         "fallback": "kept the unfused model: " + _why(reasons)}
     result[1]["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _why(reasons: list[tuple[tuple[str, ...], str]]) -> str:
+    """Each distinct failure once, with the fusion-group sets that hit it (first one in full)."""
+    by_msg: dict[str, list[tuple[str, ...]]] = {}
+    for gs, msg in reasons:
+        by_msg.setdefault(msg, []).append(gs)
+    parts = []
+    for msg, sets in by_msg.items():
+        more = f" (and {len(sets) - 1} smaller group sets)" if len(sets) > 1 else ""
+        parts.append(f"with {'+'.join(sets[0])}{more}: {msg}")
+    return "; ".join(parts)
 
 
 def format_report(r: dict[str, Any]) -> str:
