@@ -80,6 +80,10 @@ def test_merged_bert_fuses_attention_norm_and_gelu(bert):
         got = fast(_feeds(ids, mask))[0]
         assert np.abs(got - plain(_feeds(ids, mask))[0]).max() <= TOL
         assert np.abs(got - torch_out(gm, ids, mask)).max() <= TOL
+    ids, mask = shapes()[0]
+    mask[1] = 0  # a fully padded row: the unfused graph's Where(IsNaN) guard and the fused op must agree
+    got = fast(_feeds(ids, mask))[0]
+    assert np.isfinite(got).all() and np.abs(got - plain(_feeds(ids, mask))[0]).max() <= TOL
 
 
 def test_separate_bert_keeps_swappable_adapters(bert):
