@@ -42,6 +42,32 @@ def _median_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int = 5) -> float:
+    """Sum of ORT's per-node kernel times for one call (profiling on; median call of ``runs``):
+    what the graph costs ORT, less sensitive to other jobs' load than wall time."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level, so.enable_profiling = threads, 3, True
+    so.profile_file_prefix = str(path.with_suffix(".prof"))
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    sess.run(None, feeds)  # warm-up (not profiled apart: first call is dropped below)
+    for _ in range(runs):
+        sess.run(None, feeds)
+    prof = Path(sess.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink()
+    per_run: list[float] = []
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            per_run.append(0.0)
+        elif e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and per_run:
+            per_run[-1] += e["dur"] / 1e3
+    return statistics.median(per_run[1:] or per_run)
+
+
 def _ort_optimizer_counts(path: Path) -> dict[str, int]:
     """What onnxruntime.transformers.optimizer (model_type bert) fuses on the same graph."""
     import logging
@@ -108,6 +134,13 @@ def main() -> None:
     errors = {k: float(np.abs(v()[0] - ref).max()) for k, v in variants.items() if k.startswith("ORT")}
     for k, v in errors.items():
         print(f"max |{k} - torch| = {v:.2g}")
+    from lowrank_compiler.backends.onnx_adapters import read_onnx_adapter
+
+    ad_feeds = {**feeds, **read_onnx_adapter(adapter)}
+    kernel = {"ORT fp32 merged, unfused": _kernel_ms(tmp / "merged.onnx", feeds, a.threads),
+              "ORT fp32 merged, fused": _kernel_ms(tmp / "merged_fused.onnx", feeds, a.threads),
+              "ORT fp32 separate + adapter, unfused": _kernel_ms(tmp / "sep.onnx", ad_feeds, a.threads),
+              "ORT fp32 separate + adapter, fused": _kernel_ms(tmp / "sep_fused.onnx", ad_feeds, a.threads)}
     for f in variants.values():  # warm-up
         f()
     load_before = os.getloadavg()
@@ -118,12 +151,18 @@ def main() -> None:
     load_after = os.getloadavg()
     base = statistics.median(results["torch eager fp32 (merged)"])
     rows = [{"variant": k, "ms": statistics.median(v), "min_ms": min(v), "ratio": statistics.median(v) / base,
-             "rounds_ms": v, "max_abs_err_vs_torch": errors.get(k, 0.0)} for k, v in results.items()]
+             "rounds_ms": v, "max_abs_err_vs_torch": errors.get(k, 0.0), "ort_kernel_ms": kernel.get(k)}
+            for k, v in results.items()]
     print(f"\nall-MiniLM-L6-v2, batch {a.batch} x seq {a.seq}, {a.threads} threads, LoRA r=8 on query+value; "
           f"{a.rounds} rounds x median of {a.iters}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print("| variant | ms (median) | min of rounds | ratio to torch eager | max abs err vs torch |\n|---|---:|---:|---:|---:|")
+    print("| variant | ms (median) | min of rounds | ratio to torch eager | max abs err vs torch | ORT kernel ms |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['ms']:.1f} | {r['min_ms']:.1f} | {r['ratio']:.2f}x | {r['max_abs_err_vs_torch']:.1g} |")
+        km = f"{r['ort_kernel_ms']:.1f}" if r["ort_kernel_ms"] else "-"
+        print(f"| {r['variant']} | {r['ms']:.1f} | {r['min_ms']:.1f} | {r['ratio']:.2f}x | {r['max_abs_err_vs_torch']:.1g} | {km} |")
+    for kind in ("merged", "separate + adapter"):
+        u, f = kernel[f"ORT fp32 {kind}, unfused"], kernel[f"ORT fp32 {kind}, fused"]
+        print(f"ORT kernel time {kind}: fused / unfused = {f / u:.2f}")
     fused_ratio = next(r["ratio"] for r in rows if r["variant"] == "ORT fp32 merged, fused")
     print(f"target ORT fp32 fused <= 0.85x torch eager: {'met' if fused_ratio <= 0.85 else 'NOT met'} ({fused_ratio:.2f}x)")
     out = {"model": "all-MiniLM-L6-v2", "batch": a.batch, "seq": a.seq, "threads": a.threads, "rounds": a.rounds,
