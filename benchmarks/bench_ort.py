@@ -201,7 +201,8 @@ def _plot(rows: list[dict], a: argparse.Namespace, path: Path) -> None:
         ax.text(v + 0.01, y, f"{v:.2f}x", va="center", fontsize=8)
     ax.set_xlabel("latency / torch eager fp32 (lower is faster)")
     ax.set_title(f"MiniLM-L6 {a.batch}x{a.seq}, CPU {a.threads} threads, fp32", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(vals) * 1.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
