@@ -148,6 +148,23 @@ def test_checked_mha_rule_fuses_gpt2_decoder(tmp_path):
         oo.verify.session(ir.to_proto(stock).SerializeToString())
 
 
+def test_llama_rms_norms_fuse_and_the_lone_one_is_unfused(tmp_path):
+    """Llama (default export): 4 of 5 RMSNorms fuse with their residual add; the first layer's input norm has
+    none and goes back to primitives (rms_lone.py), so the file stays onnx.checker-clean; matches torch."""
+    gm, ids, mask = transformed("llama")
+    rep = lrc.export(gm, tmp_path / "l.onnx", merge=True)
+    fr = rep["optimize"]
+    f = fr["fusions"]
+    assert (f["rms_normalization"], f["skip_rms_normalization"], f["lone_rms_unfused"]) == (5, 4, 1)
+    assert fr["ops"] == {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4} and fr["fallback"] is None
+    assert rep["max_abs_diff"] <= TOL  # export's own ORT (fused) vs torch check
+    model = onnx.load(str(tmp_path / "l.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    sess = _sess(model)
+    for ids2, mask2 in shapes():
+        assert np.abs(sess(_feeds(ids2, mask2))[0] - torch_out(gm, ids2, mask2)).max() <= TOL
+
+
 def test_drift_falls_back_and_strict_refuses(bert, monkeypatch):
     """A fusion that changes the numbers (here GELU -> ReLU) is dropped with its group; strict raises."""
     from onnxscript.rewriter import _fusion_utils, pattern

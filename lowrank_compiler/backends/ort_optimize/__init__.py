@@ -5,7 +5,7 @@ Attention fusions in a torch 2.13 dynamo export: the exporter decomposes scaled-
 (K transposed through Reshape/Transpose/Reshape, the 1/sqrt(d) scale split over Q and K, a
 Where(IsNaN) after the Softmax) into a shape none of its patterns match. onnxscript's stock ORT
 fusions do match it. This module runs them (``fusions.py``) with our own rules where they do not fit
-our graphs (``lora_bias.py``, ``mha_bias.py``), keeps LoRA weights overridable, and accepts the result
+our graphs (``lora_bias.py``, ``mha_bias.py``, ``mha.py``, ``rms_lone.py``), keeps LoRA weights overridable, and accepts the result
 only if ONNX Runtime's outputs on sample inputs (and with a random probe adapter when the graph has
 LoRA inputs) match the unfused model within ``tolerance`` and it passes ``onnx.checker``; otherwise it retries with fewer fusion
 groups and finally returns the model unchanged, saying why (``strict=True`` raises instead).

@@ -2,8 +2,10 @@
 
 Mirrors ``onnxscript.rewriter.ort_fusions.optimize_for_ort`` (same fusions, same order) with these
 changes: the LoRA bias hoist runs first (``lora_bias.py``), the stock MultiHeadAttention and
-bias-into-attention rules are replaced by checked ones (``mha.py``, ``mha_bias.py``), and ``RemoveInitializersFromInputsPass`` is not run, because an initializer
-that is also a graph input is how a LoRA weight stays overridable by an ``.onnx_adapter``.
+bias-into-attention rules are replaced by checked ones (``mha.py``, ``mha_bias.py``), a lone
+RMSNorm goes back to primitive ops (``rms_lone.py``), and ``RemoveInitializersFromInputsPass`` is
+not run, because an initializer that is also a graph input is how a LoRA weight stays overridable
+by an ``.onnx_adapter``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
 from .lora_bias import fuse_lora_bias
 from .mha import fuse_mha1, fuse_mha2
 from .mha_bias import fuse_mha_bias
+from .rms_lone import fuse_lone_rms
 
 # name -> (fusion, group). Groups let optimize() retry without a group whose result fails verification.
 STAGES: dict[str, tuple[Callable[..., int], str]] = {
@@ -45,6 +48,7 @@ STAGES: dict[str, tuple[Callable[..., int], str]] = {
     "rms_normalization": (fuse_rms_normalization, "norm"),
     "skip_layer_normalization": (fuse_skip_layer_normalization, "norm"),
     "skip_rms_normalization": (fuse_skip_rms_normalization, "norm"),
+    "lone_rms_unfused": (fuse_lone_rms, "norm"),              # ours: keeps the model onnx.checker-clean
     "rotary_embedding": (fuse_rotary_embedding, "rotary"),
     "cos_sin_cache": (fuse_cos_sin_cache, "rotary"),
     "partial_rotary_embedding": (fuse_partial_rotary_embedding, "rotary"),
