@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -174,6 +175,7 @@ def main() -> None:
     Path(a.out + ".json").write_text(json.dumps(out, indent=1))
     _plot(rows, a, Path(a.out + ".png"))
     print(f"wrote {a.out}.json and {a.out}.png")
+    shutil.rmtree(tmp, ignore_errors=True)  # ~350 MB of models
 
 
 def _versions() -> dict[str, str]:
