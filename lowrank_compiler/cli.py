@@ -103,7 +103,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     name = a.adapter_name or Path(a.model).stem
     report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
                     extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate,
-                    quantize=a.quantize, force=a.force, min_cosine=a.min_cosine)
+                    quantize=a.quantize, force=a.force, min_cosine=a.min_cosine, optimize=a.optimize)
     print(f"wrote {report['path']} ({fmt}{', merged' if a.merge or fmt == 'hf' else ''})")
     for p in report.get("adapters", []):
         print(f"wrote {p}")
@@ -111,6 +111,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
         from .backends.quantize import format_report
 
         print(format_report(report))
+    if "optimize" in report:
+        from .backends.ort_optimize import format_report as fusion_line
+
+        print(fusion_line(report["optimize"]))
     if "max_abs_diff" in report:
         print(f"validated with ONNX Runtime on the example inputs: max |ORT - torch| = {report['max_abs_diff']:.3g}")
     return 0
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also convert this lrc adapter file / PEFT directory to an .onnx_adapter (repeatable)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 18+)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check after export")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX: fuse attention/LayerNorm/GELU for ONNX Runtime, kept only if it matches the unfused "
+                        "graph (default: on for fp32 encoders, off for decoders and --quantize)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="ONNX: quantize the base weights (int8 dynamic per-channel, or ORT 4-bit MatMulNBits); "
                         "adapters stay fp32; refused if the output cosine vs fp32 is below --min-cosine")

@@ -16,7 +16,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # loggers whose INFO/WARNING lines are about the libraries' own set-up, not the user's model
 _LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
-            "onnxscript", "transformers")
+            "onnxscript", "onnx_ir", "transformers")
 _CATEGORIES = (FutureWarning, DeprecationWarning, UserWarning)
 
 

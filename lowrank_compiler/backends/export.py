@@ -37,7 +37,8 @@ def infer_format(path: str | os.PathLike, format: str | None) -> str:
 def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = None, *, merge: bool = False,
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True,
-           quantize: str | None = None, force: bool = False, min_cosine: float | None = None) -> dict[str, Any]:
+           quantize: str | None = None, force: bool = False, min_cosine: float | None = None,
+           optimize: bool | None = None) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
     - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
@@ -55,6 +56,11 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
 
     ``quantize`` (ONNX only): ``"int8"`` or ``"int4"``, the base weights only; refused below
     ``min_cosine`` (default 0.999) output cosine vs fp32 unless ``force`` (``backends/quantize.py``).
+
+    ``optimize`` (ONNX only): ONNX Runtime graph fusions (``backends/ort_optimize``: Attention /
+    MultiHeadAttention, SkipLayerNorm, BiasGelu), kept only if they match the unfused graph on the
+    example inputs. ``None`` (default): on for fp32 encoder exports, off for causal-LM decode graphs
+    and quantized exports; ``True`` / ``False`` force it.
 
     Raises:
         ExportError: unknown format, a method the format cannot express, exporter failure.
@@ -75,18 +81,23 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
             if quantize is not None:
                 raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "
                                   "include past key values the accuracy gate cannot sample); export fp32")
-            report = export_decoder_onnx(gm, path, **kw)
+            report = export_decoder_onnx(gm, path, **kw, optimize=bool(optimize))
         elif quantize is not None:
+            if optimize:
+                raise ExportError("optimize=True with quantize= is not supported yet: quantization runs on the "
+                                  "unfused fp32 graph; drop one of them")
             from .quantize import DEFAULT_MIN_COSINE, export_quantized
 
             report = export_quantized(gm, path, quantize, force=force, **kw,
                                       min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
         else:
-            report = export_onnx(gm, path, **kw)
+            report = export_onnx(gm, path, **kw, optimize=optimize is not False)
         for stem, tensors in extra:
             write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
             report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))
         return report
+    if optimize:
+        raise ExportError(f"optimize=True needs ONNX output (format 'onnx' / a .onnx path), not {fmt!r}")
     if quantize is not None:
         raise ExportError(f"quantize={quantize!r} needs ONNX output (format 'onnx' / a .onnx path), not {fmt!r}")
     if extra_adapters:

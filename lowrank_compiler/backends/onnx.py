@@ -223,7 +223,7 @@ def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: li
 def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = True,
                 adapters_dir: str | os.PathLike | None = None, adapter_name: str = "default",
                 opset: int | None = None, validate: bool = True,
-                example_inputs: tuple[torch.Tensor, ...] | None = None) -> dict[str, Any]:
+                example_inputs: tuple[torch.Tensor, ...] | None = None, optimize: bool = False) -> dict[str, Any]:
     """Write ``gm`` as an ONNX model; returns a report ``{path, inputs, outputs, adapters, max_abs_diff}``.
 
     ``merge=True``: every adapter (any method) is folded into its weight. ``merge=False``: the base
@@ -233,6 +233,8 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     dynamic ``batch``/``seq`` axes. ``validate`` runs ORT on the example inputs and reports the max
     absolute difference to torch; without ``merge`` it also runs a random non-zero adapter
     (:func:`probe_adapters`) and reports ``probe_effect``, how far that adapter moved the outputs.
+    ``optimize`` fuses the graph for ONNX Runtime (attention, LayerNorm, GELU; ``backends/ort_optimize``),
+    checked against the unfused graph on the example inputs; its report is ``report["optimize"]``.
     The file appears only when everything succeeded.
 
     Raises:
@@ -265,10 +267,17 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"the exported model fails onnx.checker: {str(e).strip().splitlines()[0][:300]}") from None
+    fusion_report = None
+    if optimize:
+        from .ort_optimize import optimize as ort_optimize
+
+        model, fusion_report = ort_optimize(model, feeds=dict(zip(names, (t.numpy() for t in inputs))))
     data = model.SerializeToString()
     adapter_tensors = lora_adapter_tensors(gm) if (not merge and adapter_nodes(gm)) else {}
     report: dict[str, Any] = {"path": str(path), "inputs": names, "outputs": [o.name for o in model.graph.output],
                               "lora_inputs": sorted(v[0] for v in renames.values()), "adapters": []}
+    if fusion_report is not None:
+        report["optimize"] = fusion_report
     tmp_model = path.with_name(f".{path.name}.validate.tmp")
     try:
         tmp_model.parent.mkdir(parents=True, exist_ok=True)

@@ -73,12 +73,13 @@ class _DecoderFlat(nn.Module):
 def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = True,
                         adapters_dir: str | os.PathLike | None = None, adapter_name: str = "default",
                         opset: int | None = None, external_data: bool | None = None,
-                        validate: bool = True) -> dict[str, Any]:
+                        validate: bool = True, optimize: bool = False) -> dict[str, Any]:
     """Write the decode graph with past key values as ONNX; returns ``{path, inputs, outputs, adapters, max_abs_diff}``.
 
     ``merge=False`` keeps the base weights and takes each LoRA pair as an ORT adapter input; this
     model's adapters go to ``<adapters_dir>/<adapter_name>.onnx_adapter``. ``external_data``: weights
     in ``<path>.data`` beside the model (default: when they exceed 2 GB, protobuf's limit).
+    ``optimize``: ONNX Runtime fusions (``backends/ort_optimize``), checked on the example decode inputs.
     """
     import onnx
 
@@ -128,6 +129,11 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.ByteSize() for t in model.graph.initializer)
+    fusion_report = None
+    if optimize and size < 2_000_000_000:  # the numerics check runs ORT on the in-memory model
+        from .ort_optimize import optimize as ort_optimize
+
+        model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
     external = size > 2_000_000_000 if external_data is None else external_data
     if external:
         data_name = path.name + ".data"
@@ -139,6 +145,9 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
         onnx.save_model(model, str(path))
     report: dict[str, Any] = {"path": str(path), "inputs": in_names, "outputs": out_names, "adapters": [],
                               "external_data": bool(external)}
+    if optimize:
+        report["optimize"] = fusion_report or {"fusions": {}, "ops": {}, "max_abs_diff": 0.0, "seconds": 0.0,
+                                               "fallback": "not fused: the model is over 2 GB"}
     adapter_path = None
     if not merge and adapter_nodes(gm):
         adapter_path = Path(adapters_dir or path.parent) / f"{adapter_name}.onnx_adapter"
