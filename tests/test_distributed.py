@@ -1,7 +1,8 @@
-"""DDP and FSDP2 training of transformed graphs: 2 gloo processes on CPU against one process.
+"""DDP, FSDP2 and the HF Trainer on transformed graphs: 2 gloo processes on CPU against one process.
 
-One spawned job (tests/dist_helpers.py) trains with DDP, FSDP2 and LoRA-GA + FSDP2 and saves
-checkpoints from rank 0; the reference is the same training in this process on the global batch.
+One torchrun job (tests/dist_helpers.py) trains with DDP, FSDP2 and LoRA-GA + FSDP2, then with
+``transformers.Trainer`` (its own DDP), and saves checkpoints from rank 0; the reference is the same
+training in this process on the global batch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lowrank_compiler import distributed as lrcd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dist_helpers as dh  # noqa: E402
+import trainer_helpers as th  # noqa: E402
 
 MODES = ("ddp", "fsdp", "loraga")
 
@@ -33,8 +35,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, str(HERE / "dist_helpers.py"), str(out), str(_free_port())],
-                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "dist_helpers.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     for mode in ("ddp", "loraga"):
@@ -76,18 +79,64 @@ def _up_to_sign(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rank0_checkpoints_load_in_one_process(runs, mode):
+    """DDP: adapters into a fresh transform; FSDP2: the whole gathered model and its adapters; LoRA-GA:
+    its adapters on the init model rank 0 saved (the init moved the base)."""
     out, _ = runs
     ref = torch.load(out / f"single_{'loraga' if mode == 'loraga' else 'ddp'}.pt")
     ids, mask, _ = dh.data(99)
-    gm = lrc.load(out / f"{mode}.lrc").eval()
+    models = [lrc.load(out / "fsdp.lrc")] if mode == "fsdp" else []
+    fresh = lrc.load(out / "loraga_init.lrc") if mode == "loraga" else dh.build(dh.SPEC, 0, 1)
+    models.append(lrc.load_adapters(fresh, out / f"{mode}.safetensors"))
     with torch.no_grad():
-        torch.testing.assert_close(gm(ids, attention_mask=mask).last_hidden_state, ref["y"], rtol=1e-4, atol=1e-5)
-    if mode != "loraga":  # adapters alone into a freshly transformed base
-        fresh = dh.build(dh.SPEC, 0, 1).eval()
-        lrc.load_adapters(fresh, out / f"{mode}.safetensors")
-        with torch.no_grad():
-            torch.testing.assert_close(fresh(ids, attention_mask=mask).last_hidden_state, ref["y"],
+        for gm in models:
+            torch.testing.assert_close(gm.eval()(ids, attention_mask=mask).last_hidden_state, ref["y"],
                                        rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trainer_single(tmp_path_factory):
+    """The HF Trainer runs in this process on the global batch (4 rows per step)."""
+    out = tmp_path_factory.mktemp("trainer1")
+    return {kind: th.train(kind, out, 0, 1) for kind in th.KINDS}
+
+
+@pytest.mark.parametrize("kind", th.KINDS)
+def test_hf_trainer_under_torchrun_equals_one_process(runs, trainer_single, kind):
+    """transformers.Trainer wraps the lrc graph in DDP itself; labels in the batches; same loss curve,
+    same trained adapters (and classifier head) as one process."""
+    _, ranks = runs
+    one = trainer_single[kind]
+    init = dict(lrc.transform(*th.model_and_spec(kind), progress=False).named_parameters())
+    assert len(one["losses"]) == th.STEPS
+    for r in ranks:
+        got = r[f"trainer_{kind}"]
+        assert got["wrapper"] == "DistributedDataParallel"
+        assert got["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+        assert got["trained"].keys() == one["trained"].keys()
+        for k, v in one["trained"].items():
+            torch.testing.assert_close(got["trained"][k], v, rtol=1e-4, atol=1e-6)
+            assert (v - init[k]).abs().max() > 1e-4, k  # it trained
+        torch.testing.assert_close(got["y"], one["y"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", th.KINDS)
+def test_hf_trainer_save_model_rank0_loads_in_one_process(runs, trainer_single, kind):
+    """trainer.save_model() writes model.safetensors on rank 0 only (tied LM head listed once); it loads
+    with load_state_dict into a fresh transform, and lrc.distributed.save_adapters' file with load_adapters."""
+    from safetensors.torch import load_file
+
+    out, _ = runs
+    assert (out / f"{kind}_rank0" / "model.safetensors").is_file()
+    assert not (out / f"{kind}_rank1").exists()
+    probe, want = th.probe(), trainer_single[kind]["y"]
+    fresh = lrc.transform(*th.model_and_spec(kind), progress=False)
+    with pytest.raises(lrc.LoadError, match=r"Trainer's model.safetensors.*load_state_dict"):
+        lrc.load_adapters(fresh, out / f"{kind}_rank0" / "model.safetensors")
+    fresh.load_state_dict(load_file(out / f"{kind}_rank0" / "model.safetensors"))
+    fresh2 = lrc.load_adapters(lrc.transform(*th.model_and_spec(kind), progress=False), out / f"{kind}_w2.safetensors")
+    with torch.no_grad():
+        for gm in (fresh, fresh2):
+            torch.testing.assert_close(gm.eval()(**probe).logits, want, rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_refuses_step_rules_on_shards():
