@@ -85,15 +85,23 @@ def _overrides(ad: AdapterMethod, name: str) -> bool:
     return getattr(type(ad), name) is not getattr(AdapterMethod, name)
 
 
-def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: Any = None,
-         offload_policy: Any = None) -> fx.GraphModule:
-    """Shard ``gm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) in place; returns it.
+def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: bool = True,
+         mp_policy: Any = None, offload_policy: Any = None) -> fx.GraphModule:
+    """Shard ``gm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) in place; returns the module to
+    forward through.
 
     Parameters become ``DTensor`` shards (dim 0 over the ranks); ``forward`` all-gathers them, and
     after backward the adapter gradients are reduce-scattered (averaged). Build the optimizer after
     this call (``lrc.optimizer(gm, ...)``). Methods whose optimizer step reads the full base weight
     (``transform_grads`` / ``after_step``: LoRA-FA, LoRA-Pro, Delta-LoRA, LoRASC) are refused: on a
     shard those rules would compute with 1/N of the weight. Use :func:`ddp` for them.
+
+    ``per_block=False`` shards the whole graph as one unit and returns ``gm``. ``per_block=True``
+    outlines each numbered block (``encoder.layer.3``) into a called submodule
+    (:func:`lowrank_compiler.backends.outline.outline_blocks`), makes every block an FSDP2 unit and the
+    rest the root unit, and returns that outlined module: forward through it (``gm``'s primary call
+    signature), while ``gm`` holds the same sharded parameters (optimizer, ``save``, ``full_copy``).
+    Only one block is then unsharded at a time (plus the root's embeddings/head).
 
     Raises:
         LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, or a method's
@@ -118,8 +126,23 @@ def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: A
         kw["mp_policy"] = mp_policy
     if offload_policy is not None:
         kw["offload_policy"] = offload_policy
-    fully_shard(gm, **kw)
-    return gm
+    if not per_block:
+        fully_shard(gm, **kw)
+        return gm
+    from .backends.outline import outline_blocks
+
+    top, blocks = outline_blocks(gm)
+    slots = {id(p): (mod, name) for mod in top.modules() for name, p in mod._parameters.items() if p is not None}
+    for i in range(len(blocks)):
+        fully_shard(top.get_submodule(f"lrc_block_{i}"), **kw)
+    fully_shard(top, **kw)
+    for mod in gm.modules():  # gm's holders get the sharded parameters the outlined module now uses
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in slots:
+                owner, attr = slots[id(p)]
+                mod._parameters[name] = owner._parameters[attr]
+    top.__dict__["_lrc_flat"] = gm  # save / save_adapters / full_copy of the outlined module use gm
+    return top
 
 
 def is_sharded(gm: nn.Module) -> bool:
@@ -153,8 +176,7 @@ def full_copy(gm: nn.Module) -> fx.GraphModule:
     """
     import copy
 
-    if isinstance(gm, nn.parallel.DistributedDataParallel):
-        gm = gm.module
+    gm = _unwrap(gm)
     _check_gm(gm, "lrc.distributed.full_copy")
     if not is_sharded(gm):
         return copy.deepcopy(gm)
@@ -213,4 +235,5 @@ def save(gm: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _unwrap(gm: nn.Module) -> nn.Module:
-    return gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
+    gm = gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
+    return gm.__dict__.get("_lrc_flat", gm)

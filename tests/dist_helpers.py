@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -132,6 +133,10 @@ def single(mode: str, out_dir: str) -> None:
     torch.save({"losses": losses, "init": init, "y": y}, Path(out_dir) / f"single_{mode}.pt")
 
 
+def _block0_state(top, seen: list, *_) -> None:
+    seen.append([type(p).__name__ for p in top.lrc_block_0.parameters()])
+
+
 def worker(out_dir: str) -> None:
     """One torchrun rank: DDP, FSDP2 and LoRA-GA + FSDP2 with lrc.distributed, then the HF Trainer runs."""
     import copy
@@ -149,17 +154,20 @@ def worker(out_dir: str) -> None:
     res: dict = {}
     try:
         plain = build(SPEC, rank, world)  # traced once; each wrapper trains its own copy
-        for mode in ("ddp", "fsdp", "loraga"):
+        for mode in ("ddp", "fsdp", "fsdp_block", "loraga"):
             gm = build(GA_SPEC, rank, world) if mode == "loraga" else copy.deepcopy(plain)
             res[f"{mode}_init"] = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
             if mode == "loraga":
                 lrcd.save(gm, out / "loraga_init.lrc")
+            gm_train = gm
             if mode == "ddp":
-                model = lrcd.ddp(gm)
-                gm_train, fwd = gm, model
+                fwd = lrcd.ddp(gm)
             else:
-                fwd = gm_train = lrcd.fsdp(gm)
+                fwd = lrcd.fsdp(gm, per_block=mode == "fsdp_block")
                 res[f"{mode}_sharded"] = lrcd.is_sharded(gm)
+            if mode == "fsdp_block":  # when block 1 starts, block 0 is back to its shards
+                res["fsdp_block_seen"] = []
+                fwd.lrc_block_1.register_forward_pre_hook(partial(_block0_state, fwd, res["fsdp_block_seen"]))
             opt = lrc.optimizer(gm_train, torch.optim.AdamW, lr=LR)
             res[f"{mode}_losses"] = train(fwd, opt, rank, world, allreduce=True)
             lrcd.save_adapters(fwd, out / f"{mode}.safetensors")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 import dist_helpers as dh  # noqa: E402
 import trainer_helpers as th  # noqa: E402
 
-MODES = ("ddp", "fsdp", "loraga")
+MODES = ("ddp", "fsdp", "fsdp_block", "loraga")
 
 
 def _free_port() -> int:
@@ -54,6 +54,10 @@ def test_loss_curve_equals_one_process(runs, mode):
     assert ref["losses"][-1] < ref["losses"][0]  # it trained
     if mode != "ddp":
         assert all(r[f"{mode}_sharded"] for r in ranks)
+    if mode == "fsdp_block":  # one block unsharded at a time: block 0 resharded before block 1 runs
+        for r in ranks:
+            assert len(r["fsdp_block_seen"]) == dh.STEPS
+            assert all(set(names) == {"DTensor"} for names in r["fsdp_block_seen"]), r["fsdp_block_seen"][0]
 
 
 def test_loraga_statistics_allreduced_under_fsdp(runs):
@@ -152,3 +156,30 @@ def test_wrappers_need_a_process_group():
         lrcd.ddp(gm)
     with pytest.raises(lrc.LrcError, match="GraphModule"):
         lrcd.fsdp(torch.nn.Linear(2, 2))
+
+
+def test_outline_blocks_same_function_one_unit_per_block():
+    """The lowering behind fsdp(per_block=True): each block's weights and adapters live in (and are read by)
+    its own called submodule; outputs and adapter gradients equal the flat graph's."""
+    from lowrank_compiler.backends.outline import outline_blocks
+
+    gm = dh.build(dh.SPEC, 0, 1).train()
+    top, blocks = outline_blocks(gm)
+    assert blocks == ["encoder.layer.0", "encoder.layer.1"]
+    flat = dict(gm.named_parameters())
+    for i, block in enumerate(blocks):
+        own = dict(top.get_submodule(f"lrc_block_{i}").named_parameters())
+        assert own and all(k.startswith(block + ".") and v is flat[k] for k, v in own.items())
+        assert len(own) == sum(k.startswith(block + ".") for k in flat)
+    assert not any(n.op == "get_attr" and ".layer." in n.target for n in top.graph.nodes)
+    ids, mask, target = dh.data(1)
+    trainable = [p for p in gm.parameters() if p.requires_grad]
+    grads = []
+    for mod in (gm, top):
+        loss = dh.loss_of(mod, ids, mask, target)
+        grads.append(torch.autograd.grad(loss, trainable))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(lrc.LrcError, match="no numbered blocks"):
+        outline_blocks(lrc.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0:lora(r=2)",
+                                     example_inputs=(torch.randn(2, 4),)))
