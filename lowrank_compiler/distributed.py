@@ -10,12 +10,17 @@ rank's own batches and all-reduces its statistics, so every rank gets the same A
     ... loss = loss_fn(gm(**batch)); loss.backward(); opt.step(); opt.zero_grad()
     lrc.distributed.save_adapters(gm, "adapters.safetensors")   # every rank calls, rank 0 writes
 
-Why FSDP2 shards the whole graph as one unit: a traced GraphModule reads every base weight with a
-``get_attr`` node of its root ``forward``; the submodules that own the weights (``encoder.layer.3``) are
-never called, so a ``fully_shard`` on them would never unshard. ``fsdp(gm)`` therefore shards the root
-(parameters, gradients and optimizer state are sharded at rest; one all-gather per forward, one
-reduce-scatter of the adapter gradients per backward). Frozen base weights get no gradient and no
-reduce-scatter.
+FSDP2 units: a traced GraphModule reads every base weight with a ``get_attr`` node of its root
+``forward``; the submodules that own the weights (``encoder.layer.3``) are never called, so a
+``fully_shard`` on them would never unshard. ``fsdp(gm)`` shards the root as one unit (every
+parameter all-gathered for the whole forward); ``fsdp(gm, per_block=True)`` first outlines each
+block into a called submodule (``backends/outline.py``) so each block is its own unit and only one
+is unsharded at a time. Either way parameters, gradients and optimizer state are sharded at rest,
+and frozen base weights get no gradient and no reduce-scatter.
+
+HF ``Trainer`` under torchrun: pass the LrcGraphModule as ``model``; the Trainer wraps it in DDP
+itself. ``trainer.save_model()`` writes its ``state_dict`` (tied tensors once) on rank 0; it loads
+with ``gm.load_state_dict(safetensors.torch.load_file(...))`` into a fresh transform.
 """
 
 from __future__ import annotations
@@ -97,11 +102,11 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     shard those rules would compute with 1/N of the weight. Use :func:`ddp` for them.
 
     ``per_block=False`` shards the whole graph as one unit and returns ``gm``. ``per_block=True``
-    outlines each numbered block (``encoder.layer.3``) into a called submodule
-    (:func:`lowrank_compiler.backends.outline.outline_blocks`), makes every block an FSDP2 unit and the
-    rest the root unit, and returns that outlined module: forward through it (``gm``'s primary call
-    signature), while ``gm`` holds the same sharded parameters (optimizer, ``save``, ``full_copy``).
-    Only one block is then unsharded at a time (plus the root's embeddings/head).
+    outlines each numbered block (``encoder.layer.3``), and what runs before (embeddings) and after
+    (head) the blocks, into called submodules (:func:`lowrank_compiler.backends.outline.outline_blocks`),
+    makes each an FSDP2 unit, and returns that outlined module: forward through it (``gm``'s primary
+    call signature), while ``gm`` holds the same sharded parameters (optimizer, ``save``,
+    ``full_copy``). Only one unit is then unsharded at a time.
 
     Raises:
         LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, or a method's
@@ -131,11 +136,20 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
         return gm
     from .backends.outline import outline_blocks
 
-    top, blocks = outline_blocks(gm)
+    top, units = outline_blocks(gm)
     slots = {id(p): (mod, name) for mod in top.modules() for name, p in mod._parameters.items() if p is not None}
-    for i in range(len(blocks)):
-        fully_shard(top.get_submodule(f"lrc_block_{i}"), **kw)
-    fully_shard(top, **kw)
+    sharded = []
+    for name in units:
+        unit = top.get_submodule(name)
+        if any(True for _ in unit.parameters()):
+            fully_shard(unit, **kw)
+            sharded.append((name, unit))
+    fully_shard(top, **kw)  # the root: a weight read by several units (tied), and the coordination
+    for (_, unit), (prev_name, prev) in zip(sharded[1:], sharded):
+        # backward prefetches the previous block only: FSDP2's default would also all-gather the
+        # embeddings (lrc_pre) in backward, which frozen embeddings never need ([] means "default";
+        # prefetching a unit that is already unsharded is a no-op)
+        unit.set_modules_to_backward_prefetch([prev if prev_name.startswith("lrc_block_") else unit])
     for mod in gm.modules():  # gm's holders get the sharded parameters the outlined module now uses
         for name, p in list(mod._parameters.items()):
             if p is not None and id(p) in slots:

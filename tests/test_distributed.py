@@ -164,14 +164,17 @@ def test_outline_blocks_same_function_one_unit_per_block():
     from lowrank_compiler.backends.outline import outline_blocks
 
     gm = dh.build(dh.SPEC, 0, 1).train()
-    top, blocks = outline_blocks(gm)
-    assert blocks == ["encoder.layer.0", "encoder.layer.1"]
+    top, units = outline_blocks(gm)
+    assert list(units) == ["lrc_pre", "lrc_block_0", "lrc_block_1", "lrc_post"]
     flat = dict(gm.named_parameters())
-    for i, block in enumerate(blocks):
-        own = dict(top.get_submodule(f"lrc_block_{i}").named_parameters())
-        assert own and all(k.startswith(block + ".") and v is flat[k] for k, v in own.items())
-        assert len(own) == sum(k.startswith(block + ".") for k in flat)
-    assert not any(n.op == "get_attr" and ".layer." in n.target for n in top.graph.nodes)
+    owner = {"lrc_pre": "embeddings.", "lrc_block_0": "encoder.layer.0.", "lrc_block_1": "encoder.layer.1.",
+             "lrc_post": "pooler."}
+    for unit, prefix in owner.items():  # every parameter in exactly one unit, under its own path
+        own = dict(top.get_submodule(unit).named_parameters())
+        assert own and all(k.startswith(prefix) and v is flat[k] for k, v in own.items())
+        assert len(own) == sum(k.startswith(prefix) for k in flat)
+    assert sum(1 for _ in top.parameters()) == len(flat)
+    assert not any(n.op == "get_attr" for n in top.graph.nodes if isinstance(flat.get(str(n.target)), torch.Tensor))
     ids, mask, target = dh.data(1)
     trainable = [p for p in gm.parameters() if p.requires_grad]
     grads = []

@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..errors import LrcError
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+PRE, POST = "lrc_pre", "lrc_post"
 
 
 def _block_of(path: str, blocks: set[str]) -> str | None:
@@ -82,9 +83,11 @@ def _attr(gm: nn.Module, path: str) -> object:
     return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
-def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
-    """(top module calling one submodule per block, the block paths). The top takes ``gm``'s inputs
-    and returns its outputs; submodule ``lrc_block_<i>`` holds the block's tensors under their paths.
+def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    """(top module calling one submodule per unit, ``{submodule name: what it holds}``). The top takes
+    ``gm``'s inputs and returns its outputs. Units: ``lrc_block_<i>`` (block ``i``, e.g. ``encoder.layer.3``),
+    ``lrc_pre`` (what runs before the first block: embeddings) and ``lrc_post`` (after the last: pooler,
+    head); each holds its tensors and modules under their original paths.
 
     Raises:
         LrcError: ``gm`` has no numbered blocks, or a block's nodes interleave with another block's.
@@ -104,23 +107,31 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     for (_, e0, b0), (s1, _, b1) in zip(ranges, ranges[1:]):
         if s1 <= e0:
             raise LrcError(f"the nodes of {b0} and {b1} interleave in the graph; cannot outline them as blocks")
+    units = {PRE: "nodes before the first block", **{f"lrc_block_{i}": b for i, (_, _, b) in enumerate(ranges)},
+             POST: "nodes after the last block"}
+    name_of = {b: f"lrc_block_{i}" for i, (_, _, b) in enumerate(ranges)}
     member: dict[fx.Node, str] = {}
+    for i, n in enumerate(nodes):
+        if n.op not in ("placeholder", "output", "get_attr"):
+            member[n] = PRE if i < ranges[0][0] else POST if i > ranges[-1][1] else ""
     for s, e, b in ranges:
         for n in nodes[s:e + 1]:
-            if n.op not in ("placeholder", "output"):
-                member[n] = b
-    for n in nodes:  # a weight goes with its block when only that block reads it
+            if n in member:
+                member[n] = name_of[b]
+    member = {n: u for n, u in member.items() if u}
+    for n in nodes:  # a weight goes with its unit when only that unit reads it (a tied weight stays on top)
         if n.op == "get_attr":
             owners = {member.get(u) for u in n.users}
+            unit = owners.pop() if len(owners) == 1 else None
             block = _block_of(str(n.target), bset)
-            if block is not None and owners == {block}:
-                member[n] = block
+            if unit in (PRE, POST) or (unit is not None and block is not None and name_of[block] == unit):
+                member[n] = unit
 
     top = fx.Graph()
     top._codegen = gm.graph._codegen
     env: dict[fx.Node, fx.Node] = {}
     subs: dict[str, fx.GraphModule] = {}
-    last = {b: max(i for i, n in enumerate(nodes) if member.get(n) == b) for b in span}
+    last = {u: i for i, n in enumerate(nodes) if (u := member.get(n))}
     for i, n in enumerate(nodes):
         b = member.get(n)
         if b is None:
@@ -137,7 +148,7 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
         for m in body:
             local[m] = g.node_copy(m, local.__getitem__)
         g.output(tuple(local[m] for m in outputs))
-        name = f"lrc_block_{len(subs)}"
+        name = b
         subs[name] = _module(_objects(gm, body), g, name)
         call = top.call_module(name, tuple(env[a] for a in inputs))
         for j, m in enumerate(outputs):
@@ -145,5 +156,5 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
             env[m].meta = dict(m.meta)
     objects = _objects(gm, [n for n in nodes if n not in member])
     out = _module({**objects, **subs}, top, "LrcBlocks")
-    return out, [b for _, _, b in ranges]
+    return out, {u: label for u, label in units.items() if u in subs}
 
