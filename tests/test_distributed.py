@@ -186,3 +186,18 @@ def test_outline_blocks_same_function_one_unit_per_block():
     with pytest.raises(lrc.LrcError, match="no numbered blocks"):
         outline_blocks(lrc.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0:lora(r=2)",
                                      example_inputs=(torch.randn(2, 4),)))
+
+
+def test_outline_keeps_a_tied_weight_in_the_root():
+    """GPT-2's LM head is the embedding matrix (read before and after the blocks): it stays on top."""
+    from decoder_helpers import SPECS, batch, make_decoder
+
+    from lowrank_compiler.backends.outline import outline_blocks
+
+    gm = lrc.transform(make_decoder("gpt2"), SPECS["gpt2"][0], progress=False).eval()
+    top, units = outline_blocks(gm)
+    assert list(units) == ["lrc_pre", "lrc_block_0", "lrc_block_1", "lrc_post"]
+    assert [n for n, _ in top.named_parameters() if not n.startswith("lrc_")] == ["lm_head.weight"]
+    b = batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(top(b["input_ids"], b["attention_mask"]).logits, gm(**b).logits, rtol=0, atol=0)
