@@ -99,9 +99,11 @@ def test_rank0_checkpoints_load_in_one_process(runs, mode):
 
 @pytest.fixture(scope="module")
 def trainer_single(tmp_path_factory):
-    """The HF Trainer runs in this process on the global batch (4 rows per step)."""
+    """The HF Trainer runs in this process on the global batch (4 rows per step); GPT-2 checkpoints at step 2."""
     out = tmp_path_factory.mktemp("trainer1")
-    return {kind: th.train(kind, out, 0, 1) for kind in th.KINDS}
+    res = {kind: th.train(kind, out, 0, 1, checkpoint_every=2 if kind == "gpt2" else None) for kind in th.KINDS}
+    res["out"] = out
+    return res
 
 
 @pytest.mark.parametrize("kind", th.KINDS)
@@ -141,6 +143,22 @@ def test_hf_trainer_save_model_rank0_loads_in_one_process(runs, trainer_single, 
     with torch.no_grad():
         for gm in (fresh, fresh2):
             torch.testing.assert_close(gm.eval()(**probe).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_trainer_resumes_from_its_checkpoint(trainer_single, tmp_path):
+    """The Trainer's checkpoint of the tied GPT-2 graph (state dict, optimizer, scheduler) at step 2 of 4
+    resumes into a fresh transform and ends where the uninterrupted run ended."""
+    import transformers as tf
+
+    kind = "gpt2"
+    ckpt = trainer_single["out"] / f"{kind}_rank0" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file()
+    gm = lrc.transform(*th.model_and_spec(kind), progress=False)
+    args = th.training_args(kind, tmp_path, 1)
+    tf.Trainer(model=gm, args=args, train_dataset=th.Rows(kind)).train(resume_from_checkpoint=str(ckpt))
+    for n, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trainer_single[kind]["trained"][n], rtol=1e-5, atol=1e-7)
 
 
 def test_fsdp_refuses_step_rules_on_shards():

@@ -61,9 +61,21 @@ def probe() -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
 
 
-def train(kind: str, out_dir: Path, rank: int, world: int) -> dict:
+def training_args(kind: str, out_dir: Path, world: int, **kw):
+    """The runs' TrainingArguments: 4 rows per global step, logging every step, nothing reported."""
+    import transformers as tf
+
+    kw = {"save_strategy": "no", "max_steps": STEPS, **kw}
+    return tf.TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=4 // world, learning_rate=1e-2, logging_steps=1,
+        report_to=[], use_cpu=True, disable_tqdm=True, average_tokens_across_devices=kind == "gpt2",
+        ddp_backend="gloo" if world > 1 else None, **kw)
+
+
+def train(kind: str, out_dir: Path, rank: int, world: int, checkpoint_every: int | None = None) -> dict:
     """Train with ``transformers.Trainer``; ``trainer.save_model`` into ``out_dir/<kind>_rank<rank>``
-    (a directory per rank, so the test sees who wrote) and ``lrc.distributed.save_adapters``."""
+    (a directory per rank, so the test sees who wrote) and ``lrc.distributed.save_adapters``; with
+    ``checkpoint_every`` the Trainer also writes its checkpoints there."""
     import transformers as tf
 
     import lowrank_compiler as lrc
@@ -71,11 +83,9 @@ def train(kind: str, out_dir: Path, rank: int, world: int) -> dict:
 
     model, spec = model_and_spec(kind)
     gm = lrc.transform(model, spec, progress=False)
-    args = tf.TrainingArguments(
-        output_dir=str(out_dir / f"{kind}_rank{rank}"), max_steps=STEPS, per_device_train_batch_size=4 // world,
-        learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        average_tokens_across_devices=kind == "gpt2", ddp_backend="gloo" if world > 1 else None)
-    trainer = tf.Trainer(model=gm, args=args, train_dataset=Rows(kind))
+    ckpt = {"save_strategy": "steps", "save_steps": checkpoint_every} if checkpoint_every else {}
+    trainer = tf.Trainer(model=gm, args=training_args(kind, out_dir / f"{kind}_rank{rank}", world, **ckpt),
+                         train_dataset=Rows(kind))
     trainer.train()
     trainer.save_model()
     lrcd.save_adapters(trainer.model_wrapped, out_dir / f"{kind}_w{world}.safetensors")
