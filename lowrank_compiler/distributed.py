@@ -109,8 +109,8 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     ``full_copy``). Only one unit is then unsharded at a time.
 
     Raises:
-        LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, or a method's
-            step rule needs the full base weight.
+        LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, a method's
+            step rule needs the full base weight, or (``per_block``) the graph has no numbered blocks.
     """
     from torch.distributed.fsdp import fully_shard
 

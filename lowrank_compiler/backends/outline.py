@@ -124,7 +124,7 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
             owners = {member.get(u) for u in n.users}
             unit = owners.pop() if len(owners) == 1 else None
             block = _block_of(str(n.target), bset)
-            if unit in (PRE, POST) or (unit is not None and block is not None and name_of[block] == unit):
+            if unit in (PRE, POST) or (unit is not None and name_of.get(block or "") == unit):
                 member[n] = unit
 
     top = fx.Graph()
@@ -148,9 +148,8 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
         for m in body:
             local[m] = g.node_copy(m, local.__getitem__)
         g.output(tuple(local[m] for m in outputs))
-        name = b
-        subs[name] = _module(_objects(gm, body), g, name)
-        call = top.call_module(name, tuple(env[a] for a in inputs))
+        subs[b] = _module(_objects(gm, body), g, b)
+        call = top.call_module(b, tuple(env[a] for a in inputs))
         for j, m in enumerate(outputs):
             env[m] = top.call_function(operator.getitem, (call, j))
             env[m].meta = dict(m.meta)
