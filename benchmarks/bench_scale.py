@@ -4,14 +4,17 @@ Global batch G×S is split over N processes (each 1 torch thread), so N=2 on two
 take about half the time of N=1 plus the communication: DDP all-reduces the adapter gradients; FSDP2
 (whole graph one unit) all-gathers every parameter each forward and again in backward and
 reduce-scatters the adapter gradients; FSDP2 per block (``fsdp(gm, per_block=True)``) does the same
-one block at a time. LoRA r=8 on q/k/v/attention-out, AdamW. Median of timed steps after a warm-up.
+one block at a time. LoRA r=8 on q/k/v/attention-out, AdamW. One job of N processes holds every
+variant (deep copies of one traced model) and steps them round-robin, the 1-process reference being
+rank 0 alone on the whole batch while the others wait; median per variant over the rounds after a
+warm-up round, so load changes on a shared machine hit every variant alike.
 
 Memory per rank, from one extra profiled step: the parameter bytes each rank holds at rest (shards
 under FSDP2), and the peak of live tensor bytes during the step above its starting level
 (torch.profiler allocation events, as in bench_speed.py --memory): activations, gathered weights,
 gradients. Writes docs/scale.json and docs/scale.png.
 
-    flock /tmp/lrc-bench.lock python benchmarks/bench_scale.py [--procs 1 2] [--batch 16] [--seq 128] [--steps 4]
+    flock /tmp/lrc-bench.lock python benchmarks/bench_scale.py [--procs 1 2] [--batch 16] [--seq 128] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, mode: str, batch: int, seq: int, steps: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, batch: int, seq: int, rounds: int, out: str) -> None:
+    """One rank: the same traced model wrapped every way, stepped round-robin (1 process = rank 0 alone
+    on the whole batch while the others wait), so load changes hit every variant alike."""
+    import copy
+
     import torch.distributed as dist
     from _minilm_task import load_minilm, make_batches
     from bench_speed import _peak_kb
@@ -53,56 +60,68 @@ def worker(rank: int, world: int, port: int, mode: str, batch: int, seq: int, st
     from lowrank_compiler import distributed as lrcd
 
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     b = make_batches(1, batch=batch, seq=seq)[0]
     n = batch // world
-    ids, mask = b["input_ids"][rank * n:(rank + 1) * n], b["attention_mask"][rank * n:(rank + 1) * n]
-    gm = lrc.transform(load_minilm(), SPEC, example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                       progress=False)
-    fwd = gm
-    if world > 1:
-        fwd = lrcd.ddp(gm) if mode == "ddp" else lrcd.fsdp(gm, per_block=mode == "fsdp_block")
-    opt = lrc.optimizer(gm, torch.optim.AdamW, lr=1e-4)
-    gm.train()
+    part = {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
+    gm = lrc.transform(load_minilm(), SPEC, example_inputs=(part["input_ids"],),
+                       example_kwargs={"attention_mask": part["attention_mask"]}, progress=False)
+    wrap = {"single": lambda g: g, "ddp": lrcd.ddp, "fsdp": lrcd.fsdp,
+            "fsdp_block": lambda g: lrcd.fsdp(g, per_block=True)}
+    runs = {}
+    for mode in ("single", *MODES):
+        if mode == "single" and rank != 0:
+            continue
+        g = copy.deepcopy(gm).train()
+        fwd = wrap[mode](g)
+        runs[mode] = (fwd, lrc.optimizer(g, torch.optim.AdamW, lr=1e-4), g, b if mode == "single" else part)
 
-    def step() -> None:
-        loss = fwd(ids, attention_mask=mask).last_hidden_state.pow(2).mean()
+    def step(mode: str) -> None:
+        fwd, opt, _, x = runs[mode]
+        loss = fwd(x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state.pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    times = []
-    for i in range(steps + 1):
-        if world > 1:
+    times: dict[str, list[float]] = {m: [] for m in ("single", *MODES)}
+    for r in range(rounds + 1):  # round 0 warms up
+        for mode in times:
             dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        if world > 1:
+            t0 = time.perf_counter()
+            if mode in runs:
+                step(mode)
             dist.barrier()
-        if i >= 1:
-            times.append(time.perf_counter() - t0)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    local = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in gm.parameters())
-    res = {"step_s": statistics.median(times), "params_mb": local / 2**20, "peak_mb": _peak_kb(prof) / 1024}
+            if r:
+                times[mode].append(time.perf_counter() - t0)
+    res = {}
+    for mode in times:
+        dist.barrier()
+        if mode not in runs:
+            continue
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(mode)
+        g = runs[mode][2]
+        local = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in g.parameters())
+        res[mode] = {"step_s": statistics.median(times[mode]), "params_mb": local / 2**20,
+                     "peak_mb": _peak_kb(prof) / 1024}
     Path(f"{out}.{rank}").write_text(json.dumps(res))
-    if world > 1:
-        dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
-def run(world: int, mode: str, args: argparse.Namespace) -> dict:
+def run(world: int, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "r")
-        a = (world, _port(), mode, args.batch, args.seq, args.steps, out)
-        if world == 1:
-            worker(0, *a)
-        else:
-            torch.multiprocessing.spawn(worker, args=a, nprocs=world)
+        torch.multiprocessing.spawn(worker, args=(world, _port(), args.batch, args.seq, args.rounds, out),
+                                    nprocs=world)
         ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-    return {"procs": world, "mode": mode, "step_s": ranks[0]["step_s"],
-            "params_mb": max(r["params_mb"] for r in ranks), "peak_mb": max(r["peak_mb"] for r in ranks)}
+    rows = []
+    for mode in ("single", *MODES):
+        got = [r[mode] for r in ranks if mode in r]
+        rows.append({"procs": 1 if mode == "single" else world, "mode": mode, "step_s": got[0]["step_s"],
+                     "params_mb": max(g["params_mb"] for g in got), "peak_mb": max(g["peak_mb"] for g in got)})
+    return rows
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -133,27 +152,27 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds after one warm-up round")
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "scale"), help="writes OUT.json and OUT.png")
     args = ap.parse_args()
     load0 = os.getloadavg()
-    rows = [run(1, "single", args)]
-    for n in args.procs:
-        if n > 1:
-            rows += [run(n, mode, args) for mode in MODES]
+    rows: list[dict] = []
+    for n in [p for p in args.procs if p > 1]:
+        got = run(n, args)
+        for r in got:  # speed-up against the single-process steps of the same job
+            r["speedup"] = got[0]["step_s"] / r["step_s"]
+        rows += got[1:] if rows else got  # one single-process row (the first job's)
     load1 = os.getloadavg()
-    base = rows[0]["step_s"]
     title = (f"MiniLM LoRA train step, global batch {args.batch}x{args.seq}, 1 thread per process, "
              f"{os.cpu_count()} CPU cores")
     print(f"\n{title}; load average {load0[0]:.1f} before, {load1[0]:.1f} after\n")
     print("| processes | wrapper | step (s) | speed-up vs 1 process | params per rank (MiB) | "
           "peak live tensors in a step, per rank (MiB) |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
-        r["speedup"] = base / r["step_s"]
         print(f"| {r['procs']} | {LABEL[r['mode']]} | {r['step_s']:.3f} | {r['speedup']:.2f}x | "
               f"{r['params_mb']:.1f} | {r['peak_mb']:.0f} |")
     out = Path(args.out)
-    meta = {"batch": args.batch, "seq": args.seq, "steps": args.steps, "cpu_count": os.cpu_count(),
+    meta = {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "cpu_count": os.cpu_count(),
             "loadavg_before": load0, "loadavg_after": load1, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
