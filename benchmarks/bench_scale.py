@@ -176,7 +176,7 @@ def main() -> None:
             "loadavg_before": load0, "loadavg_after": load1, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    plot(rows, out.with_suffix(".png"), title)
+    plot(rows, out.with_suffix(".png"), f"{title}\nload average {load0[0]:.1f}-{load1[0]:.1f}, {meta['date']}")
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
