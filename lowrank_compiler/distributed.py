@@ -10,12 +10,17 @@ rank's own batches and all-reduces its statistics, so every rank gets the same A
     ... loss = loss_fn(gm(**batch)); loss.backward(); opt.step(); opt.zero_grad()
     lrc.distributed.save_adapters(gm, "adapters.safetensors")   # every rank calls, rank 0 writes
 
-Why FSDP2 shards the whole graph as one unit: a traced GraphModule reads every base weight with a
-``get_attr`` node of its root ``forward``; the submodules that own the weights (``encoder.layer.3``) are
-never called, so a ``fully_shard`` on them would never unshard. ``fsdp(gm)`` therefore shards the root
-(parameters, gradients and optimizer state are sharded at rest; one all-gather per forward, one
-reduce-scatter of the adapter gradients per backward). Frozen base weights get no gradient and no
-reduce-scatter.
+FSDP2 units: a traced GraphModule reads every base weight with a ``get_attr`` node of its root
+``forward``; the submodules that own the weights (``encoder.layer.3``) are never called, so a
+``fully_shard`` on them would never unshard. ``fsdp(gm)`` shards the root as one unit (every
+parameter all-gathered for the whole forward); ``fsdp(gm, per_block=True)`` first outlines each
+block into a called submodule (``backends/outline.py``) so each block is its own unit and only one
+is unsharded at a time. Either way parameters, gradients and optimizer state are sharded at rest,
+and frozen base weights get no gradient and no reduce-scatter.
+
+HF ``Trainer`` under torchrun: pass the LrcGraphModule as ``model``; the Trainer wraps it in DDP
+itself. ``trainer.save_model()`` writes its ``state_dict`` (tied tensors once) on rank 0; it loads
+with ``gm.load_state_dict(safetensors.torch.load_file(...))`` into a fresh transform.
 """
 
 from __future__ import annotations
@@ -85,9 +90,10 @@ def _overrides(ad: AdapterMethod, name: str) -> bool:
     return getattr(type(ad), name) is not getattr(AdapterMethod, name)
 
 
-def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: Any = None,
-         offload_policy: Any = None) -> fx.GraphModule:
-    """Shard ``gm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) in place; returns it.
+def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: bool = True,
+         mp_policy: Any = None, offload_policy: Any = None) -> fx.GraphModule:
+    """Shard ``gm`` with FSDP2 (``torch.distributed.fsdp.fully_shard``) in place; returns the module to
+    forward through.
 
     Parameters become ``DTensor`` shards (dim 0 over the ranks); ``forward`` all-gathers them, and
     after backward the adapter gradients are reduce-scattered (averaged). Build the optimizer after
@@ -95,9 +101,16 @@ def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: A
     (``transform_grads`` / ``after_step``: LoRA-FA, LoRA-Pro, Delta-LoRA, LoRASC) are refused: on a
     shard those rules would compute with 1/N of the weight. Use :func:`ddp` for them.
 
+    ``per_block=False`` shards the whole graph as one unit and returns ``gm``. ``per_block=True``
+    outlines each numbered block (``encoder.layer.3``), and what runs before (embeddings) and after
+    (head) the blocks, into called submodules (:func:`lowrank_compiler.backends.outline.outline_blocks`),
+    makes each an FSDP2 unit, and returns that outlined module: forward through it (``gm``'s primary
+    call signature), while ``gm`` holds the same sharded parameters (optimizer, ``save``,
+    ``full_copy``). Only one unit is then unsharded at a time.
+
     Raises:
-        LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, or a method's
-            step rule needs the full base weight.
+        LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, a method's
+            step rule needs the full base weight, or (``per_block``) the graph has no numbered blocks.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -118,8 +131,32 @@ def fsdp(gm: fx.GraphModule, *, reshard_after_forward: bool = True, mp_policy: A
         kw["mp_policy"] = mp_policy
     if offload_policy is not None:
         kw["offload_policy"] = offload_policy
-    fully_shard(gm, **kw)
-    return gm
+    if not per_block:
+        fully_shard(gm, **kw)
+        return gm
+    from .backends.outline import outline_blocks
+
+    top, units = outline_blocks(gm)
+    slots = {id(p): (mod, name) for mod in top.modules() for name, p in mod._parameters.items() if p is not None}
+    sharded = []
+    for name in units:
+        unit = top.get_submodule(name)
+        if any(True for _ in unit.parameters()):
+            fully_shard(unit, **kw)
+            sharded.append((name, unit))
+    fully_shard(top, **kw)  # the root: a weight read by several units (tied), and the coordination
+    for (_, unit), (prev_name, prev) in zip(sharded[1:], sharded):
+        # backward prefetches the previous block only: FSDP2's default would also all-gather the
+        # embeddings (lrc_pre) in backward, which frozen embeddings never need ([] means "default";
+        # prefetching a unit that is already unsharded is a no-op)
+        unit.set_modules_to_backward_prefetch([prev if prev_name.startswith("lrc_block_") else unit])
+    for mod in gm.modules():  # gm's holders get the sharded parameters the outlined module now uses
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in slots:
+                owner, attr = slots[id(p)]
+                mod._parameters[name] = owner._parameters[attr]
+    top.__dict__["_lrc_flat"] = gm  # save / save_adapters / full_copy of the outlined module use gm
+    return top
 
 
 def is_sharded(gm: nn.Module) -> bool:
@@ -153,8 +190,7 @@ def full_copy(gm: nn.Module) -> fx.GraphModule:
     """
     import copy
 
-    if isinstance(gm, nn.parallel.DistributedDataParallel):
-        gm = gm.module
+    gm = _unwrap(gm)
     _check_gm(gm, "lrc.distributed.full_copy")
     if not is_sharded(gm):
         return copy.deepcopy(gm)
@@ -213,4 +249,5 @@ def save(gm: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _unwrap(gm: nn.Module) -> nn.Module:
-    return gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
+    gm = gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
+    return gm.__dict__.get("_lrc_flat", gm)

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
 from .ir import adapter_sites, lrc_meta, verify
+from .tied import drop_aliases, fill_aliases
 
 _MISSING = object()
 _SIMPLE = (bool, int, float, str, type(None))
@@ -320,6 +321,16 @@ class LrcGraphModule(fx.GraphModule):
             params = list(face.signature.parameters.values())
             self_p = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             type(self).forward.__signature__ = face.signature.replace(parameters=[self_p, *params])
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """torch's ``state_dict``, with a tensor tied under several names listed once (safetensors-safe)."""
+        out = super().state_dict(*args, **kwargs)
+        drop_aliases(self, out, kwargs.get("prefix", args[1] if len(args) > 1 else ""))
+        return out
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        fill_aliases(self, state_dict, prefix)  # runs before the children load (and check for missing keys)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LrcGraphModule:
         res = super().__deepcopy__(memo)  # GraphModule's copy keeps the class but drops other attributes

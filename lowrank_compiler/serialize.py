@@ -303,7 +303,9 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
         raise LoadError(f"{path} is a directory, not an lrc adapter file")
     tensors, meta = validate.safetensors_bytes(_read_file(path), src)
     if meta.get("format") != ADAPTER_FORMAT:
-        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
+        hint = ("; a plain state dict (e.g. the HF Trainer's model.safetensors) loads with "
+                "gm.load_state_dict(safetensors.torch.load_file(path))") if meta.get("format") == "pt" else ""
+        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60}){hint}")
     try:
         records = json.loads(meta.get("adapters", ""))
     except ValueError as e:

@@ -1,4 +1,7 @@
-"""Workers for tests/test_distributed.py: 2 gloo processes on CPU (spawned), results written as .pt files.
+"""Workers for tests/test_distributed.py: 2 gloo processes on CPU (torchrun), results written as .pt files.
+
+One launch serves every test: lrc.distributed's DDP / FSDP2 / LoRA-GA flows, then the HF Trainer
+runs of tests/trainer_helpers.py (each process launch costs seconds of imports and a first trace).
 
 The model is a tiny stock BertModel with dropout set to 0 (so one process and two processes draw the
 same function; dropout masks differ between layouts by construction). The loss is the mean squared
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,39 +133,54 @@ def single(mode: str, out_dir: str) -> None:
     torch.save({"losses": losses, "init": init, "y": y}, Path(out_dir) / f"single_{mode}.pt")
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _block0_state(top, seen: list, *_) -> None:
+    seen.append([type(p).__name__ for p in top.lrc_block_0.parameters()])
+
+
+def worker(out_dir: str) -> None:
+    """One torchrun rank: DDP, FSDP2 and LoRA-GA + FSDP2 with lrc.distributed, then the HF Trainer runs."""
+    import copy
+
     import torch.distributed as dist
+    import trainer_helpers as th
 
     import lowrank_compiler as lrc
     from lowrank_compiler import distributed as lrcd
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
     out = Path(out_dir)
     res: dict = {}
     try:
-        for mode in ("ddp", "fsdp", "loraga"):
-            gm = build(GA_SPEC if mode == "loraga" else SPEC, rank, world)
+        plain = build(SPEC, rank, world)  # traced once; each wrapper trains its own copy
+        for mode in ("ddp", "fsdp", "fsdp_block", "loraga"):
+            gm = build(GA_SPEC, rank, world) if mode == "loraga" else copy.deepcopy(plain)
             res[f"{mode}_init"] = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
             if mode == "loraga":
                 lrcd.save(gm, out / "loraga_init.lrc")
+            gm_train = gm
             if mode == "ddp":
-                model = lrcd.ddp(gm)
-                gm_train, fwd = gm, model
+                fwd = lrcd.ddp(gm)
             else:
-                fwd = gm_train = lrcd.fsdp(gm)
+                fwd = lrcd.fsdp(gm, per_block=mode == "fsdp_block")
                 res[f"{mode}_sharded"] = lrcd.is_sharded(gm)
+            if mode == "fsdp_block":  # when block 1 starts, block 0 is back to its shards
+                res["fsdp_block_seen"] = []
+                fwd.lrc_block_1.register_forward_pre_hook(partial(_block0_state, fwd, res["fsdp_block_seen"]))
             opt = lrc.optimizer(gm_train, torch.optim.AdamW, lr=LR)
             res[f"{mode}_losses"] = train(fwd, opt, rank, world, allreduce=True)
             lrcd.save_adapters(fwd, out / f"{mode}.safetensors")
-            lrcd.save(fwd, out / f"{mode}.lrc")
+            if mode == "fsdp":  # the whole model, gathered from the shards (lrc.save re-exports: seconds)
+                lrcd.save(fwd, out / f"{mode}.lrc")
+        for kind in th.KINDS:
+            res[f"trainer_{kind}"] = th.train(kind, out, rank, world)
         res["rank"] = rank
         torch.save(res, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # python tests/dist_helpers.py OUT_DIR PORT
+if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node 2 tests/dist_helpers.py OUT_DIR
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    torch.multiprocessing.spawn(worker, args=(2, int(sys.argv[2]), sys.argv[1]), nprocs=2)
+    worker(sys.argv[1])

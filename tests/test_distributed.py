@@ -1,7 +1,8 @@
-"""DDP and FSDP2 training of transformed graphs: 2 gloo processes on CPU against one process.
+"""DDP, FSDP2 and the HF Trainer on transformed graphs: 2 gloo processes on CPU against one process.
 
-One spawned job (tests/dist_helpers.py) trains with DDP, FSDP2 and LoRA-GA + FSDP2 and saves
-checkpoints from rank 0; the reference is the same training in this process on the global batch.
+One torchrun job (tests/dist_helpers.py) trains with DDP, FSDP2 and LoRA-GA + FSDP2, then with
+``transformers.Trainer`` (its own DDP), and saves checkpoints from rank 0; the reference is the same
+training in this process on the global batch.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from lowrank_compiler import distributed as lrcd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dist_helpers as dh  # noqa: E402
+import trainer_helpers as th  # noqa: E402
 
-MODES = ("ddp", "fsdp", "loraga")
+MODES = ("ddp", "fsdp", "fsdp_block", "loraga")
 
 
 def _free_port() -> int:
@@ -33,8 +35,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, str(HERE / "dist_helpers.py"), str(out), str(_free_port())],
-                          capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "dist_helpers.py"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     for mode in ("ddp", "loraga"):
@@ -51,6 +54,10 @@ def test_loss_curve_equals_one_process(runs, mode):
     assert ref["losses"][-1] < ref["losses"][0]  # it trained
     if mode != "ddp":
         assert all(r[f"{mode}_sharded"] for r in ranks)
+    if mode == "fsdp_block":  # one block unsharded at a time: block 0 resharded before block 1 runs
+        for r in ranks:
+            assert len(r["fsdp_block_seen"]) == dh.STEPS
+            assert all(set(names) == {"DTensor"} for names in r["fsdp_block_seen"]), r["fsdp_block_seen"][0]
 
 
 def test_loraga_statistics_allreduced_under_fsdp(runs):
@@ -76,18 +83,82 @@ def _up_to_sign(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rank0_checkpoints_load_in_one_process(runs, mode):
+    """DDP: adapters into a fresh transform; FSDP2: the whole gathered model and its adapters; LoRA-GA:
+    its adapters on the init model rank 0 saved (the init moved the base)."""
     out, _ = runs
     ref = torch.load(out / f"single_{'loraga' if mode == 'loraga' else 'ddp'}.pt")
     ids, mask, _ = dh.data(99)
-    gm = lrc.load(out / f"{mode}.lrc").eval()
+    models = [lrc.load(out / "fsdp.lrc")] if mode == "fsdp" else []
+    fresh = lrc.load(out / "loraga_init.lrc") if mode == "loraga" else dh.build(dh.SPEC, 0, 1)
+    models.append(lrc.load_adapters(fresh, out / f"{mode}.safetensors"))
     with torch.no_grad():
-        torch.testing.assert_close(gm(ids, attention_mask=mask).last_hidden_state, ref["y"], rtol=1e-4, atol=1e-5)
-    if mode != "loraga":  # adapters alone into a freshly transformed base
-        fresh = dh.build(dh.SPEC, 0, 1).eval()
-        lrc.load_adapters(fresh, out / f"{mode}.safetensors")
-        with torch.no_grad():
-            torch.testing.assert_close(fresh(ids, attention_mask=mask).last_hidden_state, ref["y"],
+        for gm in models:
+            torch.testing.assert_close(gm.eval()(ids, attention_mask=mask).last_hidden_state, ref["y"],
                                        rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trainer_single(tmp_path_factory):
+    """The HF Trainer runs in this process on the global batch (4 rows per step); GPT-2 checkpoints at step 2."""
+    out = tmp_path_factory.mktemp("trainer1")
+    res = {kind: th.train(kind, out, 0, 1, checkpoint_every=2 if kind == "gpt2" else None) for kind in th.KINDS}
+    res["out"] = out
+    return res
+
+
+@pytest.mark.parametrize("kind", th.KINDS)
+def test_hf_trainer_under_torchrun_equals_one_process(runs, trainer_single, kind):
+    """transformers.Trainer wraps the lrc graph in DDP itself; labels in the batches; same loss curve,
+    same trained adapters (and classifier head) as one process."""
+    _, ranks = runs
+    one = trainer_single[kind]
+    init = dict(lrc.transform(*th.model_and_spec(kind), progress=False).named_parameters())
+    assert len(one["losses"]) == th.STEPS
+    for r in ranks:
+        got = r[f"trainer_{kind}"]
+        assert got["wrapper"] == "DistributedDataParallel"
+        assert got["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+        assert got["trained"].keys() == one["trained"].keys()
+        for k, v in one["trained"].items():
+            torch.testing.assert_close(got["trained"][k], v, rtol=1e-4, atol=1e-6)
+            assert (v - init[k]).abs().max() > 1e-4, k  # it trained
+        torch.testing.assert_close(got["y"], one["y"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", th.KINDS)
+def test_hf_trainer_save_model_rank0_loads_in_one_process(runs, trainer_single, kind):
+    """trainer.save_model() writes model.safetensors on rank 0 only (tied LM head listed once); it loads
+    with load_state_dict into a fresh transform, and lrc.distributed.save_adapters' file with load_adapters."""
+    from safetensors.torch import load_file
+
+    out, _ = runs
+    assert (out / f"{kind}_rank0" / "model.safetensors").is_file()
+    assert not (out / f"{kind}_rank1").exists()
+    probe, want = th.probe(), trainer_single[kind]["y"]
+    fresh = lrc.transform(*th.model_and_spec(kind), progress=False)
+    with pytest.raises(lrc.LoadError, match=r"Trainer's model.safetensors.*load_state_dict"):
+        lrc.load_adapters(fresh, out / f"{kind}_rank0" / "model.safetensors")
+    fresh.load_state_dict(load_file(out / f"{kind}_rank0" / "model.safetensors"))
+    fresh2 = lrc.load_adapters(lrc.transform(*th.model_and_spec(kind), progress=False), out / f"{kind}_w2.safetensors")
+    with torch.no_grad():
+        for gm in (fresh, fresh2):
+            torch.testing.assert_close(gm.eval()(**probe).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_trainer_resumes_from_its_checkpoint(trainer_single, tmp_path):
+    """The Trainer's checkpoint of the tied GPT-2 graph (state dict, optimizer, scheduler) at step 2 of 4
+    resumes into a fresh transform and ends where the uninterrupted run ended."""
+    import transformers as tf
+
+    kind = "gpt2"
+    ckpt = trainer_single["out"] / f"{kind}_rank0" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file()
+    gm = lrc.transform(*th.model_and_spec(kind), progress=False)
+    args = th.training_args(kind, tmp_path, 1)
+    tf.Trainer(model=gm, args=args, train_dataset=th.Rows(kind)).train(resume_from_checkpoint=str(ckpt))
+    for n, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, trainer_single[kind]["trained"][n], rtol=1e-5, atol=1e-7)
 
 
 def test_fsdp_refuses_step_rules_on_shards():
@@ -103,3 +174,48 @@ def test_wrappers_need_a_process_group():
         lrcd.ddp(gm)
     with pytest.raises(lrc.LrcError, match="GraphModule"):
         lrcd.fsdp(torch.nn.Linear(2, 2))
+
+
+def test_outline_blocks_same_function_one_unit_per_block():
+    """The lowering behind fsdp(per_block=True): each block's weights and adapters live in (and are read by)
+    its own called submodule; outputs and adapter gradients equal the flat graph's."""
+    from lowrank_compiler.backends.outline import outline_blocks
+
+    gm = dh.build(dh.SPEC, 0, 1).train()
+    top, units = outline_blocks(gm)
+    assert list(units) == ["lrc_pre", "lrc_block_0", "lrc_block_1", "lrc_post"]
+    flat = dict(gm.named_parameters())
+    owner = {"lrc_pre": "embeddings.", "lrc_block_0": "encoder.layer.0.", "lrc_block_1": "encoder.layer.1.",
+             "lrc_post": "pooler."}
+    for unit, prefix in owner.items():  # every parameter in exactly one unit, under its own path
+        own = dict(top.get_submodule(unit).named_parameters())
+        assert own and all(k.startswith(prefix) and v is flat[k] for k, v in own.items())
+        assert len(own) == sum(k.startswith(prefix) for k in flat)
+    assert sum(1 for _ in top.parameters()) == len(flat)
+    assert not any(n.op == "get_attr" for n in top.graph.nodes if isinstance(flat.get(str(n.target)), torch.Tensor))
+    ids, mask, target = dh.data(1)
+    trainable = [p for p in gm.parameters() if p.requires_grad]
+    grads = []
+    for mod in (gm, top):
+        loss = dh.loss_of(mod, ids, mask, target)
+        grads.append(torch.autograd.grad(loss, trainable))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(lrc.LrcError, match="no numbered blocks"):
+        outline_blocks(lrc.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0:lora(r=2)",
+                                     example_inputs=(torch.randn(2, 4),)))
+
+
+def test_outline_keeps_a_tied_weight_in_the_root():
+    """GPT-2's LM head is the embedding matrix (read before and after the blocks): it stays on top."""
+    from decoder_helpers import SPECS, batch, make_decoder
+
+    from lowrank_compiler.backends.outline import outline_blocks
+
+    gm = lrc.transform(make_decoder("gpt2"), SPECS["gpt2"][0], progress=False).eval()
+    top, units = outline_blocks(gm)
+    assert list(units) == ["lrc_pre", "lrc_block_0", "lrc_block_1", "lrc_post"]
+    assert [n for n, _ in top.named_parameters() if not n.startswith("lrc_")] == ["lm_head.weight"]
+    b = batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(top(b["input_ids"], b["attention_mask"]).logits, gm(**b).logits, rtol=0, atol=0)
