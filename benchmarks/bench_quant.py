@@ -8,7 +8,7 @@ LoRA r=8 alpha=16 on q/k/v/attention-out (B randomized so the adapters matter). 
   ORT int8 8-bit NBits      MatMulNBits bits=8 block 32 (weight-only blocks, int8 compute), all MatMuls, forced
   ORT int4 b32 / b128       MatMulNBits bits=4 block 32 / 128, all MatMuls, forced (the gated int4 keeps most fp32)
   ORT int8 base + fp32 adapter   separate export, quantized base (default int8), the .onnx_adapter active
-The gate and the smoothing calibrate on a *calibration* batch (other random tokens, same shape); the error
+The gate and the smoothing calibrate on ``--calib`` batches (other random tokens, same shape); the error
 columns are measured on the timed batch, which the quantizer never saw (held out), against torch fp32.
 Timing: median per run over round-robin rounds; ``--clock cpu`` (default) counts this thread's CPU time
 with 1 torch thread and 1 ORT intra-op thread (ORT then runs on the calling thread), robust on a shared machine.
@@ -46,11 +46,13 @@ LABELS = {"torch": "torch eager fp32", "fp32": "ORT fp32 merged", "plain": "ORT 
           "sep_int8": "ORT int8 base + fp32 adapter"}
 
 
-def calibration_batch(vocab: int, mask: torch.Tensor) -> dict[str, np.ndarray]:
+def calibration_batches(vocab: int, mask: torch.Tensor, n: int) -> list[dict[str, np.ndarray]]:
     """Other random tokens with the timed batch's padding: the quantizer's samples (the timed batch is held out)."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, vocab, mask.shape, generator=g) * mask
-    return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    out = []
+    for seed in range(1, n + 1):
+        ids = torch.randint(1000, vocab, mask.shape, generator=torch.Generator().manual_seed(seed)) * mask
+        out.append({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    return out
 
 
 def nbits(src: Path, dst: Path, bits: int, block: int) -> None:
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib", type=int, default=2, help="calibration batches (the gate's sample inputs)")
     ap.add_argument("--out", default=str(HERE.parent / "docs"))
     a = ap.parse_args()
     threads = 1 if a.clock == "cpu" else a.threads
@@ -106,7 +109,7 @@ def main() -> None:
     gm.eval()
     merged = lrc.merge(gm).eval()
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    calib = [calibration_batch(tok.vocab_size, mask)]
+    calib = calibration_batches(tok.vocab_size, mask, a.calib)
     with torch.no_grad():
         ref = [bl.hidden(merged(ids, attention_mask=mask)).numpy()]
     reports: dict[str, dict] = {}
@@ -148,7 +151,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     load = os.getloadavg()
     title = (f"all-MiniLM-L6-v2 + LoRA r=8 (q/k/v/attn-out) merged, batch {a.batch}x{a.seq}, {threads} thread(s), "
-             f"{a.clock} clock, {a.rounds} rounds, load avg {load[0]:.1f}")
+             f"{a.clock} clock, {a.rounds} rounds, {a.calib} calibration batch(es), load avg {load[0]:.1f}")
     print(title + "\n")
     print("| variant | median ms | vs torch eager fp32 | max abs err (held out) | cosine (held out) | gate cosine (calib) | MatMuls int8 / fp32 |")
     print("|---|---|---|---|---|---|---|")

@@ -331,4 +331,4 @@ def _decompose(g: Any, x: str, group: list, ws: list[np.ndarray], out: np.ndarra
         after.output[0] = part
         at = list(g.node).index(after) + 1
         g.node.insert(at, helper.make_node("MatMul", [xo, w_o], [f"{y}_lrc_outlier"], name=f"{OUTLIER_PREFIX}{n.name}"))
-        g.node.insert(at + 1, helper.make_node("Add", [part, f"{y}_lrc_outlier"], [y], name=f"lrc_outlier_add_{n.name}"))
+        g.node.insert(at + 1, helper.make_node("Add", [part, f"{y}_lrc_outlier"], [y], name=f"lrc_add_outlier_{n.name}"))
