@@ -7,14 +7,15 @@ LoRA branch MatMuls (whose weights are overridable ``<site>.lora_A/B.weight`` in
 The gate: every quantization runs the fp32 and the quantized model in ONNX Runtime on sample inputs
 (with no adapter and with each given adapter) and measures, over every output, the max absolute error
 and the cosine between the flattened outputs. Below ``min_cosine`` (default 0.999) the export is
-refused (``ExportError``) unless ``force``. Why 0.999: per-channel int8 of all of MiniLM's MatMuls gives
-0.985, per-tensor 0.936 (issue 15: unusable); fp16 rounding gives > 0.99999. 0.999 means the error
+refused (``ExportError``) unless ``force``. Why 0.999: plain per-channel int8 of all of MiniLM's MatMuls
+gives 0.985, per-tensor 0.936 (issue 15: unusable); fp16 rounding gives > 0.99999. 0.999 means the error
 vector is ~4.5% of the output's norm (sqrt(2·(1 − cos))), which keeps nearest-neighbour rankings of
-sentence embeddings whose cosines differ by more than ~0.01 and is what per-channel int8 reaches once
-the few sensitive MatMuls stay fp32.
+sentence embeddings whose cosines differ by more than ~0.01 and is what int8 of (nearly) every MatMul
+reaches after smoothing (:mod:`.smoothquant`: outlier migration + outlier channels in fp32).
 
 Sensitive ops are found, not guessed: when quantizing every weight MatMul fails the gate, each MatMul
-is quantized alone and ranked by its error (1 − cos); then a binary search finds the longest prefix of
+is ranked by the smoothing's simulated int8 error, or (no smoothing) quantized alone and ranked by its
+error (1 − cos); then a binary search finds the longest prefix of
 that ranking (least sensitive first) whose quantized model passes the gate (log2(n) more checks; the
 error grows with the prefix, up to noise). The report lists what stayed fp32.
 """
