@@ -7,8 +7,11 @@ sets the step for all the others. SmoothQuant (Xiao et al. 2023) divides activat
 exactly, and the outlier moves into the weights, which are quantized per output channel.
 
 Here every group of weight MatMuls that read one activation tensor (q/k/v read one LayerNorm output)
-shares one ``s``; activation maxima come from ORT runs of the fp32 model on sample inputs. The division
-is folded where that is exact and free:
+shares one ``s``; activation maxima come from ORT runs of the fp32 model on sample inputs. A fixed alpha
+fails on MiniLM (the GELU outlier channel's weight row is an outlier too), so alpha is chosen per group by
+simulating ORT's int8 arithmetic on the sample rows, and up to 4 outlier channels per group can leave the
+int8 product for a small fp32 MatMul (LLM.int8()-style) where that halves the simulated error.
+The division is folded where that is exact and free:
 
 - into a LayerNormalization's scale and bias when the group are its only readers (pre-LN decoders);
 - into the producing weight MatMul's output columns (and its bias ``Add``), through shape-preserving ops
@@ -26,8 +29,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-
-DEFAULT_ALPHA = 0.5
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
@@ -246,9 +247,9 @@ def _fold_producer(g: Any, inits: dict[str, Any], producer: dict, cons: dict[str
     attention context -- or x = Add(MatMul(h, W), b) directly: divide W's columns and b by s.
 
     Only when every tensor on the way has a single reader (so nothing else sees the scaled values) and
-    the Reshape/Transpose chain around the attention MatMul maps channel c of x to column c of W (checked
-    by pushing a channel index through the recorded shapes; here: head-split and merge of the same
-    [batch, seq, heads, dim] layout, which dynamo exports for every HF attention)."""
+    the chain is the head split and merge of one [batch, seq, heads, dim] layout, which dynamo exports for
+    every HF attention (:func:`_channels_preserved`). ``quantize_onnx`` runs the result against the
+    original, so a layout this check lets through by mistake is refused, not shipped."""
     path, t = [], x
     while True:
         n = producer.get(t)
@@ -285,8 +286,7 @@ def _fold_producer(g: Any, inits: dict[str, Any], producer: dict, cons: dict[str
 def _channels_preserved(path: list[Any]) -> bool:
     """The Reshape/Transpose/MatMul chain from x back to the Add: a head split ``[B,S,C]->[B,S,H,D]->
     [B,H,S,D]``, an attention MatMul (last axis kept), and the merge ``[B,H,S,D]->[B,S,H,D]->[B,S,C]``.
-    Checked structurally: Transposes swap axes 1 and 2 of a 4-D tensor, and each Reshape is the
-    split or the merge of the last axis (C <-> H, D). The MatMul keeps V's last axis."""
+    Checked structurally (op sequence, both Transposes ``perm=[0, 2, 1, 3]``); the MatMul keeps V's last axis."""
     ops = [n.op_type for n in path]
     if not ops:
         return True
