@@ -217,11 +217,16 @@ def _smooth(src: Path, dst: Path, cands: list[str], feeds: list[dict[str, np.nda
     return dst, done, [n.name for n in model.graph.node if n.name.startswith(OUTLIER_PREFIX)]
 
 
+GREEDY_STEPS = 6  # keep the 1..6 most sensitive fp32 one by one before bisecting
+
+
 def _search(src: Path, tmp: Path, d: Path, mode: str, cands: list[str], exclude: list[str], runner: _Runner,
             min_cosine: float, ranking: dict[str, float] | None = None) -> tuple[list[str], float, float] | None:
     """Rank the candidates by their error quantized alone (or by ``ranking``: the smoothing's simulated
-    error of each, which costs no ORT run), then binary-search the longest prefix of that ranking (least
-    sensitive first) that passes; ``(chosen, max_abs, cos)`` written to ``tmp``, or None."""
+    error of each, which costs no ORT run), then find a long prefix of that ranking (least sensitive
+    first) that passes: first drop the most sensitive one at a time (``GREEDY_STEPS`` checks: near the
+    threshold the error is not monotone in the prefix, and bisection could stop at a short one), then
+    bisect the rest. ``(chosen, max_abs, cos)`` written to ``tmp``, or None."""
     sens: list[tuple[float, str]] = []
     trial = d / "trial.onnx"
     for name in cands:
@@ -232,15 +237,26 @@ def _search(src: Path, tmp: Path, d: Path, mode: str, cands: list[str], exclude:
         sens.append((1.0 - runner.error(trial)[1], name))
     sens.sort()
     names = [n for _, n in sens]
-    lo, hi = 0, len(names)  # a prefix of length lo passes (0 trivially); hi fails (all of them, measured)
+
+    def check(k: int) -> tuple[list[str], float, float] | None:
+        _quantize(src, trial, mode, names[:k], exclude)
+        max_abs, cos = runner.error(trial)
+        if cos < min_cosine:
+            return None
+        tmp.write_bytes(trial.read_bytes())
+        return names[:k], max_abs, cos
+
+    for k in range(len(names) - 1, max(len(names) - 1 - GREEDY_STEPS, 0), -1):
+        found = check(k)
+        if found is not None:
+            return found
+    lo, hi = 0, max(len(names) - GREEDY_STEPS, 1)  # a prefix of length lo passes (0 trivially); hi fails
     best: tuple[list[str], float, float] | None = None
     while hi - lo > 1:
         k = (lo + hi) // 2
-        _quantize(src, trial, mode, names[:k], exclude)
-        max_abs, cos = runner.error(trial)
-        if cos >= min_cosine:
-            lo, best = k, (names[:k], max_abs, cos)
-            tmp.write_bytes(trial.read_bytes())
+        found = check(k)
+        if found is not None:
+            lo, best = k, found
         else:
             hi = k
     return best

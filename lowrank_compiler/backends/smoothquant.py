@@ -40,9 +40,10 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
 
 
 def activations(model: Any, tensors: list[str], samples: list[dict[str, np.ndarray]],
-                max_rows: int = 1024) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{tensor: (per-channel max |x| over every sample row, at most ``max_rows`` rows (tokens) of it as
-    [rows, channels], evenly spaced)}: the fp32 model run on ``samples`` with the tensors as outputs."""
+                max_rows: int = 1024) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+    """{tensor: (per-channel max |x| over every sample row, per sample its rows (tokens) as [rows,
+    channels], evenly spaced, ``max_rows`` in all)}: the fp32 model run on ``samples`` with the tensors
+    as outputs. Rows stay per sample: ORT picks the int8 range per run, and the gate is per sample."""
     import onnx
     import onnxruntime as ort
 
@@ -60,12 +61,10 @@ def activations(model: Any, tensors: list[str], samples: list[dict[str, np.ndarr
     for feeds in samples:
         for t, v in zip(tensors, sess.run(tensors, feeds)):
             rows[t].append(np.asarray(v, np.float32).reshape(-1, v.shape[-1]))
-    out = {}
-    for t, r in rows.items():
-        x = np.concatenate(r)
-        amax = np.abs(x).max(0)
-        out[t] = (amax, x[np.linspace(0, len(x) - 1, max_rows).astype(int)] if len(x) > max_rows else x)
-    return out
+    per = max(max_rows // max(len(samples), 1), 64)
+    return {t: (np.max([np.abs(x).max(0) for x in r], axis=0),
+                [x[np.linspace(0, len(x) - 1, per).astype(int)] if len(x) > per else x for x in r])
+            for t, r in rows.items()}
 
 
 def _qdq_act(x: np.ndarray) -> np.ndarray:
@@ -124,21 +123,26 @@ OUTLIER_GAIN = 2.0  # take channels out of the int8 product only if that halves 
 OUTLIER_PREFIX = "lrc_outlier_"
 
 
-def _choose(amax: np.ndarray, x: np.ndarray, ws: list[np.ndarray], alpha: float | None, outliers: float
-            ) -> tuple[float | None, np.ndarray, float]:
-    """(alpha, outlier channel indices, simulated error on the rows ``x``): the smoothing with the smallest
-    simulated int8 error, and outlier channels only when they cut that error by the factor ``outliers``
-    (0: never). ``amax``: the channel maxima over all sample rows. (Cross-validating the choice over
-    halves of the rows was tried: no better on held-out inputs, twice the cost.)"""
+def _choose(amax: np.ndarray, blocks: list[np.ndarray], ws: list[np.ndarray], alpha: float | None,
+            outliers: float) -> tuple[float | None, np.ndarray, float]:
+    """(alpha, outlier channel indices, simulated error): the smoothing with the smallest simulated int8
+    error -- the worst over the samples' row ``blocks``, as the gate takes the worst sample -- and outlier
+    channels only when they cut that error by the factor ``outliers`` (0: never). ``amax``: the channel
+    maxima over all sample rows. (Cross-validating the choice over halves of the rows was tried: no
+    better on held-out inputs, twice the cost.)"""
     wmax = np.max([np.abs(w).max(1) for w in ws], axis=0)
     order = np.argsort(amax * wmax)[::-1]
     alphas = [None, *ALPHAS] if alpha is None else [alpha]
-    ys = [x @ w for w in ws]
+    ys = [[x @ w for w in ws] for x in blocks]
+
+    def err(a: float | None, out: np.ndarray) -> float:
+        s = None if a is None else smooth_scales(amax, ws, a)
+        return max(simulated_error(x, ws, s, out, y) for x, y in zip(blocks, ys))
+
     best: tuple[float, float | None, np.ndarray] | None = None
     for k in OUTLIER_COUNTS if outliers else (0,):
         out = np.sort(order[:k])
-        e, a = min(((simulated_error(x, ws, None if a is None else smooth_scales(amax, ws, a), out, ys), a)
-                    for a in alphas), key=lambda t: t[0])
+        e, a = min(((err(a, out), a) for a in alphas), key=lambda t: t[0])
         if best is None or e * outliers <= best[0]:
             best = (e, a, out)
     assert best is not None
@@ -174,7 +178,7 @@ def smooth(model: Any, names: list[str], samples: list[dict[str, np.ndarray]],
         producer = {o: n for n in g.node for o in n.output}
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in group]
         amax, rows = acts[x]
-        if any(w.ndim != 2 or w.shape[0] != rows.shape[1] for w in ws):
+        if any(w.ndim != 2 or w.shape[0] != amax.shape[0] for w in ws):
             continue  # not an [in, out] weight over x's channels
         a, out, e = _choose(amax, rows, ws, alpha, outliers)
         if a is None and not len(out):
