@@ -15,9 +15,9 @@ reaches after smoothing (:mod:`.smoothquant`: outlier migration + outlier channe
 
 Sensitive ops are found, not guessed: when quantizing every weight MatMul fails the gate, each MatMul
 is ranked by the smoothing's simulated int8 error, or (no smoothing) quantized alone and ranked by its
-error (1 − cos); then a binary search finds the longest prefix of
-that ranking (least sensitive first) whose quantized model passes the gate (log2(n) more checks; the
-error grows with the prefix, up to noise). The report lists what stayed fp32.
+error (1 − cos); then the most sensitive are kept fp32 one at a time (a few checks), and if that is
+not enough a binary search finds a long passing prefix of the ranking (least sensitive first).
+The report lists what stayed fp32.
 """
 
 from __future__ import annotations
