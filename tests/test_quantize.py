@@ -17,6 +17,7 @@ from conftest import example_ids, make_hf
 import lowrank_compiler as lrc
 from lowrank_compiler.backends import onnx as lo
 from lowrank_compiler.backends.quantize import output_error, weight_matmuls
+from lowrank_compiler.backends.smoothquant import OUTLIER_PREFIX, smooth
 from lowrank_compiler.cli import main
 from lowrank_compiler.errors import ExportError
 
@@ -129,23 +130,50 @@ def test_cli_prints_error_and_refuses(bert, tmp_path, capsys):
     assert "too inaccurate" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
 
 
+def test_smoothing_and_outlier_split_are_exact_on_a_bert_export(bert, tmp_path):
+    """Every MatMul group of a dynamo-exported BERT smoothed, with 4 outlier channels each taken out to fp32:
+    the attention-out input folds into V's columns ("producer"), the rest get a Mul; outputs unchanged."""
+    gm, ids, mask = bert
+    lrc.export(gm, tmp_path / "m.onnx", merge=True)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = lo.session(tmp_path / "m.onnx", providers="cpu")(feeds)
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    base, _ = weight_matmuls(m)
+    samples = [{k: v.numpy() for k, v in feeds.items()}]
+    plain = smooth(m, base, samples, alpha=0.5, outliers=0)
+    assert {v["how"] for v in plain.values()} == {"producer", "mul"}
+    onnx.save(m, str(tmp_path / "s.onnx"))
+    assert output_error(ref, lo.session(tmp_path / "s.onnx", providers="cpu")(feeds))[0] < 1e-4
+
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    split = smooth(m, base, samples, alpha=0.5, outliers=1e-9)  # any split is "good enough": always 4 channels
+    assert all(len(v["outliers"]) == 4 for v in split.values())
+    extra = [n for n in m.graph.node if n.name.startswith(OUTLIER_PREFIX)]
+    assert len(extra) == len(base)
+    onnx.save(m, str(tmp_path / "o.onnx"))
+    assert output_error(ref, lo.session(tmp_path / "o.onnx", providers="cpu")(feeds))[0] < 1e-4
+
+
 @pytest.mark.slow
 def test_minilm_int8_gate_and_adapters(minilm, minilm_batch, tmp_path):
+    """Real MiniLM (BERT outlier channels): one export with a separate adapter serves both claims -- the
+    int8 base with the adapter on is the merged model's function within the gate, and the adapter switches."""
     model, _ = minilm
     ids, mask = minilm_batch
+    torch.manual_seed(0)
     gm = lrc.transform(model, "attention.self.*:lora(r=8, alpha=16); attention.output.dense:lora(r=8, alpha=16)",
                        example_inputs=(ids,), example_kwargs={"attention_mask": mask}, progress=False)
     with torch.no_grad():
         for a in lrc.adapters(gm).values():
             a.lora_B.normal_(std=0.05)
-    rep = lrc.export(gm, tmp_path / "m.onnx", merge=True, quantize="int8")
-    assert rep["passed"] and rep["cosine"] >= 0.999 and rep["quantized"] > 0
-    got = lo.session(tmp_path / "m.onnx", providers="cpu")({"input_ids": ids, "attention_mask": mask})[0]
-    assert _cos(got, _torch_out(gm.eval(), ids, mask)) >= 0.999 - 1e-4
     rep = lrc.export(gm, tmp_path / "q.onnx", quantize="int8", adapters_dir=tmp_path, adapter_name="a")
+    assert rep["passed"] and rep["cosine"] >= 0.999 and rep["quantized"] > 0
+    assert rep["smoothed"] > 0 and rep["outlier_channels"] > 0  # BERT's outlier channels were found
+    assert _ops(tmp_path / "q.onnx") & QUANT_OPS["int8"]
     sess = lo.session(tmp_path / "q.onnx", providers="cpu")
     with_a = sess({"input_ids": ids, "attention_mask": mask}, adapter=tmp_path / "a.onnx_adapter")[0]
     without = sess({"input_ids": ids, "attention_mask": mask})[0]
-    ref = _torch_out(gm, ids, mask)
-    assert _cos(with_a, ref) >= 0.999 - 1e-4
+    ref = _torch_out(gm.eval(), ids, mask)
+    merged_ref = _torch_out(lrc.merge(gm).eval(), ids, mask)
+    assert _cos(with_a, ref) >= 0.999 - 1e-4 and _cos(with_a, merged_ref) >= 0.999 - 1e-4
     assert np.abs(with_a - ref).mean() < np.abs(without - ref).mean() / 2  # the fp32 adapter switched on

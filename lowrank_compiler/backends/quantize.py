@@ -7,16 +7,17 @@ LoRA branch MatMuls (whose weights are overridable ``<site>.lora_A/B.weight`` in
 The gate: every quantization runs the fp32 and the quantized model in ONNX Runtime on sample inputs
 (with no adapter and with each given adapter) and measures, over every output, the max absolute error
 and the cosine between the flattened outputs. Below ``min_cosine`` (default 0.999) the export is
-refused (``ExportError``) unless ``force``. Why 0.999: per-channel int8 of all of MiniLM's MatMuls gives
-0.985, per-tensor 0.936 (issue 15: unusable); fp16 rounding gives > 0.99999. 0.999 means the error
+refused (``ExportError``) unless ``force``. Why 0.999: plain per-channel int8 of all of MiniLM's MatMuls
+gives 0.985, per-tensor 0.936 (issue 15: unusable); fp16 rounding gives > 0.99999. 0.999 means the error
 vector is ~4.5% of the output's norm (sqrt(2·(1 − cos))), which keeps nearest-neighbour rankings of
-sentence embeddings whose cosines differ by more than ~0.01 and is what per-channel int8 reaches once
-the few sensitive MatMuls stay fp32.
+sentence embeddings whose cosines differ by more than ~0.01 and is what int8 of (nearly) every MatMul
+reaches after smoothing (:mod:`.smoothquant`: outlier migration + outlier channels in fp32).
 
 Sensitive ops are found, not guessed: when quantizing every weight MatMul fails the gate, each MatMul
-is quantized alone and ranked by its error (1 − cos); then a binary search finds the longest prefix of
-that ranking (least sensitive first) whose quantized model passes the gate (log2(n) more checks; the
-error grows with the prefix, up to noise). The report lists what stayed fp32.
+is ranked by the smoothing's simulated int8 error, or (no smoothing) quantized alone and ranked by its
+error (1 − cos); then the most sensitive are kept fp32 one at a time (a few checks), and if that is
+not enough a binary search finds a long passing prefix of the ranking (least sensitive first).
+The report lists what stayed fp32.
 """
 
 from __future__ import annotations
@@ -125,13 +126,16 @@ class _Runner:
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "int8", *,
                   samples: list[dict[str, Any]], adapters: list[str | os.PathLike] | None = None,
                   min_cosine: float = DEFAULT_MIN_COSINE, force: bool = False,
-                  exclude: list[str] | None = None, search: bool = True) -> dict[str, Any]:
+                  exclude: list[str] | None = None, search: bool = True, smooth: bool = True) -> dict[str, Any]:
     """Quantize the fp32 ONNX model ``src`` to ``dst`` and gate it on ``samples`` (input feeds).
 
     ``adapters``: ``.onnx_adapter`` files also checked (each sample runs with no adapter and with each).
-    ``exclude``: node names kept fp32 in addition to the LoRA branch. ``search``: when quantizing every
+    ``exclude``: node names kept fp32 in addition to the LoRA branch. ``smooth`` (int8 only): first
+    migrate activation outliers into the weights and take the worst channels out of the int8 products
+    (:mod:`.smoothquant`; exact in fp32, checked on the samples). ``search``: when quantizing every
     weight MatMul fails the gate, keep the most sensitive ones fp32 (module docstring). Returns
-    ``{quantize, max_abs_err, cosine, min_cosine, quantized, kept_fp32, passed, forced}``.
+    ``{quantize, max_abs_err, cosine, min_cosine, quantized, kept_fp32, passed, forced, smoothed,
+    outlier_channels, all_quantized: {max_abs_err, cosine} before the search}``.
 
     Raises:
         ExportError: unknown mode, no samples, a bad ``min_cosine``, or the gate failed without ``force``
@@ -161,18 +165,26 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "i
         if not cands:
             raise ExportError(f"{src}: no weight MatMul to quantize (LoRA-branch MatMuls stay fp32)")
         runner = _Runner(src, feeds, [None] + [str(a) for a in adapters or []])
+        smoothed: dict[str, Any] = {}
+        if smooth and mode == "int8":
+            src, smoothed, extra = _smooth(src, Path(d) / "smoothed.onnx", cands, feeds, runner)
+            exclude += extra  # the fp32 outlier MatMuls it added
         tmp = Path(d) / "q.onnx"
         chosen = cands
         _quantize(src, tmp, mode, chosen, exclude)
         max_abs, cos = runner.error(tmp)
+        all_q = (max_abs, cos)
         if cos < min_cosine and search and len(cands) > 1:
-            found = _search(src, Path(d) / "s.onnx", Path(d), mode, cands, exclude, runner, min_cosine)
+            ranking = {n: v["error"] for v in smoothed.values() for n in v["nodes"]} or None
+            found = _search(src, Path(d) / "s.onnx", Path(d), mode, cands, exclude, runner, min_cosine, ranking)
             if found is not None:  # else: no subset passes; keep the all-quantized model (for force)
                 (chosen, max_abs, cos), tmp = found, Path(d) / "s.onnx"
         passed = cos >= min_cosine
         report = {"quantize": mode, "max_abs_err": max_abs, "cosine": cos, "min_cosine": min_cosine,
                   "quantized": len(chosen), "kept_fp32": sorted(set(cands) - set(chosen)),
-                  "lora_fp32": len(lora), "passed": passed, "forced": bool(force and not passed)}
+                  "lora_fp32": len(lora), "passed": passed, "forced": bool(force and not passed),
+                  "all_quantized": {"max_abs_err": all_q[0], "cosine": all_q[1]},
+                  "smoothed": sum(v["how"] != "none" for v in smoothed.values()), "outlier_channels": sum(len(v["outliers"]) for v in smoothed.values())}
         if not passed and not force:
             raise ExportError(f"{mode} quantization is too inaccurate: output cosine {cos:.8f} < {min_cosine} "
                               f"(max abs error {max_abs:.4g} vs fp32 on {len(feeds)} sample input(s)"
@@ -185,26 +197,66 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "i
     return report
 
 
+def _smooth(src: Path, dst: Path, cands: list[str], feeds: list[dict[str, np.ndarray]], runner: _Runner
+            ) -> tuple[Path, dict[str, Any], list[str]]:
+    """Write the smoothed fp32 model to ``dst``; (its path, what :func:`smoothquant.smooth` did, the
+    outlier MatMuls to keep fp32). Refuses (ExportError) if it changed the fp32 outputs."""
+    import onnx
+
+    from .smoothquant import OUTLIER_PREFIX, smooth
+
+    model = onnx.load(str(src))
+    done = smooth(model, cands, feeds)
+    if all(v["how"] == "none" for v in done.values()):
+        return src, done, []
+    onnx.save(model, str(dst))
+    max_abs, cos = runner.error(dst)
+    if cos < 1 - 1e-6:  # exact up to fp32 rounding; anything else is a bug in a fold
+        raise ExportError(f"{src}: smoothing changed the fp32 model (output cosine {cos:.8f}, max abs error "
+                          f"{max_abs:.3g}); quantize with smooth=False")
+    return dst, done, [n.name for n in model.graph.node if n.name.startswith(OUTLIER_PREFIX)]
+
+
+GREEDY_STEPS = 6  # keep the 1..6 most sensitive fp32 one by one before bisecting
+
+
 def _search(src: Path, tmp: Path, d: Path, mode: str, cands: list[str], exclude: list[str], runner: _Runner,
-            min_cosine: float) -> tuple[list[str], float, float] | None:
-    """Rank the candidates by their error quantized alone, then binary-search the longest prefix of that
-    ranking (least sensitive first) that passes; ``(chosen, max_abs, cos)`` written to ``tmp``, or None."""
+            min_cosine: float, ranking: dict[str, float] | None = None) -> tuple[list[str], float, float] | None:
+    """Rank the candidates by their error quantized alone (or by ``ranking``: the smoothing's simulated
+    error of each, which costs no ORT run), then find a long prefix of that ranking (least sensitive
+    first) that passes: first drop the most sensitive one at a time (``GREEDY_STEPS`` checks: near the
+    threshold the error is not monotone in the prefix, and bisection could stop at a short one), then
+    bisect the rest. ``(chosen, max_abs, cos)`` written to ``tmp``, or None."""
     sens: list[tuple[float, str]] = []
     trial = d / "trial.onnx"
     for name in cands:
+        if ranking is not None and name in ranking:
+            sens.append((ranking[name], name))
+            continue
         _quantize(src, trial, mode, [name], exclude)
         sens.append((1.0 - runner.error(trial)[1], name))
     sens.sort()
     names = [n for _, n in sens]
-    lo, hi = 0, len(names)  # a prefix of length lo passes (0 trivially); hi fails (all of them, measured)
+
+    def check(k: int) -> tuple[list[str], float, float] | None:
+        _quantize(src, trial, mode, names[:k], exclude)
+        max_abs, cos = runner.error(trial)
+        if cos < min_cosine:
+            return None
+        tmp.write_bytes(trial.read_bytes())
+        return names[:k], max_abs, cos
+
+    for k in range(len(names) - 1, max(len(names) - 1 - GREEDY_STEPS, 0), -1):
+        found = check(k)
+        if found is not None:
+            return found
+    lo, hi = 0, max(len(names) - GREEDY_STEPS, 1)  # a prefix of length lo passes (0 trivially); hi fails
     best: tuple[list[str], float, float] | None = None
     while hi - lo > 1:
         k = (lo + hi) // 2
-        _quantize(src, trial, mode, names[:k], exclude)
-        max_abs, cos = runner.error(trial)
-        if cos >= min_cosine:
-            lo, best = k, (names[:k], max_abs, cos)
-            tmp.write_bytes(trial.read_bytes())
+        found = check(k)
+        if found is not None:
+            lo, best = k, found
         else:
             hi = k
     return best
@@ -240,6 +292,8 @@ def format_report(r: dict[str, Any]) -> str:
     """One line for the CLI: error vs fp32, gate, what stayed fp32."""
     gate = "PASSED" if r["passed"] else "FAILED (forced)" if r["forced"] else "FAILED"
     kept = f", {len(r['kept_fp32'])} sensitive MatMul(s) kept fp32" if r["kept_fp32"] else ""
+    if r.get("smoothed"):
+        kept += f", {r['smoothed']} input(s) smoothed, {r['outlier_channels']} outlier channel(s) fp32"
     lora = f", {r['lora_fp32']} LoRA-branch MatMul(s) fp32" if r.get("lora_fp32") else ""
     return (f"{r['quantize']} vs fp32 on the sample inputs: max abs error {r['max_abs_err']:.4g}, output cosine "
             f"{r['cosine']:.6f} (gate >= {r['min_cosine']}: {gate}); {r['quantized']} MatMul(s) quantized{kept}{lora}")
