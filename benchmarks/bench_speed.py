@@ -8,10 +8,10 @@ AdamW (lr 1e-4, torch's default foreach step unless the row says fused). Variant
   lrc +lora                 lrc.lower(skip=linear,dropout): passes/lower_lora.py only
   lrc +lora+linear          + passes/lower_linear.py
   lrc lowered               + passes/lower_dropout.py (all lowerings: lrc.lower)
-  lrc lowered +fused AdamW  the same with lrc.compile's fused optimizer step
+  lrc lowered +fused opt    the same with lrc.compile's fused optimizer step
   --compile adds (inductor, forward + backward; compile time excluded, warm-up steps run first):
   lrc compiled              lrc.compile(gm) (the unlowered graph)
-  lrc compiled lowered +fused AdamW   lrc.compile(gm, lower=True, optimizer=opt): lowered graph + fused AdamW
+  lrc compiled lowered +fused  lrc.compile(gm, lower=True, optimizer=opt): lowered graph + fused AdamW
 Variants run round-robin (bench_lora.timed_rounds), median per-iteration time; ratios to PEFT eager.
 The clock: ``cpu`` (default) = this thread's CPU time with 1 torch thread (robust on a shared machine);
 ``wall`` = perf_counter with ``--threads`` threads (inductor's OpenMP kernels and oneDNN use them).
@@ -47,11 +47,11 @@ VARIANTS = {  # name -> (lowerings skipped or None for the unlowered graph, fuse
     "lrc +lora": (("linear", "dropout"), False, False),
     "lrc +lora+linear": (("dropout",), False, False),
     "lrc lowered": ((), False, False),
-    "lrc lowered +fused AdamW": ((), True, False),
+    "lrc lowered +fused opt": ((), True, False),
 }
 COMPILED = {
     "lrc compiled": (None, False, True),
-    "lrc compiled lowered +fused AdamW": ((), True, True),
+    "lrc compiled lowered +fused": ((), True, True),
 }
 
 

@@ -95,7 +95,7 @@ class LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, w, b, a, bm, s: float):
         out = _gemm(x2, w, b)
-        h = x2.mm(a.t())
+        h = _gemm(x2, a, None)
         out.addmm_(h, bm.t(), alpha=s)
         ctx.save_for_backward(x2, h, w, a, bm)
         ctx.s = s
@@ -106,7 +106,7 @@ class LoRALinear(torch.autograd.Function):
         x2, h, w, a, bm = ctx.saved_tensors
         s = ctx.s
         g = g.contiguous()
-        dh = g.mm(bm).mul_(s)  # N × r: ∂ of x Aᵀ
+        dh = _gemm(g, bm.t(), None).mul_(s)  # N × r: ∂ of x Aᵀ (oneDNN: 3× MKL's g @ B here)
         dx = dw = db = da = dbm = None
         if ctx.needs_input_grad[0]:
             dx = _gemm(g, w.t(), None)
