@@ -85,16 +85,18 @@ def plot(path: Path, ratios: dict[str, float], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(ratios)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(names[::-1], [ratios[n] for n in names[::-1]], color="tab:blue")
-    for target, label in ((0.90, "eager target 0.90"), (0.75, "compiled target 0.75")):
-        ax.axvline(target, ls="--", lw=1, color="gray")
-        ax.text(target, len(names) - 0.4, label, fontsize=7, ha="right", color="gray")
-    for i, n in enumerate(names[::-1]):
+    names = list(ratios)[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.9))
+    colors = ["tab:gray" if n == "peft" else "tab:orange" if "compiled" in n else "tab:blue" for n in names]
+    ax.barh(names, [ratios[n] for n in names], color=colors)
+    ax.axvline(0.90, ls="--", lw=1, color="tab:blue", label="target, eager: 0.90")
+    ax.axvline(0.75, ls="--", lw=1, color="tab:orange", label="target, compiled: 0.75")
+    for i, n in enumerate(names):
         ax.text(ratios[n], i, f" {ratios[n]:.3f}x", va="center", fontsize=8)
+    ax.set_xlim(0, max(1.1, 1.12 * max(ratios.values())))
     ax.set_xlabel("train step time / PEFT eager (lower is faster)")
-    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7, frameon=False)
+    ax.set_title(title.replace(", load", "\nload", 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
