@@ -8,25 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import example_ids, make_hf
+from test_fuse_siblings import _setup as fuse_setup
 
 import lowrank_compiler as lrc
 from lowrank_compiler.backends import cpu_kernels as ck
 from lowrank_compiler.backends.torch_compile import fuse_optimizer, lower
 from lowrank_compiler.errors import ExportError
 
-SPEC = "attention.self.*:lora(r=4, alpha=8); attention.output.dense:lora(r=2)"
-
 
 def _setup():
-    ids = example_ids(4, 16)
-    mask = torch.ones_like(ids)
-    mask[0, -5:] = 0
-    gm = lrc.transform(make_hf("bert"), SPEC, example_inputs=(ids,), example_kwargs={"attention_mask": mask})
-    with torch.no_grad():
-        for a in lrc.adapters(gm).values():
-            a.lora_B.normal_(std=0.3)
-    return gm, ids, mask
+    """Tiny BERT, LoRA on q/k/v (r=4) and attention.output.dense (r=2), random B, a padded row."""
+    return fuse_setup("bert")
 
 
 def _h(out):
