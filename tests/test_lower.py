@@ -126,6 +126,9 @@ def test_attention_with_dropout_equals_the_formula_and_sdpa_without():
     g = torch.randn_like(out)
     for a, e in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+    additive = torch.zeros(b, 1, s, s).masked_fill(~allowed, float("-inf"))  # the traced path's code
+    torch.manual_seed(7)
+    torch.testing.assert_close(ck.attention(q, k, v, additive, p), ref, rtol=1e-5, atol=1e-6)
     sdpa = ck.LeanSDPA(p).eval()  # eval: no dropout, plain SDPA
     torch.testing.assert_close(sdpa(q, k, v, allowed), F.scaled_dot_product_attention(q, k, v, allowed))
 

@@ -156,23 +156,52 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class _Attention(torch.autograd.Function):
+    """Eager attention with dropout in the fewest passes over the B·H·S² scores: the scales go on the
+    B·H·S·D side (q before QKᵀ, 1/(1-p) on the output), the mask is filled in place, and only the
+    probabilities and the bool keep mask are saved (the dropped probabilities are recomputed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, p: float, s: float):
+        qs = q * s
+        scores = torch.matmul(qs, k.transpose(-2, -1))
+        if allowed is not None:
+            scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, -1)
+        if allowed is not None:
+            dead = ~allowed.any(-1, keepdim=True)  # rows with every key masked: 0, as SDPA's
+            if bool(dead.any()):
+                probs.masked_fill_(dead, 0.0)
+        keep = keep_mask(probs, p)
+        out = torch.matmul(probs * keep, v).mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(qs, k, v, probs, keep)
+        ctx.p, ctx.s = p, s
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        qs, k, v, probs, keep = ctx.saved_tensors
+        go = go * (1.0 / (1.0 - ctx.p))
+        dv = torch.matmul((probs * keep).transpose(-2, -1), go)
+        dprobs = torch.matmul(go, v.transpose(-2, -1)).mul_(keep)
+        dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)  # 0 wherever probs is 0
+        dq = torch.matmul(dscores, k).mul_(ctx.s)
+        dk = torch.matmul(dscores.transpose(-2, -1), qs)
+        return dq, dk, dv, None, None, None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, p: float,
               scale: float | None = None) -> torch.Tensor:
-    """``scaled_dot_product_attention`` with dropout p > 0 (training), non-causal, same heads for q/k/v."""
+    """``scaled_dot_product_attention`` with dropout p > 0 (training), non-causal, same heads for q/k/v;
+    a bool ``attn_mask`` marks the allowed keys, a float one is added to the scores."""
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not torch.compiler.is_compiling() and (attn_mask is None or attn_mask.dtype == torch.bool):
+        return _Attention.apply(q, k, v, attn_mask, p, s)
+    # traced (inductor fuses the elementwise work itself) or an additive float mask
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(s)
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    if torch.compiler.is_compiling() or attn_mask is None or attn_mask.dtype != torch.bool:
-        probs = torch.ops.aten._safe_softmax(scores, -1)  # rows with every key masked give 0, as SDPA's
-    else:  # eager: plain softmax, and zero the (rare) fully masked rows found on the small mask
-        probs = torch.softmax(scores, -1)
-        dead = ~attn_mask.any(-1, keepdim=True)
-        if bool(dead.any()):
-            probs = probs.masked_fill(dead, 0.0)
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.ops.aten._safe_softmax(scores, -1)  # rows with every key masked give 0, as SDPA's
     return torch.matmul(dropout(probs, p), v)
 
 
