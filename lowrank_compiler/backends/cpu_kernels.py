@@ -173,7 +173,7 @@ class _Attention(torch.autograd.Function):
             if bool(dead.any()):
                 probs.masked_fill_(dead, 0.0)
         keep = keep_mask(probs, p)
-        out = torch.matmul(probs * keep, v).mul_(1.0 / (1.0 - p))
+        out = torch.matmul(torch.where(keep, probs, 0.0), v).mul_(1.0 / (1.0 - p))  # where: no bool→float cast
         ctx.save_for_backward(qs, k, v, probs, keep)
         ctx.p, ctx.s = p, s
         return out
@@ -182,8 +182,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, go):
         qs, k, v, probs, keep = ctx.saved_tensors
         go = go * (1.0 / (1.0 - ctx.p))
-        dv = torch.matmul((probs * keep).transpose(-2, -1), go)
-        dprobs = torch.matmul(go, v.transpose(-2, -1)).mul_(keep)
+        dv = torch.matmul(torch.where(keep, probs, 0.0).transpose(-2, -1), go)
+        dprobs = torch.where(keep, torch.matmul(go, v.transpose(-2, -1)), 0.0)
         dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)  # 0 wherever probs is 0
         dq = torch.matmul(dscores, k).mul_(ctx.s)
         dk = torch.matmul(dscores.transpose(-2, -1), qs)
