@@ -9,7 +9,7 @@ from .api import adapters, lower_memory, merge, merge_adapters, print_trainable_
 from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
 from .backends.export import export
 from .backends.peft import load_peft
-from .backends.torch_compile import compile
+from .backends.torch_compile import compile, lower
 from .batched import adapter_ids, mixed_add, mixed_batch
 from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
 from .methods import AdapterMethod, register_method
@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the pipeline
     "transform", "optimizer", "trainer_optimizers", "adapters", "print_trainable_parameters",
-    "merge", "merge_adapters", "unmerge_adapters", "lower_memory",
+    "merge", "merge_adapters", "unmerge_adapters", "lower", "lower_memory",
     "save", "load", "save_adapters", "load_adapters", "load_peft", "export", "compile",
     # extending
     "Spec", "parse_spec", "AdapterMethod", "register_method", "backends",

@@ -171,13 +171,18 @@ class Face:
             return nn.Module.__call__(gm, *values)
         return self._run(gm, entry, values)
 
+    def sync(self, gm: fx.GraphModule) -> None:
+        """Drop the variants when the primary graph was rewritten since the last call (``torch.compile``
+        calls this first, so the dispatcher has no state left to change, and dynamo no guard to fail)."""
+        if self.stamp is not gm._code:
+            self.variants.clear()
+            self.stamp = gm._code
+
     def entry(self, gm: fx.GraphModule, bound: dict[str, Any]) -> _Entry:
         """The graph that serves the call ``bound`` (``entry.gm is gm`` for the primary), traced if new."""
         by_name: dict[str, list[Any]] = {}
         key = self.key(bound, by_name)
-        if self.stamp is not gm._code:  # the primary graph was rewritten: variants are stale
-            self.variants.clear()
-            self.stamp = gm._code
+        self.sync(gm)
         p = self.primary
         if key == self.primary_key and p is not None and p.fits([x for n in p.names for x in by_name[n]]):
             return _Entry(p.names, p.guards, gm)

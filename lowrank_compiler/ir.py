@@ -263,8 +263,11 @@ def verify(gm: fx.GraphModule) -> None:
             raise VerifyError(f"invariant 6 (meta): adapter node {node.name} ({mark.site}) lost meta['val']")
     # adapters held by a called module (the members of a mixed-batch adapter) or stored inactive count as owned
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    # ... and so does an adapter that a called module holds under another path too (a lowering's kernel module)
+    held = {id(m) for t in targets if t not in called for m in gm.get_submodule(t).modules()}
     owned = [name for name, mod in gm.named_modules() if isinstance(mod, AdapterMethod) and name not in called
-             and (name.startswith(NAMED_ROOT + ".") or any(name.startswith(t + ".") for t in targets))]
+             and (name.startswith(NAMED_ROOT + ".") or any(name.startswith(t + ".") for t in targets)
+                  or id(mod) in held)]
     for name, mod in gm.named_modules():
         if isinstance(mod, AdapterMethod) and name not in called and name not in owned:
             raise VerifyError(f"invariant 2 (marks): adapter module {name} is not called by any marked node")

@@ -53,6 +53,15 @@ def test_compiled_training_step_equals_eager():
     assert not torch.equal(gm.get_submodule("up.adapter").lora_B, _mlp()[0].get_submodule("up.adapter").lora_B)
 
 
+def test_compiled_hf_dispatcher_compiles_once():
+    gm, ids, mask = transformed("bert")
+    torch._dynamo.reset()  # entries of earlier tests' (deallocated) graphs would count as recompiles
+    fast = lrc.compile(gm, backend="eager")  # dynamo only: the dispatcher's first call must change no state
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            fast(ids, attention_mask=mask)
+
+
 def test_compiled_merged_and_unmerged_inference_equal_eager():
     gm, x = _mlp()
     gm.eval()

@@ -1,4 +1,9 @@
-"""torch.compile lowering of a transformed graph (adapters unmerged, or merged), for training and inference."""
+"""torch.compile lowering of a transformed graph (adapters unmerged, or merged), for training and inference.
+
+:func:`lower` runs the training-speed passes (``passes/lower_*.py``, docs/speed.md) on a copy of the graph
+that shares every parameter; :func:`compile` compiles that copy with inductor (forward and backward) and
+can make the optimizer step fused.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,63 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..passes.fuse_siblings import shared_copy
+from ..passes.lower_dropout import lower_dropout
+from ..passes.lower_linear import lower_linear
+from ..passes.lower_lora import lower_lora
+from ..passes.manager import Pass, Pipeline
+
+#: the training lowerings in the order they run, by name (``lower(gm, skip=...)`` leaves some out)
+LOWERINGS = ("lora", "linear", "dropout")
+
+
+def lowering_pipeline(skip: tuple[str, ...] = ()) -> Pipeline:
+    """The in-place passes of :func:`lower` (minus ``skip``), as a named pipeline."""
+    bad = sorted(set(skip) - set(LOWERINGS))
+    if bad:
+        raise ExportError(f"unknown lowering(s) {bad}; valid: {', '.join(LOWERINGS)}")
+    fns = {"lora": lower_lora, "linear": lower_linear, "dropout": lower_dropout}
+    return Pipeline("lower", [Pass(f"lower_{n}", fns[n]) for n in LOWERINGS if n not in skip])
+
+
+def lower(gm: fx.GraphModule, *, skip: tuple[str, ...] = ()) -> fx.GraphModule:
+    """A training graph for speed that shares every parameter and module of ``gm`` (nothing is copied).
+
+    Runs ``lower_lora`` (LoRA adapters as one kernel with a hand-written backward), ``lower_linear``
+    (the other linears' GEMMs through oneDNN) and ``lower_dropout`` (cheaper dropout masks), minus the
+    names in ``skip``. Train through the result; build the optimizer, save and export from ``gm`` (the
+    adapters are ``gm``'s: ``lrc.adapters`` of the result is empty). Calls take the traced inputs
+    (``lowered(input_ids, attention_mask=mask)``), not every signature ``gm`` accepts.
+
+    Raises:
+        ExportError: ``gm`` is not a GraphModule, or ``skip`` names an unknown lowering.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise ExportError(f"lower() needs a GraphModule (from lrc.transform/lrc.load), got {type(gm).__name__}")
+    pipe = lowering_pipeline(tuple(skip))
+    return pipe(shared_copy(gm)).gm
+
+
+_lower = lower  # compile()'s ``lower`` argument shadows the function
+
+
+def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Switch ``optimizer`` (in place) to torch's fused single-kernel step (Adam, AdamW, SGD, Adagrad);
+    any other class gets its ``step`` compiled with ``torch.compile``. Returns ``optimizer``."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ExportError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)):
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
+        optimizer.defaults["fused"], optimizer.defaults["foreach"] = True, False
+    else:
+        optimizer.step = torch.compile(optimizer.step)
+    return optimizer
 
 
 def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor", mode: str | None = None,
-            dynamic: bool | None = None, fullgraph: bool = True, **options: Any) -> nn.Module:
+            dynamic: bool | None = None, fullgraph: bool = True, lower: bool = False,
+            optimizer: torch.optim.Optimizer | None = None, **options: Any) -> nn.Module:
     """``torch.compile`` of ``gm`` (or of a merged copy with ``merge=True``); same call signature as ``gm``.
 
     Training works through the result: the adapter parameters are the graph's own, so an optimizer
@@ -20,15 +78,26 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     (dynamo guards on the mode and recompiles once per mode). ``fullgraph=True`` (the default)
     makes any graph break an error: lrc adapters are plain tensor code and add none.
 
+    ``lower=True`` compiles :func:`lower`'s training graph instead (the fast path for training; it
+    takes the traced inputs only). ``optimizer=opt`` also makes ``opt``'s step fused
+    (:func:`fuse_optimizer`, in place), so one call covers forward, backward and the step.
+
     Raises:
-        ExportError: ``gm`` is not a module, or the backend is unknown.
+        ExportError: ``gm`` is not a module, the backend is unknown, or ``lower`` with ``merge``.
     """
     if not isinstance(gm, nn.Module):
         raise ExportError(f"compile() needs a GraphModule (from lrc.transform/lrc.load), got {type(gm).__name__}")
     if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ExportError(f"unknown torch.compile backend {backend!r}; valid: "
                           f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
-    target = gm
+    if lower and merge:
+        raise ExportError("compile(lower=True) is for training; merge=True is for inference: pick one")
+    if optimizer is not None:
+        fuse_optimizer(optimizer)
+    target = _lower(gm) if lower else gm
+    face = gm.__dict__.get("_lrc_face")
+    if face is not None and not lower:
+        face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
     if merge:
         from ..pipelines import merge_pipeline
 
