@@ -73,7 +73,7 @@ def test_docs_have_python_blocks_and_skips_have_reasons():
     assert len(blocks) >= 8
     skipped = [b for b in blocks if b.skip is not None]
     assert all(b.skip for b in skipped), [f"{b.path.name}:{b.line}" for b in skipped if not b.skip]
-    assert len(skipped) <= 2, "doc-test skips are for the rare block that cannot run here"
+    assert len(skipped) <= 3, "doc-test skips are for the rare block that cannot run here (torchrun, a long session)"
     assert len(EXAMPLES) >= 5
 
 

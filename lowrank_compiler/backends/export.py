@@ -91,7 +91,7 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
             report = export_quantized(gm, path, quantize, force=force, **kw,
                                       min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
         else:
-            report = export_onnx(gm, path, **kw, optimize=optimize is not False)
+            report = export_onnx(gm, path, **kw, optimize=optimize)
         for stem, tensors in extra:
             write_onnx_adapter(tensors, adir / f"{stem}.onnx_adapter")
             report["adapters"].append(str(adir / f"{stem}.onnx_adapter"))

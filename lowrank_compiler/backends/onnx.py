@@ -223,7 +223,7 @@ def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: li
 def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = True,
                 adapters_dir: str | os.PathLike | None = None, adapter_name: str = "default",
                 opset: int | None = None, validate: bool = True,
-                example_inputs: tuple[torch.Tensor, ...] | None = None, optimize: bool = False) -> dict[str, Any]:
+                example_inputs: tuple[torch.Tensor, ...] | None = None, optimize: bool | None = False) -> dict[str, Any]:
     """Write ``gm`` as an ONNX model; returns a report ``{path, inputs, outputs, adapters, max_abs_diff}``.
 
     ``merge=True``: every adapter (any method) is folded into its weight. ``merge=False``: the base
@@ -235,6 +235,7 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     (:func:`probe_adapters`) and reports ``probe_effect``, how far that adapter moved the outputs.
     ``optimize`` fuses the graph for ONNX Runtime (attention, LayerNorm, GELU; ``backends/ort_optimize``),
     checked against the unfused graph on the example inputs; its report is ``report["optimize"]``.
+    ``optimize=None`` fuses fp32 graphs only (ORT's fused kernels and the numpy check are fp32).
     The file appears only when everything succeeded.
 
     Raises:
@@ -268,6 +269,12 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"the exported model fails onnx.checker: {str(e).strip().splitlines()[0][:300]}") from None
     fusion_report = None
+    all_fp32 = all(t.dtype == torch.float32 for t in (*gm.parameters(), *gm.buffers(), *inputs) if t.is_floating_point())
+    if optimize and not all_fp32:
+        raise ExportError("optimize=True needs an fp32 model and inputs (ORT's fused kernels are fp32 here); "
+                          "export with optimize=False or cast the model to float32")
+    if optimize is None:
+        optimize = all_fp32
     if optimize:
         from .ort_optimize import optimize as ort_optimize
 
