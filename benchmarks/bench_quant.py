@@ -136,8 +136,8 @@ def main() -> None:
     qtime: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        lrc.export(gm, d / "fp32.onnx", merge=True)
-        lrc.export(gm, d / "sep.onnx", adapters_dir=d, adapter_name="task")
+        lrc.export(gm, d / "fp32.onnx", merge=True, optimize=False)  # what --quantize exports
+        lrc.export(gm, d / "sep.onnx", adapters_dir=d, adapter_name="task", optimize=False)
         adapter = d / "task.onnx_adapter"
         for k, fn in {
             "int8": lambda: quantize_onnx(d / "fp32.onnx", d / "int8.onnx", "int8", samples=calib),

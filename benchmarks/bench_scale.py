@@ -11,7 +11,7 @@ warm-up round, so load changes on a shared machine hit every variant alike.
 
 Memory per rank, from one extra profiled step: the parameter bytes each rank holds at rest (shards
 under FSDP2), and the peak of live tensor bytes during the step above its starting level
-(torch.profiler allocation events, as in bench_speed.py --memory): activations, gathered weights,
+(torch.profiler allocation events, as in bench_memory.py): activations, gathered weights,
 gradients. Writes docs/scale.json and docs/scale.png.
 
     flock /tmp/lrc-bench.lock python benchmarks/bench_scale.py [--procs 1 2] [--batch 16] [--seq 128] [--rounds 5]
@@ -53,7 +53,7 @@ def worker(rank: int, world: int, port: int, batch: int, seq: int, rounds: int, 
 
     import torch.distributed as dist
     from _minilm_task import load_minilm, make_batches
-    from bench_speed import _peak_kb
+    from bench_memory import _peak_kb
     from torch.profiler import ProfilerActivity, profile
 
     import lowrank_compiler as lrc
