@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
+from .hierarchy import share_hierarchy
 from .ir import adapter_sites, lrc_meta, verify
 from .tied import drop_aliases, fill_aliases
 
@@ -225,7 +226,7 @@ class Face:
         except Exception as e:  # noqa: BLE001 - reported with the call that needed it
             raise TraceError(f"could not trace {type(self.model).__name__} for the call ({', '.join(bound)}): "
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
-        _share_hierarchy(gm, var)
+        share_hierarchy(gm, var)
         records = [{"site": m.site, "method": m.method, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
         if records:
             # the variant shares the primary's adapter modules before its own insert calls them, so the
@@ -268,42 +269,6 @@ class Face:
                 model.__dict__.pop("forward", None)
             else:
                 model.__dict__["forward"] = prev
-
-
-def lookup_attr(root: nn.Module, path: str) -> Any:
-    """The object at dotted ``path`` under ``root``, or None."""
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _share_hierarchy(primary: fx.GraphModule, var: fx.GraphModule) -> None:
-    """Make ``var`` use the primary's submodules, adding to them any tensor only ``var`` needs."""
-    for node in var.graph.nodes:
-        if node.op != "get_attr" or lookup_attr(primary, node.target) is not None:
-            continue
-        obj = lookup_attr(var, node.target)
-        if isinstance(obj, nn.Parameter):
-            obj.requires_grad_(False)
-        *parents, leaf = node.target.split(".")
-        mod: nn.Module = primary
-        for part in parents:
-            nxt = getattr(mod, part, None)
-            if nxt is None:
-                nxt = nn.Module()
-                setattr(mod, part, nxt)
-            mod = nxt
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
-            mod.register_buffer(leaf, obj)
-        else:
-            setattr(mod, leaf, obj)
-    for name in list(var._modules):
-        mine = primary._modules.get(name)
-        if mine is not None:
-            setattr(var, name, mine)
 
 
 class LrcGraphModule(fx.GraphModule):

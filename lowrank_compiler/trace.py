@@ -14,7 +14,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import TraceError
-from .face import attach, default_inputs, lookup_attr
+from .face import attach, default_inputs
+from .hierarchy import lookup_attr
 from .ir import lrc_meta
 from .passes.mode import make_mode_switchable
 
