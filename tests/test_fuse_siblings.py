@@ -9,6 +9,7 @@ import torch
 from conftest import example_ids, make_hf
 
 import lowrank_compiler as lrc
+from lowrank_compiler import ir
 from lowrank_compiler.passes.fuse_siblings import FusedLoRA, fuse_siblings, sibling_groups
 
 SPECS = {"bert": "attention.self.*:lora(r=4, alpha=8); attention.output.dense:lora(r=2)",
@@ -41,6 +42,7 @@ def test_fused_graph_equals_unfused_forward_and_grads(kind):
     assert [len(m.adapters) for m in mods] == GROUPS[kind]
     assert sum(n.op == "call_module" and isinstance(fused.gm.get_submodule(n.target), FusedLoRA)
                for n in fused.gm.graph.nodes) == len(GROUPS[kind])
+    ir.verify(fused.gm)  # the IR invariants hold on the lowering (lower_memory and lrc.lower run on it)
     gm.eval()
     fused.gm.eval()
     with torch.no_grad():
