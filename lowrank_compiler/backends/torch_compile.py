@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
-from ..passes.fuse_siblings import shared_copy
+from ..ir import shared_copy
 from ..passes.lower_dropout import lower_dropout
 from ..passes.lower_linear import lower_linear
 from ..passes.lower_lora import lower_lora

@@ -21,7 +21,6 @@ loraga, delta_lora, lora_pro, lorasc) with no dropout, the same input node, dtyp
 
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ir import META_KEY, AdapterMark, adapter_nodes, fresh_name
+from ..ir import META_KEY, AdapterMark, adapter_nodes, fresh_name, shared_copy
 from ..methods.lora import LoRA
 from .manager import PassResult
 
@@ -76,20 +75,6 @@ def sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         if _fusable(ad, x):
             groups.setdefault((x, ad.lora_A.dtype, int(ad.d_in)), []).append(node)
     return [g for g in groups.values() if len(g) > 1]
-
-
-def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph that shares all of ``gm``'s submodules and tensors."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for name, child in gm.named_children():
-        setattr(new, name, child)
-    for name, p in gm._parameters.items():
-        new._parameters[name] = p
-    for name, b in gm._buffers.items():
-        new._buffers[name] = b
-    new.meta = dict(gm.meta)
-    new.train(gm.training)
-    return new
 
 
 def fuse_siblings(gm: fx.GraphModule) -> PassResult:
