@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import LrcError
@@ -185,6 +186,27 @@ def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
     new.meta = dict(gm.meta)
     new.train(gm.training)
     return new
+
+
+class TrainOnlySDPA(nn.Module):
+    """scaled_dot_product_attention whose attention dropout applies only in training mode.
+
+    Inserted by ``passes/mode.py``; the lowerings that rewrite attention (``lean_attention``,
+    ``lower_dropout``) recognise it by type.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        p = self.p if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def adapter_to_linear(graph: fx.Graph, node: fx.Node) -> fx.Node:

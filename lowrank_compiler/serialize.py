@@ -19,6 +19,7 @@ from .errors import LoadError, SpecError
 from .ir import (
     META_KEY,
     AdapterMark,
+    TrainOnlySDPA,
     adapter_nodes,
     adapter_sites,
     adapters_of,
@@ -28,7 +29,7 @@ from .ir import (
 )
 from .methods.base import by_method_class
 from .passes.full import full_parameters
-from .passes.mode import TrainOnlySDPA, make_mode_switchable
+from .passes.mode import make_mode_switchable
 from .pipelines import adapter_pipeline, base_pipeline
 from .quiet import quiet
 from .safewrite import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import LrcError
-from ..ir import delete_submodule, finalize, fresh_name, replace_with_module, shared_copy
+from ..ir import TrainOnlySDPA, delete_submodule, finalize, fresh_name, replace_with_module, shared_copy
 from .manager import PassResult
 
 MASKS = ("bool", "rng")
@@ -126,9 +126,9 @@ def _lean_applies(q, k, v, mask, p, is_causal, scale, enable_gqa) -> bool:
 
 
 def _is_dropout_sdpa(mod: nn.Module) -> bool:
-    """The mode pass's ``TrainOnlySDPA`` (recognised by name: a pass imports no other pass) with p > 0."""
+    """The mode pass's ``TrainOnlySDPA`` with p > 0."""
     p = getattr(mod, "p", None)
-    return type(mod).__name__ == "TrainOnlySDPA" and isinstance(p, float) and p > 0
+    return type(mod) is TrainOnlySDPA and isinstance(p, float) and p > 0
 
 
 def lean_attention(gm: fx.GraphModule, recompute: bool = True, mask: str = "bool") -> PassResult:

@@ -15,15 +15,14 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..backends.cpu_kernels import Dropout, LeanSDPA
-from ..ir import finalize, fresh_name
+from ..ir import TrainOnlySDPA, finalize, fresh_name
 from .manager import PassResult
 
 
 def _replacement(mod: nn.Module) -> nn.Module | None:
     if type(mod) is nn.Dropout:
         return Dropout(mod.p)
-    # passes/mode.py's TrainOnlySDPA, recognised by name: a pass never imports another pass
-    if type(mod).__name__ == "TrainOnlySDPA" and isinstance(getattr(mod, "p", None), float):
+    if type(mod) is TrainOnlySDPA and isinstance(getattr(mod, "p", None), float):
         return LeanSDPA(mod.p)
     return None
 

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ir import finalize, fresh_name, replace_with_module
+from ..ir import TrainOnlySDPA, finalize, fresh_name, replace_with_module
 from .manager import PassResult
 
 _aten = torch.ops.aten
-
-
-class TrainOnlySDPA(nn.Module):
-    """scaled_dot_product_attention whose attention dropout applies only in training mode."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        p = self.p if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def make_mode_switchable(gm: fx.GraphModule, sdpa_dropout: dict[str, float] | None = None) -> PassResult:
