@@ -72,9 +72,9 @@ def build(base: torch.nn.Module, k: int, ids: torch.Tensor, mask: torch.Tensor):
 
 def ort_models(gm, mgm, names, ids, mask, tmp: Path, threads: int):
     """(mixed session, separate-adapter session, {name: LoRA feeds})."""
-    from lowrank_compiler.backends.onnx import export_onnx, session
-    from lowrank_compiler.backends.onnx_adapters import lora_adapter_tensors
-    from lowrank_compiler.backends.onnx_mixed import export_mixed_onnx
+    from lowrank_compiler.backends.onnx.adapters import lora_adapter_tensors
+    from lowrank_compiler.backends.onnx.export import export_onnx, session
+    from lowrank_compiler.backends.onnx.mixed import export_mixed_onnx
 
     export_mixed_onnx(mgm, tmp / "mixed.onnx", validate=False)
     export_onnx(gm, tmp / "sep.onnx", merge=False, validate=False)
@@ -90,7 +90,7 @@ def ort_models(gm, mgm, names, ids, mask, tmp: Path, threads: int):
 def run_k(rounds: int, seqs: list[int], k: int, base, threads: int, tmp: Path
           ) -> tuple[dict[int, dict[str, list[float]]], list[str]]:
     """Per-iteration CPU seconds of every variant for K adapters, at each sequence length."""
-    from lowrank_compiler.batched import adapter_ids, mixed_batch
+    from lowrank_compiler.adapter_sets.mixed import adapter_ids, mixed_batch
 
     ids, mask = inputs(base.config.vocab_size, max(seqs))
     gm, pm, names = build(base, k, ids, mask)

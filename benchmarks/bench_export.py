@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, not an installed one
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends import onnx as lo  # noqa: E402
+from lowrank_compiler.backends.onnx import export as lo  # noqa: E402
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends.onnx import OrtSession  # noqa: E402
-from lowrank_compiler.backends.onnx_generate import export_decoder_onnx, ort_generate  # noqa: E402
+from lowrank_compiler.backends.onnx.export import OrtSession  # noqa: E402
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, ort_generate  # noqa: E402
 
 SPEC = "self_attn.*:lora(r=8, alpha=16); mlp.*:lora(r=8, alpha=16)"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler, not an installed one
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.trace import trace  # noqa: E402
+from lowrank_compiler.frontend.trace import trace  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 LRC_SPEC = "; ".join(f"{t}:lora(r=8, alpha=16)" for t in ["attention.self.query", "attention.self.key",

@@ -74,7 +74,7 @@ def init_worker(variant: str, n_batches: int) -> dict:
         get_peft_model(model, cfg)
         stats_bytes = full_grad
     else:
-        import lowrank_compiler.gradstats as gs
+        import lowrank_compiler.methods.gradstats as gs
 
         held: list = []
         orig = gs.GradStats.finish

@@ -1,7 +1,7 @@
 """ORT graph fusions on real all-MiniLM-L6-v2 (batch 8 x seq 128, fp32, CPU), as ratios to torch eager.
 
 Rows: torch eager (the LoRA model merged), ORT merged unfused, ORT merged fused
-(``lowrank_compiler.backends.ort_optimize``), ORT separate unfused and fused with the adapter active
+(``lowrank_compiler.backends.onnx.fusions``), ORT separate unfused and fused with the adapter active
 (``.onnx_adapter``). Each round times every variant in turn (median of --iters calls); the table gives
 the median over --rounds rounds. Also records what ORT's own transformer optimizer fuses on the same
 graph. Writes docs/bench_ort.json and docs/bench_ort.png.
@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed one
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends import onnx as lo  # noqa: E402
-from lowrank_compiler.backends.ort_optimize import format_report, optimize  # noqa: E402
+from lowrank_compiler.backends.onnx import export as lo  # noqa: E402
+from lowrank_compiler.backends.onnx.fusions import format_report, optimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_export import _median_ms, lora_minilm  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
     errors = {k: float(np.abs(v()[0] - ref).max()) for k, v in variants.items() if k.startswith("ORT")}
     for k, v in errors.items():
         print(f"max |{k} - torch| = {v:.2g}")
-    from lowrank_compiler.backends.onnx_adapters import read_onnx_adapter
+    from lowrank_compiler.backends.onnx.adapters import read_onnx_adapter
 
     ad_feeds = {**feeds, **read_onnx_adapter(adapter)}
     kernel = {"ORT fp32 merged, unfused": _kernel_ms(tmp / "merged.onnx", feeds, a.threads),

@@ -38,8 +38,8 @@ sys.path.insert(0, str(HERE))
 import bench_lora as bl  # noqa: E402
 
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends import onnx as lo  # noqa: E402
-from lowrank_compiler.backends.quantize import output_error, quantize_onnx  # noqa: E402
+from lowrank_compiler.backends.onnx import export as lo  # noqa: E402
+from lowrank_compiler.backends.onnx.quantize import output_error, quantize_onnx  # noqa: E402
 
 LABELS = {"torch": "torch eager fp32", "fp32": "ORT fp32 merged", "plain": "ORT int8 plain (no smoothing)",
           "int8": "ORT int8 merged (smoothed, gated)", "nbits8": "ORT 8-bit MatMulNBits b32",

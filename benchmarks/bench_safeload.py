@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _minilm_task import load_minilm  # noqa: E402
 
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler import safeload  # noqa: E402
+from lowrank_compiler.safety import pt2 as safeload  # noqa: E402
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16)"
 

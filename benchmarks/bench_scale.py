@@ -57,7 +57,7 @@ def worker(rank: int, world: int, port: int, batch: int, seq: int, rounds: int, 
     from torch.profiler import ProfilerActivity, profile
 
     import lowrank_compiler as lrc
-    from lowrank_compiler import distributed as lrcd
+    from lowrank_compiler.training import distributed as lrcd
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -1,19 +1,12 @@
 """lowrank-compiler: low-rank adaptation as graph rewriting over torch.fx.
 
 The public face is the names in ``__all__``; everything else is reachable through its module
-(``lowrank_compiler.trace``, ``lowrank_compiler.backends.peft``, ``lowrank_compiler.ir`` ...).
+(``lowrank_compiler.frontend.trace``, ``lowrank_compiler.formats.peft``, ``lowrank_compiler.ir`` ...).
 """
 
-from . import backends, distributed  # noqa: F401  (lrc.distributed: DDP / FSDP2 helpers)
-from .api import adapters, lower_memory, merge, merge_adapters, print_trainable_parameters, transform, unmerge_adapters
-from .backends import onnx as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
-from .backends.export import export
-from .backends.peft import load_peft
-from .backends.torch_compile import compile, lower
-from .batched import adapter_ids, mixed_add, mixed_batch
-from .errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
-from .methods import AdapterMethod, register_method
-from .named import (
+from lowrank_compiler import backends
+from lowrank_compiler.adapter_sets.mixed import adapter_ids, mixed_add, mixed_batch
+from lowrank_compiler.adapter_sets.named import (
     active_adapter,
     adapter_names,
     add_adapter,
@@ -24,9 +17,25 @@ from .named import (
     save_named_adapters,
     set_adapter,
 )
-from .passes.train import optimizer, trainer_optimizers
-from .serialize import load, load_adapters, save, save_adapters
-from .spec import Spec, parse_spec
+from lowrank_compiler.api import (
+    adapters,
+    lower_memory,
+    merge,
+    merge_adapters,
+    print_trainable_parameters,
+    transform,
+    unmerge_adapters,
+)
+from lowrank_compiler.backends.export import export
+from lowrank_compiler.backends.onnx import export as _onnx_backend  # noqa: F401  (makes lrc.backends.onnx available)
+from lowrank_compiler.backends.torch_compile import compile, lower
+from lowrank_compiler.errors import ExportError, InitError, LoadError, LrcError, MergeError, SpecError, TraceError
+from lowrank_compiler.formats.model import load, load_adapters, save, save_adapters
+from lowrank_compiler.formats.peft import load_peft
+from lowrank_compiler.methods import AdapterMethod, register_method
+from lowrank_compiler.spec.language import Spec, parse_spec
+from lowrank_compiler.training import distributed  # noqa: F401  (lrc.distributed: DDP / FSDP2 helpers)
+from lowrank_compiler.training.optimizer import optimizer, trainer_optimizers
 
 __version__ = "0.1.0"
 

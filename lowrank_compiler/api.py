@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .ir import adapters_of
-from .methods.base import AdapterMethod
-from .pipelines import memory_pipeline, merge_pipeline, set_merged_pipeline, transform_pipeline
-from .quiet import quiet
-from .spec import Spec, parse_spec
-from .trace import trace
+from lowrank_compiler.frontend.trace import trace
+from lowrank_compiler.ir import adapters_of
+from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.passes.pipelines import memory_pipeline, merge_pipeline, set_merged_pipeline, transform_pipeline
+from lowrank_compiler.quiet import quiet
+from lowrank_compiler.spec.language import Spec, parse_spec
 
 
 def transform(

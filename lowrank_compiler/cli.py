@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import LrcError
+from lowrank_compiler.errors import LrcError
 
 EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     """A GraphModule from an lrc file, a ``.pt2`` torch.export archive, or an HF model directory."""
-    from . import serialize as lrc_io
-    from .errors import LoadError
+    from lowrank_compiler.errors import LoadError
+    from lowrank_compiler.formats import model as lrc_io
 
     p = Path(path)
     if p.is_dir():
@@ -32,8 +32,8 @@ def hf_model_class(config: Any) -> Any:
     so a directory keeps its head; ``AutoModel`` when it names none."""
     import transformers
 
-    from .backends.hf import hf_class
-    from .errors import LoadError
+    from lowrank_compiler.errors import LoadError
+    from lowrank_compiler.formats.hf import hf_class
 
     names = list(getattr(config, "architectures", None) or [])
     cls = hf_class(names)
@@ -46,10 +46,10 @@ def hf_model_class(config: Any) -> Any:
 def _load_hf_dir(p: Path, seq: int) -> Any:
     import torch
 
-    from .errors import LoadError
-    from .ir import lrc_meta
-    from .quiet import quiet_third_party
-    from .trace import trace
+    from lowrank_compiler.errors import LoadError
+    from lowrank_compiler.frontend.trace import trace
+    from lowrank_compiler.ir import lrc_meta
+    from lowrank_compiler.quiet import quiet_third_party
 
     try:
         from transformers import AutoConfig
@@ -76,7 +76,7 @@ def _load_hf_dir(p: Path, seq: int) -> Any:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from .report import inspect_table
+    from lowrank_compiler.spec.report import inspect_table
 
     gm = load_model(a.model, a.trust)
     print(inspect_table(gm, a.spec))
@@ -84,8 +84,8 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_transform(a: argparse.Namespace) -> int:
-    from .api import print_trainable_parameters, transform
-    from .serialize import save
+    from lowrank_compiler.api import print_trainable_parameters, transform
+    from lowrank_compiler.formats.model import save
 
     gm = load_model(a.model, a.trust)
     gm = transform(gm, a.spec)
@@ -96,7 +96,7 @@ def _cmd_transform(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .backends.export import export, infer_format
+    from lowrank_compiler.backends.export import export, infer_format
 
     fmt = infer_format(a.output, a.format)  # unknown formats fail before the model is loaded
     gm = load_model(a.model, a.trust)
@@ -108,11 +108,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
     for p in report.get("adapters", []):
         print(f"wrote {p}")
     if "quantize" in report:
-        from .backends.quantize import format_report
+        from lowrank_compiler.backends.onnx.quantize import format_report
 
         print(format_report(report))
     if "optimize" in report:
-        from .backends.ort_optimize import format_report as fusion_line
+        from lowrank_compiler.backends.onnx.fusions import format_report as fusion_line
 
         print(fusion_line(report["optimize"]))
     if "max_abs_diff" in report:
@@ -121,13 +121,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .backends.run_onnx import run_cli
+    from lowrank_compiler.backends.onnx.run import run_cli
 
     return run_cli(a)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo.run import run_demo
+    from lowrank_compiler.demo.run import run_demo
 
     run_demo(out_dir=a.out_dir, steps=a.steps, quick=a.quick)
     return 0
@@ -135,7 +135,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree (kept separate so extensions can add options)."""
-    from . import __version__
+    from lowrank_compiler import __version__
 
     ap = argparse.ArgumentParser(prog="lrc", description="lowrank-compiler: low-rank adaptation as graph rewriting")
     ap.add_argument("--version", action="version", version=f"lrc (lowrank-compiler) {__version__}")

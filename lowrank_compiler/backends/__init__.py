@@ -1,1 +1,5 @@
-"""Lowerings of a transformed GraphModule: torch.compile and ONNX Runtime."""
+"""Runtimes: one entry for every deployment format (export), torch.compile (torch_compile) and ONNX Runtime
+(onnx/).
+
+May import: every layer below (``errors`` ... ``formats``, ``lowerings``).
+"""

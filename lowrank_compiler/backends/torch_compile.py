@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import ExportError
-from ..ir import shared_copy
-from ..passes.lower_dropout import lower_dropout
-from ..passes.lower_linear import lower_linear
-from ..passes.lower_lora import lower_lora
-from ..passes.manager import Pass, Pipeline
+from lowrank_compiler.errors import ExportError
+from lowrank_compiler.ir import shared_copy
+from lowrank_compiler.lowerings.fast_dropout import lower_dropout
+from lowrank_compiler.lowerings.fast_linear import lower_linear
+from lowrank_compiler.lowerings.fast_lora import lower_lora
+from lowrank_compiler.passes.manager import Pass, Pipeline
 
 #: the training lowerings in the order they run, by name (``lower(gm, skip=...)`` leaves some out)
 LOWERINGS = ("lora", "linear", "dropout")
@@ -99,7 +99,7 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     if face is not None and not lower:
         face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
     if merge:
-        from ..pipelines import merge_pipeline
+        from lowrank_compiler.passes.pipelines import merge_pipeline
 
         target = merge_pipeline()(copy.deepcopy(gm)).gm
     return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoadError, LrcError
+from lowrank_compiler.errors import LoadError, LrcError
 
 SPEC = "attention.self.query:lora(r=8, alpha=16); attention.self.value:lora(r=8, alpha=16); head:full"
 DEFAULT_STEPS = 60
@@ -103,9 +103,9 @@ def run_demo(out_dir: str | None = None, steps: int | None = None, quick: bool =
 def _run(out_dir: str | None, steps: int | None, quick: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from .. import api
-    from .. import serialize as lrc_io
-    from .data import LABELS, split
+    from lowrank_compiler import api
+    from lowrank_compiler.demo.data import LABELS, split
+    from lowrank_compiler.formats import model as lrc_io
 
     t0 = time.perf_counter()
     n_steps = QUICK_STEPS if quick and steps is None else (DEFAULT_STEPS if steps is None else int(steps))

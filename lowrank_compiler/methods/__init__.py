@@ -7,7 +7,15 @@ Every module in this package is imported here, so a new ``methods/<name>.py`` th
 import importlib
 import pkgutil
 
-from .base import AdapterMethod, Arg, SiteInfo, StepContext, get_method, method_names, register_method
+from lowrank_compiler.methods.base import (
+    AdapterMethod,
+    Arg,
+    SiteInfo,
+    StepContext,
+    get_method,
+    method_names,
+    register_method,
+)
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_") and _m.name != "base":

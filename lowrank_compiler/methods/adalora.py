@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SpecError
-from .base import (
+from lowrank_compiler.errors import SpecError
+from lowrank_compiler.methods.base import (
     AdapterMethod,
     Arg,
     LowRank,

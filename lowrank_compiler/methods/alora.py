@@ -12,8 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import LrcError, SpecError
-from .base import AdapterMethod, Arg, LowRank, SiteInfo, StepContext, non_negative, positive, register_method
+from lowrank_compiler.errors import LrcError, SpecError
+from lowrank_compiler.methods.base import (
+    AdapterMethod,
+    Arg,
+    LowRank,
+    SiteInfo,
+    StepContext,
+    non_negative,
+    positive,
+    register_method,
+)
 
 
 @register_method

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import MergeError, SpecError
+from lowrank_compiler.errors import MergeError, SpecError
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ class AdapterMethod(nn.Module):
 class DataDependentInit:
     """Mixin for methods initialized from data by ``passes.initialize`` (LoRA-GA, LoRA-drop, ...).
 
-    The pass feeds ``init_stats(device)`` (a :class:`~lowrank_compiler.gradstats.GradStats`
+    The pass feeds ``init_stats(device)`` (a :class:`~lowrank_compiler.methods.gradstats.GradStats`
     accumulator) with the site input x and output gradient ∂L/∂y of each batch, then calls
     ``initialize(stats, weight) -> new base weight | None``. The subclass registers a bool buffer
     ``initialized`` (saved with the adapter, so loading never re-runs the init).

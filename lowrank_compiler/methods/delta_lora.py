@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
-from .lora import LoRA
+from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
+from lowrank_compiler.methods.lora import LoRA
 
 
 @register_method

@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Arg, LowRank, MixedFactors, SiteInfo, check_finite, positive, probability, register_method
-from .lora import LoRA
+from lowrank_compiler.methods.base import (
+    Arg,
+    LowRank,
+    MixedFactors,
+    SiteInfo,
+    check_finite,
+    positive,
+    probability,
+    register_method,
+)
+from lowrank_compiler.methods.lora import LoRA
 
 
 @register_method

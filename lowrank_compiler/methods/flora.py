@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, SiteInfo, check_finite, non_negative, positive, register_method
+from lowrank_compiler.methods.base import (
+    AdapterMethod,
+    Arg,
+    SiteInfo,
+    check_finite,
+    non_negative,
+    positive,
+    register_method,
+)
 
 
 @register_method

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, Arg, LowRank, MixedFactors, SiteInfo, positive, probability, register_method
+from lowrank_compiler.methods.base import (
+    AdapterMethod,
+    Arg,
+    LowRank,
+    MixedFactors,
+    SiteInfo,
+    positive,
+    probability,
+    register_method,
+)
 
 
 @register_method

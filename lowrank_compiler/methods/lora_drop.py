@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InitError
-from ..gradstats import GradStats
-from .base import Arg, DataDependentInit, SiteInfo, positive, register_method
-from .lora import LoRA
+from lowrank_compiler.errors import InitError
+from lowrank_compiler.methods.base import Arg, DataDependentInit, SiteInfo, positive, register_method
+from lowrank_compiler.methods.gradstats import GradStats
+from lowrank_compiler.methods.lora import LoRA
 
 
 def _fraction(v: Any) -> str | None:

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .base import SiteInfo, StepContext, register_method
-from .lora import LoRA
+from lowrank_compiler.methods.base import SiteInfo, StepContext, register_method
+from lowrank_compiler.methods.lora import LoRA
 
 
 @register_method

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Arg, SiteInfo, positive, register_method
-from .lora import LoRA
+from lowrank_compiler.methods.base import Arg, SiteInfo, positive, register_method
+from lowrank_compiler.methods.lora import LoRA
 
 
 @register_method

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ..errors import LrcError
-from .base import Arg, SiteInfo, StepContext, one_of, register_method
-from .lora import LoRA
+from lowrank_compiler.errors import LrcError
+from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, one_of, register_method
+from lowrank_compiler.methods.lora import LoRA
 
 _DELTA = 1e-8  # ridge on the r × r inverses, as the authors (pinv(M + 1e-8 I))
 

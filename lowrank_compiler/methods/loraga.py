@@ -9,10 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InitError
-from ..gradstats import ExactGradient, GradientSketch, GradStats
-from .base import Arg, DataDependentInit, LowRank, SiteInfo, non_negative, one_of, positive, register_method
-from .lora import LoRA
+from lowrank_compiler.errors import InitError
+from lowrank_compiler.methods.base import (
+    Arg,
+    DataDependentInit,
+    LowRank,
+    SiteInfo,
+    non_negative,
+    one_of,
+    positive,
+    register_method,
+)
+from lowrank_compiler.methods.gradstats import ExactGradient, GradientSketch, GradStats
+from lowrank_compiler.methods.lora import LoRA
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit", "gd")

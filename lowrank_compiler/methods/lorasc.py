@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import SpecError
-from .base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
-from .lora import LoRA
+from lowrank_compiler.errors import SpecError
+from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
+from lowrank_compiler.methods.lora import LoRA
 
 
 def _unit_interval(v: Any) -> str | None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
+from lowrank_compiler.methods.base import (
     AdapterMethod,
     Arg,
     LowRank,

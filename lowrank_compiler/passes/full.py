@@ -6,9 +6,9 @@ from copy import deepcopy
 
 from torch import fx, nn
 
-from ..errors import SpecError
-from ..ir import lrc_meta
-from .manager import PassResult
+from lowrank_compiler.errors import SpecError
+from lowrank_compiler.ir import lrc_meta
+from lowrank_compiler.passes.manager import PassResult
 
 
 def full_parameters(gm: fx.GraphModule) -> dict[str, nn.Parameter]:

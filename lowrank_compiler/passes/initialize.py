@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import InitError
-from ..gradstats import GradStats
-from ..ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
-from ..methods.base import DataDependentInit, by_method_class
-from .manager import PassResult
+from lowrank_compiler.errors import InitError
+from lowrank_compiler.ir import META_KEY, AdapterMark, adapter_nodes, logical_weight, set_logical_weight
+from lowrank_compiler.methods.base import DataDependentInit, by_method_class
+from lowrank_compiler.methods.gradstats import GradStats
+from lowrank_compiler.passes.manager import PassResult
 
 
 class _Tap(torch.autograd.Function):

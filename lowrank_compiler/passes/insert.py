@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ir import META_KEY, AdapterMark, SiteMark, adapter_path, finalize, lrc_meta, replace_with_module
-from ..methods.base import AdapterMethod, get_method
-from ..sites import Site, find_sites
-from .manager import PassResult
+from lowrank_compiler.ir import META_KEY, AdapterMark, SiteMark, adapter_path, finalize, lrc_meta, replace_with_module
+from lowrank_compiler.methods.base import AdapterMethod, get_method
+from lowrank_compiler.passes.manager import PassResult
+from lowrank_compiler.spec.sites import Site, find_sites
 
 _aten = torch.ops.aten
 _LINEAR_TARGETS = (_aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .. import ir
+from lowrank_compiler import ir
 
 
 @dataclass(frozen=True)

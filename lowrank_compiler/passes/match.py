@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..decide import decide, decide_full
-from ..errors import SpecError
-from ..ir import META_KEY, SiteMark, lrc_meta
-from ..sites import find_sites
-from ..spec import Spec, nearby_names
-from .manager import PassResult
+from lowrank_compiler.errors import SpecError
+from lowrank_compiler.ir import META_KEY, SiteMark, lrc_meta
+from lowrank_compiler.passes.manager import PassResult
+from lowrank_compiler.spec.decide import decide, decide_full
+from lowrank_compiler.spec.language import Spec, nearby_names
+from lowrank_compiler.spec.sites import find_sites
 
 
 def match(gm: fx.GraphModule, spec: Spec) -> PassResult:

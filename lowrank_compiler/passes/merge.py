@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir import (
+from lowrank_compiler.ir import (
     META_KEY,
     AdapterMark,
     adapter_nodes,
@@ -15,8 +15,8 @@ from ..ir import (
     logical_weight,
     set_logical_weight,
 )
-from ..methods.base import AdapterMethod
-from .manager import PassResult
+from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.passes.manager import PassResult
 
 _aten = torch.ops.aten
 

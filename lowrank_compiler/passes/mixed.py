@@ -11,10 +11,18 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_structure, tree_unflatten
 
-from ..errors import LrcError
-from ..ir import META_KEY, AdapterMark, adapter_nodes, finalize, logical_weight, lrc_meta, set_logical_weight
-from ..methods.base import AdapterMethod, MixedFactors
-from .manager import PassResult
+from lowrank_compiler.errors import LrcError
+from lowrank_compiler.ir import (
+    META_KEY,
+    AdapterMark,
+    adapter_nodes,
+    finalize,
+    logical_weight,
+    lrc_meta,
+    set_logical_weight,
+)
+from lowrank_compiler.methods.base import AdapterMethod, MixedFactors
+from lowrank_compiler.passes.manager import PassResult
 
 IDS = "adapter_ids"
 MIXED_KEY = "lrc_mixed"

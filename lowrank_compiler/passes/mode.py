@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..ir import TrainOnlySDPA, finalize, fresh_name, replace_with_module
-from .manager import PassResult
+from lowrank_compiler.ir import TrainOnlySDPA, finalize, fresh_name, replace_with_module
+from lowrank_compiler.passes.manager import PassResult
 
 _aten = torch.ops.aten
 

@@ -7,10 +7,18 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..errors import ExportError
-from ..ir import META_KEY, AdapterMark, adapter_nodes, delete_submodule, finalize, logical_weight, set_logical_weight
-from ..methods.base import AdapterMethod
-from .manager import PassResult
+from lowrank_compiler.errors import ExportError
+from lowrank_compiler.ir import (
+    META_KEY,
+    AdapterMark,
+    adapter_nodes,
+    delete_submodule,
+    finalize,
+    logical_weight,
+    set_logical_weight,
+)
+from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.passes.manager import PassResult
 
 _aten = torch.ops.aten
 LORA_A, LORA_B = "lora_A", "lora_B"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir import adapter_sites, logical_weight, set_logical_weight
-from .manager import PassResult
+from lowrank_compiler.ir import adapter_sites, logical_weight, set_logical_weight
+from lowrank_compiler.passes.manager import PassResult
 
 
 def set_merged(gm: fx.GraphModule, merged: bool) -> PassResult:

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import fx
 
-from ..ir import META_KEY, AdapterMark, adapter_to_linear, finalize
-from .manager import PassResult
+from lowrank_compiler.ir import META_KEY, AdapterMark, adapter_to_linear, finalize
+from lowrank_compiler.passes.manager import PassResult
 
 _aten = torch.ops.aten
 

@@ -1,0 +1,274 @@
+"""Named adapters on one transformed model, with PEFT's semantics.
+
+One adapter set is *active*: its modules sit at ``<site>.adapter`` and are what the graph calls, so
+merge, save, export and training see it and nothing else. The other named sets wait in
+``gm.lrc_adapters.<name>.<site key>`` (frozen, like PEFT's inactive adapters); ``set_adapter`` swaps
+modules in and out of ``<site>.adapter`` without touching the graph. Every set covers the same sites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import fx, nn
+
+from lowrank_compiler.errors import LoadError, LrcError, SpecError
+from lowrank_compiler.ir import META_KEY, NAMED_ROOT, adapter_nodes, adapters_of, lrc_meta
+from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.spec.language import Spec, parse_spec
+
+DEFAULT = "default"
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "__")
+
+
+def _store(gm: fx.GraphModule) -> nn.ModuleDict:
+    if not hasattr(gm, NAMED_ROOT):
+        gm.add_module(NAMED_ROOT, nn.ModuleDict())
+    return getattr(gm, NAMED_ROOT)
+
+
+def _active_modules(gm: fx.GraphModule) -> dict[str, tuple[str, AdapterMethod]]:
+    """``{site: (module path, module)}`` of the adapters the graph calls."""
+    out = {}
+    for n in adapter_nodes(gm):
+        mark = n.meta[META_KEY]
+        out[mark.site] = (mark.module_path, gm.get_submodule(mark.module_path))
+    if not out:
+        raise LrcError("the model has no adapters; call lrc.transform(model, spec) first")
+    return out
+
+
+def active_adapter(gm: fx.GraphModule) -> str:
+    """The name of the adapter set the graph runs (``"default"`` for the one ``transform`` inserted)."""
+    return lrc_meta(gm).get("active_adapter", DEFAULT)
+
+
+def adapter_names(gm: fx.GraphModule) -> list[str]:
+    """Every adapter set's name, the active one first."""
+    _active_modules(gm)
+    return [active_adapter(gm)] + [n for n in (_store(gm).keys() if hasattr(gm, NAMED_ROOT) else [])]
+
+
+def named_adapter_modules(gm: fx.GraphModule, name: str) -> dict[str, AdapterMethod]:
+    """``{site: adapter module}`` of the set ``name`` (active or not), in graph order."""
+    active = _active_modules(gm)
+    if name == active_adapter(gm):
+        return {s: m for s, (_, m) in active.items()}
+    _check_name(gm, name)
+    held = _store(gm)[name]
+    return {s: held[_key(s)] for s in active}
+
+
+def _check_name(gm: fx.GraphModule, name: str) -> None:
+    names = adapter_names(gm)
+    if name not in names:
+        raise LrcError(f"no adapter named {name!r}; the model has {names}")
+
+
+def _freeze(mod: AdapterMethod) -> None:
+    """Remember which of ``mod``'s parameters train, then freeze them all (inactive adapter).
+
+    Adapters a trainable mixed-batch graph holds (``lrc.mixed_batch``) keep training there: not frozen."""
+    if getattr(mod, "_lrc_mixed_trainable", False):
+        return
+    if not hasattr(mod, "_lrc_trainable"):
+        mod._lrc_trainable = {n: p.requires_grad for n, p in mod.named_parameters()}
+    for p in mod.parameters():
+        p.requires_grad_(False)
+
+
+def _thaw(mod: AdapterMethod) -> None:
+    flags = getattr(mod, "_lrc_trainable", None)
+    if flags is not None:
+        for n, p in mod.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        del mod._lrc_trainable
+
+
+def _build(gm: fx.GraphModule, fill) -> dict[str, AdapterMethod]:
+    """New adapter modules for ``gm``'s sites, made by running ``fill(view)`` on a base-only view of it
+    (the insert pass on the stripped graph); ``gm`` itself is not changed."""
+    from lowrank_compiler.passes.strip import strip
+
+    view = strip(gm).gm
+    view.meta[META_KEY] = {**lrc_meta(gm), "specs": list(lrc_meta(gm).get("specs", []))}
+    fill(view)
+    new = adapters_of(view)
+    have = set(_active_modules(gm))
+    if set(new) != have:
+        missing, extra = sorted(have - set(new)), sorted(set(new) - have)
+        raise SpecError(f"a named adapter must cover the same sites as the model's adapters; "
+                        f"missing: {missing[:5]}, extra: {extra[:5]}")
+    bad = [f"{s} ({m.name})" for s, m in new.items() if m.modifies_base or m.data_dependent]
+    if bad:
+        raise SpecError(f"named adapters share one base weight, so methods that change it or need data to "
+                        f"initialize cannot be added by name: {bad[:3]}; use lora, dora, vera, ...")
+    return new
+
+
+def add_adapter(gm: fx.GraphModule, name: str, spec: str | Spec) -> fx.GraphModule:
+    """Add an adapter set ``name`` built from ``spec`` (inactive and frozen, as PEFT's ``add_adapter``).
+
+    Raises:
+        LrcError: ``name`` is taken or not an identifier; SpecError: the spec adapts other sites.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LrcError(f"adapter name must be an identifier, got {name!r}")
+    if name in adapter_names(gm):
+        raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
+    from lowrank_compiler.passes.pipelines import adapter_pipeline
+
+    new = _build(gm, adapter_pipeline(parsed))
+    _put(gm, name, new)
+    lrc_meta(gm).setdefault("named_specs", {})[name] = str(parsed)
+    return gm
+
+
+def _put(gm: fx.GraphModule, name: str, mods: dict[str, AdapterMethod]) -> None:
+    held = nn.ModuleDict()
+    for site, mod in mods.items():
+        mod.train(gm.training)
+        _freeze(mod)
+        held[_key(site)] = mod
+    _store(gm)[name] = held
+
+
+def set_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """Make ``name`` the active adapter set (trainable, used by forward, merge, save and export).
+
+    Raises:
+        LrcError: no such adapter, or the active adapter is merged (``unmerge_adapters`` first).
+    """
+    current = active_adapter(gm)
+    if name == current:
+        return gm
+    _check_name(gm, name)
+    active = _active_modules(gm)
+    merged = [s for s, (_, m) in active.items() if m.merged]
+    if merged:
+        raise LrcError(f"adapter {current!r} is merged at {merged[:3]}; call lrc.unmerge_adapters(gm) before "
+                       "switching adapters")
+    store = _store(gm)
+    incoming = store[name]
+    outgoing = nn.ModuleDict()
+    for site, (path, mod) in active.items():
+        new = incoming[_key(site)]
+        parent, _, leaf = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+        new.bypass = mod.bypass
+        new.train(gm.training)
+        _thaw(new)
+        _freeze(mod)
+        outgoing[_key(site)] = mod
+    del store[name]
+    store[current] = outgoing
+    lrc_meta(gm)["active_adapter"] = name
+    return gm
+
+
+def delete_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """Remove the set ``name``; deleting the active one activates the next remaining set (as PEFT).
+
+    Raises:
+        LrcError: no such adapter, or it is the only one.
+    """
+    _check_name(gm, name)
+    names = adapter_names(gm)
+    if len(names) == 1:
+        raise LrcError(f"{name!r} is the model's only adapter; lrc.merge(gm) or strip it instead of deleting it")
+    if name == active_adapter(gm):
+        set_adapter(gm, next(n for n in names if n != name))
+    del _store(gm)[name]
+    return gm
+
+
+@contextlib.contextmanager
+def disable_adapters(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """``with disable_adapters(gm):`` runs the base model (adapters bypassed), restored on exit."""
+    mods = [m for _, m in _active_modules(gm).values()]
+    merged = [m.site_name for m in mods if m.merged]
+    if merged:
+        raise LrcError(f"adapters are merged at {merged[:3]}; call lrc.unmerge_adapters(gm) before disabling them")
+    was = [m.bypass for m in mods]
+    for m in mods:
+        m.bypass = True
+    try:
+        yield gm
+    finally:
+        for m, b in zip(mods, was):
+            m.bypass = b
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def save_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> list[Path]:
+    """Write every adapter set as ``<directory>/<name>.safetensors`` (the :func:`lrc.save_adapters` format,
+    loadable by it when that set is active) plus ``adapters.json`` naming the active one."""
+    from lowrank_compiler.formats.model import atomic_write, save_adapters
+
+    directory = Path(directory)
+    active, out = active_adapter(gm), []
+    for name in adapter_names(gm):
+        set_adapter(gm, name)
+        try:
+            path = directory / f"{name}.safetensors"
+            save_adapters(gm, path)
+            out.append(path)
+        finally:
+            set_adapter(gm, active)
+    index = json.dumps({"active": active, "adapters": [p.stem for p in out]})
+    atomic_write(directory / "adapters.json", lambda f: f.write(index), mode="w")
+    return out
+
+
+def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
+    """Add the adapter file ``path`` (from ``save_adapters``) as the inactive set ``name`` (PEFT's ``load_adapter``)."""
+    from safetensors import safe_open
+
+    from lowrank_compiler.formats.model import ADAPTER_FORMAT, _load_adapter_tensors, apply_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    if name in adapter_names(gm):
+        raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r})")
+    records = json.loads(meta["adapters"])
+
+    def fill(view: fx.GraphModule) -> None:
+        apply_records(view, records)
+        _load_adapter_tensors(view, tensors, str(path))
+
+    _put(gm, name, _build(gm, fill))
+    return gm
+
+
+def load_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> fx.GraphModule:
+    """Load every set of a :func:`save_named_adapters` directory (sets ``gm`` has take the saved tensors,
+    others are added), then activate the saved active one."""
+    directory = Path(directory)
+    try:
+        index = json.loads((directory / "adapters.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{directory}: not a named-adapters directory (adapters.json: {e})") from None
+    from lowrank_compiler.formats.model import load_adapters
+
+    for name in index["adapters"]:
+        if name in adapter_names(gm):  # an existing set takes the saved tensors
+            set_adapter(gm, name)
+            load_adapters(gm, directory / f"{name}.safetensors")
+        else:
+            load_adapter(gm, directory / f"{name}.safetensors", name)
+    set_adapter(gm, index["active"])
+    return gm

@@ -1,0 +1,212 @@
+"""Causal LMs in ONNX Runtime: export the decode graph with a KV cache, and a greedy generation loop.
+
+The exported model takes ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq],
+``position_ids`` [batch, seq] (when the model has them) and ``past.<i>.key`` / ``past.<i>.value``
+[batch, kv_heads, past, head_dim]; it returns ``logits`` [batch, seq, vocab] and ``present.<i>.key`` /
+``present.<i>.value``. One graph serves prefill (past = 0) and decode (seq = 1). The graph is the
+face dispatcher's variant for a decode call with a ``DynamicCache`` (the same graph torch's
+``generate`` runs), merged or with each LoRA pair as an ORT adapter input (``.onnx_adapter``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lowrank_compiler.errors import ExportError
+from lowrank_compiler.ir import META_KEY, adapter_nodes
+
+_EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
+
+
+def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:
+    """(decode graph, its input names, the cache's pytree spec) from ``gm``'s face dispatcher."""
+    from transformers import DynamicCache
+
+    face = getattr(gm, "lrc_face", None)
+    if face is None or not hasattr(face.model, "config"):
+        raise ExportError("decoder export needs a model transformed from an HF causal LM (lrc.transform(model, spec))")
+    cfg = face.model.config
+    b, s, p = _EXAMPLE
+    vocab = int(getattr(cfg, "vocab_size", 100))
+    g = torch.Generator().manual_seed(0)
+    with face.plain_forward(), torch.no_grad():  # a real cache of `p` tokens from the model itself
+        cache = face.model(torch.randint(0, vocab, (b, p), generator=g), use_cache=True).cache \
+            if "cache" in face.signature.parameters else None
+    if not isinstance(cache, DynamicCache):
+        raise ExportError(f"{type(face.model).__name__} does not return a DynamicCache; decoder export needs one")
+    kwargs: dict[str, Any] = {"input_ids": torch.randint(0, vocab, (b, s), generator=g),
+                              "attention_mask": torch.ones(b, p + s, dtype=torch.long), "cache": cache,
+                              "use_cache": True}
+    if "position_ids" in face.signature.parameters:
+        kwargs["position_ids"] = torch.arange(p, p + s).expand(b, s).contiguous()
+    bound = face.bind((), kwargs)
+    entry = face.entry(gm, bound)
+    spec = tree_flatten(cache)[1]
+    return entry.gm, entry.names, (spec, [bound[n] for n in entry.names])
+
+
+class _DecoderFlat(nn.Module):
+    """``forward(*inputs, *past) -> (logits, *present)`` over the decode graph (attribute ``gm``: ONNX names)."""
+
+    def __init__(self, gm: fx.GraphModule, names: list[str], spec: Any) -> None:
+        super().__init__()
+        self.gm, self.names, self.spec = gm, names, spec
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self.names) - 1
+        cache = tree_unflatten(list(flat[n:]), self.spec)
+        args = list(flat[:n])
+        values = [cache if name == "cache" else args.pop(0) for name in self.names]
+        out = self.gm(*values)
+        return (out["logits"], *tree_flatten(out["cache"])[0])
+
+
+def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = True,
+                        adapters_dir: str | os.PathLike | None = None, adapter_name: str = "default",
+                        opset: int | None = None, external_data: bool | None = None,
+                        validate: bool = True, optimize: bool = False) -> dict[str, Any]:
+    """Write the decode graph with past key values as ONNX; returns ``{path, inputs, outputs, adapters, max_abs_diff}``.
+
+    ``merge=False`` keeps the base weights and takes each LoRA pair as an ORT adapter input; this
+    model's adapters go to ``<adapters_dir>/<adapter_name>.onnx_adapter``. ``external_data``: weights
+    in ``<path>.data`` beside the model (default: when they exceed 2 GB, protobuf's limit).
+    ``optimize``: ONNX Runtime fusions (``backends/ort_optimize``), checked on the example decode inputs.
+    """
+    import onnx
+
+    from lowrank_compiler.backends.onnx.adapters import (
+        LORA_A,
+        input_name,
+        lora_adapter_tensors,
+        make_lora_inputs,
+        write_onnx_adapter,
+    )
+    from lowrank_compiler.passes.merge import merge as merge_pass
+    from lowrank_compiler.passes.separate import separate
+
+    var, names, (spec, values) = decode_graph(gm)
+    var.eval()
+    renames: dict[str, tuple[str, int]] = {}
+    if merge:
+        target = merge_pass(copy.deepcopy(var)).gm
+    else:
+        target = separate(var, placeholder_seed=0).gm
+        for node in adapter_nodes(var):
+            mp, site = node.meta[META_KEY].module_path, node.meta[META_KEY].site
+            for which, axis in ((LORA_A, 1), ("lora_B", 0)):
+                renames[f"gm.{mp}.{which}"] = (input_name(site, which), axis)
+    flat = _DecoderFlat(target.eval(), names, spec).eval()
+    cache_leaves = tree_flatten(values[names.index("cache")])[0]
+    n_layers = len(cache_leaves) // 2
+    past = [f"past.{i}.{kv}" for kv in ("key", "value") for i in range(n_layers)]
+    in_names = [n for n in names if n != "cache"] + past
+    out_names = ["logits"] + [n.replace("past.", "present.") for n in past]
+    inputs = tuple(v for n, v in zip(names, values) if n != "cache") + tuple(cache_leaves)
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dims: list[dict[int, Any]] = []
+    for n in in_names:
+        if n == "attention_mask":
+            dims.append({0: batch, 1: torch.export.Dim.AUTO})
+        elif n.startswith("past."):
+            dims.append({0: batch, 2: past_len})
+        else:
+            dims.append({0: batch, 1: seq})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(flat, inputs, None, input_names=in_names, output_names=out_names,
+                                     opset_version=opset, dynamic_shapes=(tuple(dims),), dynamo=True,
+                                     external_data=False, optimize=True, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"torch.onnx.export of the decode graph failed: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300]}") from None
+    model = prog.model_proto
+    if renames:
+        model = make_lora_inputs(model, renames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    fusion_report = None
+    if optimize and size < 2_000_000_000:  # the numerics check runs ORT on the in-memory model
+        from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
+
+        model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
+    external = size > 2_000_000_000 if external_data is None else external_data
+    if external:
+        data_name = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        onnx.checker.check_model(str(path), full_check=True)
+    else:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save_model(model, str(path))
+    report: dict[str, Any] = {"path": str(path), "inputs": in_names, "outputs": out_names, "adapters": [],
+                              "external_data": bool(external)}
+    if optimize:
+        report["optimize"] = fusion_report or {"fusions": {}, "ops": {}, "max_abs_diff": 0.0, "seconds": 0.0,
+                                               "fallback": "not fused: the model is over 2 GB"}
+    adapter_path = None
+    if not merge and adapter_nodes(gm):
+        adapter_path = Path(adapters_dir or path.parent) / f"{adapter_name}.onnx_adapter"
+        write_onnx_adapter(lora_adapter_tensors(gm), adapter_path)
+        report["adapters"].append(str(adapter_path))
+    if validate:
+        from lowrank_compiler.backends.onnx.export import session
+
+        sess = session(path, providers="cpu")
+        with torch.no_grad():
+            ref = flat.__class__(var, names, spec)(*inputs)
+        got = sess(dict(zip(in_names, inputs)), adapter=adapter_path)
+        report["max_abs_diff"] = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
+    return report
+
+
+def ort_generate(sess: Any, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor | None = None,
+                 max_new_tokens: int = 16, eos_token_id: int | None = None, pad_token_id: int = 0,
+                 adapter: str | os.PathLike | None = None) -> np.ndarray:
+    """Greedy generation in ONNX Runtime over a model from :func:`export_decoder_onnx` (HF ``generate`` semantics).
+
+    ``sess``: an :func:`lowrank_compiler.backends.onnx.export.session`; ``adapter``: an ``.onnx_adapter`` to
+    run with (None: merged weights, or the base model). Left-padded batches need ``attention_mask``.
+    Returns prompt + new tokens, [batch, seq + ≤ max_new_tokens]; rows that hit ``eos_token_id`` are padded.
+    """
+    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(
+        attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask, dtype=np.int64)
+    names = [i.name for i in sess.get_inputs()]
+    pasts = {i.name: i for i in sess.get_inputs() if i.name.startswith("past.")}
+    if "input_ids" not in names or not pasts:
+        raise ExportError("this ONNX model has no input_ids / past.* inputs; export it with export_decoder_onnx "
+                          "(lrc export --decoder)")
+    b = ids.shape[0]
+    state = {n: np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32) for n, i in pasts.items()}
+    out, step_ids = ids, ids
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    unfinished = np.ones(b, dtype=bool)
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": mask, **state}
+        if "position_ids" in names:
+            feeds["position_ids"] = pos[:, -step_ids.shape[1]:]
+        res = sess(feeds, adapter=adapter)
+        nxt = res[0][:, -1].argmax(-1).astype(np.int64)
+        if eos_token_id is not None:
+            nxt = np.where(unfinished, nxt, pad_token_id)
+            unfinished &= nxt != eos_token_id
+        out = np.concatenate([out, nxt[:, None]], axis=1)
+        state = {n: r for n, r in zip(sess.output_names[1:], res[1:])}
+        state = {n.replace("present.", "past."): v for n, v in state.items()}
+        step_ids = nxt[:, None]
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        pos = np.concatenate([pos, pos[:, -1:] + 1], axis=1)
+        if eos_token_id is not None and not unfinished.any():
+            break
+    return out

@@ -1,0 +1,136 @@
+"""Schema checks for what lrc reads from files: the manifest, adapter records, adapter tensors.
+
+Every function raises :class:`LoadError` naming the file (``source``) and the field, and returns
+normalized values; nothing here trusts a type or a range it has not checked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lowrank_compiler.errors import LoadError, SpecError
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _fail(source: str, what: str) -> LoadError:
+    return LoadError(f"{source}: {what}")
+
+
+def adapter_records(records: Any, source: str) -> list[dict[str, Any]]:
+    """Validated adapter records: ``[{site: str, method: registered, args: resolved, merged: bool}]``.
+
+    Arguments go through the method's own ``resolve_args`` (types, ranges, finiteness), so a record
+    loads exactly as the same spec would have been applied.
+    """
+    from lowrank_compiler.methods.base import get_method
+
+    if not isinstance(records, list):
+        raise _fail(source, f"'adapters' must be a list of records, got {type(records).__name__}")
+    out, seen = [], set()
+    for i, r in enumerate(records):
+        where = f"adapter record {i + 1}"
+        if not isinstance(r, dict):
+            raise _fail(source, f"{where} is not an object")
+        extra = set(r) - {"site", "method", "args", "merged"}
+        if extra:
+            raise _fail(source, f"{where} has unknown field(s) {sorted(extra)}; valid: site, method, args, merged")
+        site, method, args, merged = r.get("site"), r.get("method"), r.get("args", {}), r.get("merged", False)
+        if not isinstance(site, str) or not site or len(site) > 1000:
+            raise _fail(source, f"{where}: 'site' must be a non-empty string, got {site!r:.60}")
+        if site in seen:
+            raise _fail(source, f"{where}: site {site!r} has two adapters")
+        seen.add(site)
+        if not isinstance(method, str):
+            raise _fail(source, f"{where}: 'method' must be a string, got {method!r:.60}")
+        if type(merged) is not bool:
+            raise _fail(source, f"{where}: 'merged' must be true or false, got {merged!r:.60}")
+        if not isinstance(args, dict) or not all(isinstance(k, str) and isinstance(v, _SCALARS)
+                                                 for k, v in args.items()):
+            raise _fail(source, f"{where}: 'args' must map names to numbers, strings or booleans")
+        try:
+            cls = get_method(method)
+            resolved = cls.resolve_args(args)
+        except SpecError as e:
+            raise _fail(source, f"{where} (site {site!r}): {e.reason}") from None
+        out.append({"site": site, "method": method, "args": resolved, "merged": merged})
+    return out
+
+
+def manifest(m: Any, source: str, fmt: str, version: int) -> dict[str, Any]:
+    """A validated lrc model manifest (unknown top-level keys are ignored for forward compatibility)."""
+    if not isinstance(m, dict):
+        raise _fail(source, "manifest.json is not a JSON object")
+    if m.get("format") != fmt:
+        raise _fail(source, f"manifest format {m.get('format')!r:.60}, expected {fmt!r}")
+    v = m.get("version")
+    if type(v) is not int or v < 1:
+        raise _fail(source, f"manifest version {v!r:.30} is not a positive integer")
+    if v > version:
+        raise _fail(source, f"written by a newer lrc (format version {v} > {version})")
+    names = m.get("input_names")
+    if (not isinstance(names, list) or not names or len(names) > 256
+            or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names) or len(set(names)) != len(names)):
+        raise _fail(source, "manifest 'input_names' must be a non-empty list of distinct names")
+    sdpa = m.get("sdpa_dropout", [])
+    if not isinstance(sdpa, list) or not all(_finite_number(p) and 0 <= p < 1 for p in sdpa):
+        raise _fail(source, "manifest 'sdpa_dropout' must be a list of probabilities in [0, 1)")
+    const = m.get("const_kwargs", {})
+    if not isinstance(const, dict) or not all(isinstance(k, str) and isinstance(x, _SCALARS)
+                                              and not (isinstance(x, float) and not math.isfinite(x))
+                                              for k, x in const.items()):
+        raise _fail(source, "manifest 'const_kwargs' must map names to finite scalars")
+    specs = m.get("specs", [])
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise _fail(source, "manifest 'specs' must be a list of strings")
+    return {**m, "version": v, "input_names": names, "sdpa_dropout": [float(p) for p in sdpa],
+            "const_kwargs": const, "specs": specs, "adapters": adapter_records(m.get("adapters", []), source)}
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def tensor_values(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
+    """Each loaded tensor has the model's dtype kind (float for float slots, else the exact dtype) and,
+    when floating, only finite entries."""
+    problems = []
+    for k, v in expected.items():
+        t = got.get(k)
+        if t is None:
+            continue
+        if v.is_floating_point():
+            if not t.is_floating_point():
+                problems.append(f"{k}: dtype {t.dtype} (expected a floating-point tensor)")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{k}: has NaN/inf entries")
+        elif t.dtype != v.dtype:
+            problems.append(f"{k}: dtype {t.dtype} (expected {v.dtype})")
+    if problems:
+        raise _fail(source, "bad adapter tensors: " + "; ".join(problems[:5])
+                    + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+def safetensors_bytes(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors payload; LoadError on anything malformed."""
+    import json
+
+    from safetensors.torch import load as st_load
+
+    if len(data) < 8:
+        raise _fail(source, "not a safetensors file (too short)")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, 100 << 20):
+        raise _fail(source, f"not a safetensors file (header claims {n} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(x, str) for x in meta.values()):
+            raise ValueError("metadata must map strings to strings")
+        tensors = st_load(data)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise _fail(source, f"not a valid safetensors file ({str(e).strip().splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    return tensors, meta

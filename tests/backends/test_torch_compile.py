@@ -1,0 +1,106 @@
+"""torch.compile lowering: same outputs and training steps as eager, no graph breaks from adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers.export import transformed
+from helpers.mlp import UpDown as MLP
+
+import lowrank_compiler as lrc
+from lowrank_compiler.backends.torch_compile import graph_breaks
+from lowrank_compiler.errors import ExportError
+
+
+def _mlp():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8)
+    gm = lrc.transform(MLP(), "up:lora(r=2); down:lora(r=2)", (x,))
+    with torch.no_grad():
+        for a in lrc.adapters(gm).values():
+            a.lora_B.normal_(std=0.3)
+    return gm, x
+
+
+def _train(step_model, params, x, steps=2):
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = step_model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_no_graph_breaks_small():
+    gm, x = _mlp()
+    assert graph_breaks(gm, x) == []
+
+
+def test_compiled_training_step_equals_eager():
+    gm, x = _mlp()
+    ref = copy.deepcopy(gm)
+    fast = lrc.compile(gm, backend="aot_eager")  # AOTAutograd traces forward and backward
+    got = _train(fast, [p for p in gm.parameters() if p.requires_grad], x)
+    want = _train(ref, [p for p in ref.parameters() if p.requires_grad], x)
+    assert got == pytest.approx(want, abs=1e-5)
+    for (n, p), (_, q) in zip(gm.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=n)
+    assert not torch.equal(gm.get_submodule("up.adapter").lora_B, _mlp()[0].get_submodule("up.adapter").lora_B)
+
+
+def test_compiled_hf_dispatcher_compiles_once():
+    gm, ids, mask = transformed("bert")
+    torch._dynamo.reset()  # entries of earlier tests' (deallocated) graphs would count as recompiles
+    fast = lrc.compile(gm, backend="eager")  # dynamo only: the dispatcher's first call must change no state
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            fast(ids, attention_mask=mask)
+
+
+def test_compiled_merged_and_unmerged_inference_equal_eager():
+    gm, x = _mlp()
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(x)
+        torch.testing.assert_close(lrc.compile(gm, backend="aot_eager")(x), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lrc.compile(gm, merge=True, backend="aot_eager")(x), ref, atol=1e-5, rtol=0)
+
+
+def test_compile_errors():
+    with pytest.raises(ExportError, match="unknown torch.compile backend 'nope'"):
+        lrc.compile(_mlp()[0], backend="nope")
+    with pytest.raises(ExportError, match="needs a GraphModule"):
+        lrc.compile("model.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_no_graph_breaks_hf(kind):
+    gm, ids, mask = transformed(kind)
+    assert graph_breaks(gm, ids, mask) == []
+    gm.train()
+    assert graph_breaks(gm, ids, mask) == []
+
+
+@pytest.mark.slow
+def test_inductor_merged_inference_and_training_hf():
+    gm, ids, mask = transformed("bert")
+    gm.eval()
+    with torch.no_grad():
+        ref = gm(ids, attention_mask=mask).last_hidden_state
+        out = lrc.compile(gm, merge=True)(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    fast = lrc.compile(gm)  # unmerged adapters, training: gradients equal eager
+    loss = fast(ids, attention_mask=mask).last_hidden_state.pow(2).mean()
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+    gm.zero_grad()
+    gm(ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
+    for n, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)

@@ -1,0 +1,1 @@
+"""Shared test helpers: models, inputs, launch helpers. No test module imports another test module."""
