@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE))
 import bench_lora as bl  # noqa: E402
 
 import lowrank_compiler as lrc  # noqa: E402
-from lowrank_compiler.backends.torch_compile import fuse_optimizer, lower  # noqa: E402
+from lowrank_compiler.backends.torch_compile import fuse_optimizer  # noqa: E402
+from lowrank_compiler.lowerings import lower  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 VARIANTS = {  # name -> (lowerings skipped or None for the unlowered graph, fused optimizer, compiled)

@@ -11,10 +11,12 @@ from torch import fx, nn
 
 from lowrank_compiler.frontend.trace import trace
 from lowrank_compiler.ir import adapters_of
+from lowrank_compiler.lowerings import lower
 from lowrank_compiler.methods.base import AdapterMethod
-from lowrank_compiler.passes.pipelines import memory_pipeline, merge_pipeline, set_merged_pipeline, transform_pipeline
+from lowrank_compiler.passes.pipelines import merge_pipeline, set_merged_pipeline, transform_pipeline
 from lowrank_compiler.quiet import quiet
 from lowrank_compiler.spec.language import Spec, parse_spec
+from lowrank_compiler.spec.report import print_trainable_parameters, trainable_parameters  # noqa: F401  (API)
 
 
 def transform(
@@ -52,41 +54,33 @@ def adapters(gm: fx.GraphModule) -> dict[str, AdapterMethod]:
 
 
 @quiet
-def merge(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
-    """A plain GraphModule with every adapter folded into its weight (a copy unless ``inplace``)."""
+def merge(gm: fx.GraphModule, inplace: bool = False, *, keep_adapters: bool = False) -> fx.GraphModule:
+    """Fold every adapter into its weight.
+
+    Default: a plain GraphModule without adapters (a copy unless ``inplace``). ``keep_adapters=True``: fold
+    in place and keep the adapters, so :func:`unmerge` undoes it (inverse within fp32 rounding).
+    """
+    if keep_adapters:
+        return set_merged_pipeline(True)(gm).gm
     return merge_pipeline()(gm if inplace else copy.deepcopy(gm)).gm
 
 
-def merge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold adapters into the weights in place but keep them, so ``unmerge_adapters`` can undo it."""
-    return set_merged_pipeline(True)(gm).gm
-
-
-def unmerge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
-    """Undo ``merge_adapters``: restore the base weights and the separate adapter branch."""
+def unmerge(gm: fx.GraphModule) -> fx.GraphModule:
+    """Undo ``merge(gm, keep_adapters=True)``: restore the base weights and the separate adapter branch."""
     return set_merged_pipeline(False)(gm).gm
 
 
-def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in gm.parameters())
-    return trainable, total
+def merge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deprecated: ``merge(gm, keep_adapters=True)``."""
+    return merge(gm, keep_adapters=True)
 
 
-def print_trainable_parameters(gm: nn.Module) -> str:
-    """Print and return 'trainable params: N || all params: M || trainable%: P' (PEFT's format)."""
-    t, a = trainable_parameters(gm)
-    line = f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
-    print(line)
-    return line
+def unmerge_adapters(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deprecated: ``unmerge(gm)``."""
+    return unmerge(gm)
 
 
 def lower_memory(gm: fx.GraphModule, *, attention: str | None = "recompute", mask: str = "bool",
                  dropout: bool = True, ffn: bool = False, checkpoint: bool = False) -> fx.GraphModule:
-    """A training graph that saves less for backward and shares every parameter with ``gm`` (``gm`` untouched).
-
-    Outputs and gradients equal ``gm``'s under the same RNG state. Build the optimizer, save, merge and
-    export from ``gm``; run the training steps through the result. Options: :func:`pipelines.memory_pipeline`.
-    """
-    return memory_pipeline(attention, mask, dropout, ffn, checkpoint)(gm).gm
+    """Deprecated: ``lower(gm, "memory", ...)``."""
+    return lower(gm, "memory", attention=attention, mask=mask, dropout=dropout, ffn=ffn, checkpoint=checkpoint)

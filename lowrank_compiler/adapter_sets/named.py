@@ -17,8 +17,18 @@ from pathlib import Path
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError, LrcError, SpecError
+from lowrank_compiler.formats.model import (
+    ADAPTER_FORMAT,
+    _load_adapter_tensors,
+    apply_records,
+    atomic_write,
+    load_adapters,
+    save_adapters,
+)
 from lowrank_compiler.ir import META_KEY, NAMED_ROOT, adapter_nodes, adapters_of, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.passes.pipelines import adapter_pipeline
+from lowrank_compiler.passes.strip import strip
 from lowrank_compiler.spec.language import Spec, parse_spec
 
 DEFAULT = "default"
@@ -95,7 +105,6 @@ def _thaw(mod: AdapterMethod) -> None:
 def _build(gm: fx.GraphModule, fill) -> dict[str, AdapterMethod]:
     """New adapter modules for ``gm``'s sites, made by running ``fill(view)`` on a base-only view of it
     (the insert pass on the stripped graph); ``gm`` itself is not changed."""
-    from lowrank_compiler.passes.strip import strip
 
     view = strip(gm).gm
     view.meta[META_KEY] = {**lrc_meta(gm), "specs": list(lrc_meta(gm).get("specs", []))}
@@ -124,7 +133,6 @@ def add_adapter(gm: fx.GraphModule, name: str, spec: str | Spec) -> fx.GraphModu
     if name in adapter_names(gm):
         raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
-    from lowrank_compiler.passes.pipelines import adapter_pipeline
 
     new = _build(gm, adapter_pipeline(parsed))
     _put(gm, name, new)
@@ -211,7 +219,6 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
 def save_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> list[Path]:
     """Write every adapter set as ``<directory>/<name>.safetensors`` (the :func:`lrc.save_adapters` format,
     loadable by it when that set is active) plus ``adapters.json`` naming the active one."""
-    from lowrank_compiler.formats.model import atomic_write, save_adapters
 
     directory = Path(directory)
     active, out = active_adapter(gm), []
@@ -231,8 +238,6 @@ def save_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> lis
 def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
     """Add the adapter file ``path`` (from ``save_adapters``) as the inactive set ``name`` (PEFT's ``load_adapter``)."""
     from safetensors import safe_open
-
-    from lowrank_compiler.formats.model import ADAPTER_FORMAT, _load_adapter_tensors, apply_records
 
     path = Path(path)
     if not path.is_file():
@@ -262,7 +267,6 @@ def load_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> fx.
         index = json.loads((directory / "adapters.json").read_text())
     except (OSError, ValueError) as e:
         raise LoadError(f"{directory}: not a named-adapters directory (adapters.json: {e})") from None
-    from lowrank_compiler.formats.model import load_adapters
 
     for name in index["adapters"]:
         if name in adapter_names(gm):  # an existing set takes the saved tensors

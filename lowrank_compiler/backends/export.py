@@ -10,7 +10,22 @@ from typing import Any
 import torch
 from torch import fx
 
-from lowrank_compiler.errors import ExportError
+from lowrank_compiler.api import merge as merged_copy
+from lowrank_compiler.backends.onnx.adapters import (
+    check_adapter_fits,
+    input_name,
+    lora_adapter_tensors,
+    rank_dim,
+    write_onnx_adapter,
+)
+from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, export_quantized
+from lowrank_compiler.errors import ExportError, LoadError
+from lowrank_compiler.formats.hf import save_hf
+from lowrank_compiler.formats.model import atomic_write, load_adapters, save, save_adapters
+from lowrank_compiler.formats.peft import peft_onnx_tensors, save_peft
+from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.quiet import quiet
 
@@ -68,15 +83,11 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     fmt = infer_format(path, format)
     path = Path(path)
     if fmt == "onnx":
-        from lowrank_compiler.backends.onnx.adapters import write_onnx_adapter
-        from lowrank_compiler.backends.onnx.export import export_onnx
-
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
         if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
-            from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
 
             if quantize is not None:
                 raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "
@@ -86,7 +97,6 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
             if optimize:
                 raise ExportError("optimize=True with quantize= is not supported yet: quantization runs on the "
                                   "unfused fp32 graph; drop one of them")
-            from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, export_quantized
 
             report = export_quantized(gm, path, quantize, force=force, **kw,
                                       min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
@@ -103,19 +113,12 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     if extra_adapters:
         raise ExportError("extra adapters (--adapter) can only be converted for ONNX export")
     if fmt == "hf":
-        from lowrank_compiler.formats.hf import save_hf
-
         return save_hf(gm, path)
     if fmt == "peft":
-        from lowrank_compiler.formats.peft import save_peft
-
         if merge:
             raise ExportError("PEFT format holds adapters only; drop --merge (or export merged as onnx/pt2/pt)")
         save_peft(gm, path)
     elif fmt == "pt":
-        from lowrank_compiler.api import merge as merged_copy
-        from lowrank_compiler.formats.model import save
-
         save(merged_copy(gm) if merge else gm, path)
     elif fmt == "safetensors":
         _save_safetensors(gm, path, merge)
@@ -138,12 +141,9 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
     Raises:
         ExportError: the adapter does not fit ``gm`` (names, methods or shapes).
     """
-    from lowrank_compiler.backends.onnx.adapters import check_adapter_fits, input_name, lora_adapter_tensors, rank_dim
-    from lowrank_compiler.errors import LoadError
 
     src = Path(src)
     if src.is_dir():  # PEFT: its own rank/alpha per site; ORT accepts any rank
-        from lowrank_compiler.formats.peft import peft_onnx_tensors
 
         try:
             tensors = peft_onnx_tensors(src)
@@ -157,8 +157,6 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
             shapes[input_name(mark.site, "lora_B")] = (rank_dim(mark.site), m.d_out)
         check_adapter_fits(shapes, tensors, str(src))
     else:
-        from lowrank_compiler.formats.model import load_adapters
-
         target = copy.deepcopy(gm)
         try:
             load_adapters(target, src)
@@ -171,9 +169,6 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
 def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     from safetensors.torch import save as st_save
 
-    from lowrank_compiler.api import merge as merged_copy
-    from lowrank_compiler.formats.model import atomic_write, save_adapters
-
     if not merge:
         save_adapters(gm, path)
         return
@@ -185,11 +180,6 @@ def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
 
 def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
     import io
-
-    from lowrank_compiler.api import merge as merged_copy
-    from lowrank_compiler.backends.onnx.export import example_inputs_of
-    from lowrank_compiler.formats.model import atomic_write
-    from lowrank_compiler.frontend.trace import export_program
 
     inputs, _ = example_inputs_of(gm)
     was = gm.training

@@ -1,8 +1,7 @@
 """torch.compile lowering of a transformed graph (adapters unmerged, or merged), for training and inference.
 
-:func:`lower` runs the training-speed passes (``passes/lower_*.py``, docs/speed.md) on a copy of the graph
-that shares every parameter; :func:`compile` compiles that copy with inductor (forward and backward) and
-can make the optimizer step fused.
+:func:`compile` compiles a graph (or its :func:`lowrank_compiler.lowerings.lower` training graph) with inductor,
+forward and backward, and can make the optimizer step fused.
 """
 
 from __future__ import annotations
@@ -14,44 +13,8 @@ import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import shared_copy
-from lowrank_compiler.lowerings.fast_dropout import lower_dropout
-from lowrank_compiler.lowerings.fast_linear import lower_linear
-from lowrank_compiler.lowerings.fast_lora import lower_lora
-from lowrank_compiler.passes.manager import Pass, Pipeline
-
-#: the training lowerings in the order they run, by name (``lower(gm, skip=...)`` leaves some out)
-LOWERINGS = ("lora", "linear", "dropout")
-
-
-def lowering_pipeline(skip: tuple[str, ...] = ()) -> Pipeline:
-    """The in-place passes of :func:`lower` (minus ``skip``), as a named pipeline."""
-    bad = sorted(set(skip) - set(LOWERINGS))
-    if bad:
-        raise ExportError(f"unknown lowering(s) {bad}; valid: {', '.join(LOWERINGS)}")
-    fns = {"lora": lower_lora, "linear": lower_linear, "dropout": lower_dropout}
-    return Pipeline("lower", [Pass(f"lower_{n}", fns[n]) for n in LOWERINGS if n not in skip])
-
-
-def lower(gm: fx.GraphModule, *, skip: tuple[str, ...] = ()) -> fx.GraphModule:
-    """A training graph for speed that shares every parameter and module of ``gm`` (nothing is copied).
-
-    Runs ``lower_lora`` (LoRA adapters as one kernel with a hand-written backward), ``lower_linear``
-    (the other linears' GEMMs through oneDNN) and ``lower_dropout`` (cheaper dropout masks), minus the
-    names in ``skip``. Train through the result; build the optimizer, save and export from ``gm`` (the
-    adapters are ``gm``'s: ``lrc.adapters`` of the result is empty). Calls take the traced inputs
-    (``lowered(input_ids, attention_mask=mask)``), not every signature ``gm`` accepts.
-
-    Raises:
-        ExportError: ``gm`` is not a GraphModule, or ``skip`` names an unknown lowering.
-    """
-    if not isinstance(gm, fx.GraphModule):
-        raise ExportError(f"lower() needs a GraphModule (from lrc.transform/lrc.load), got {type(gm).__name__}")
-    pipe = lowering_pipeline(tuple(skip))
-    return pipe(shared_copy(gm)).gm
-
-
-_lower = lower  # compile()'s ``lower`` argument shadows the function
+from lowrank_compiler.lowerings import lower as _lower
+from lowrank_compiler.passes.pipelines import merge_pipeline
 
 
 def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -99,8 +62,6 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     if face is not None and not lower:
         face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
     if merge:
-        from lowrank_compiler.passes.pipelines import merge_pipeline
-
         target = merge_pipeline()(copy.deepcopy(gm)).gm
     return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
 

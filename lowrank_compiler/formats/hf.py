@@ -16,7 +16,9 @@ from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.ir import lrc_meta
+from lowrank_compiler.passes.merge import merge as merge_pass
 from lowrank_compiler.quiet import quiet
+from lowrank_compiler.safety.atomic import atomic_dir
 
 
 def hf_class(names: list[Any]) -> type | None:
@@ -61,7 +63,6 @@ def merged_state(gm: fx.GraphModule, model: nn.Module) -> dict[str, torch.Tensor
     Raises:
         ExportError: ``model`` has a tensor the graph does not (its name or shape does not fit).
     """
-    from lowrank_compiler.passes.merge import merge as merge_pass
 
     merged = merge_pass(copy.deepcopy(gm)).gm
     have = {**dict(merged.named_buffers()), **dict(merged.named_parameters())}
@@ -97,7 +98,6 @@ def save_hf(gm: fx.GraphModule, path: str | os.PathLike, config: Any | None = No
     model = cls(copy.deepcopy(config))
     model.load_state_dict(merged_state(gm, model), strict=True)  # every tensor comes from the graph
     model.eval()
-    from lowrank_compiler.safety.atomic import atomic_dir
 
     atomic_dir(path, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
     return {"path": str(path), "format": "hf", "model_class": cls.__name__}

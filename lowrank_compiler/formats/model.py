@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch import fx, nn
 
-from lowrank_compiler.errors import LoadError, SpecError
-from lowrank_compiler.frontend.trace import export_program
+from lowrank_compiler.errors import LoadError
+from lowrank_compiler.frontend.capture import export_program, register_cache_pytrees
 from lowrank_compiler.ir import (
     META_KEY,
     AdapterMark,
@@ -30,12 +30,11 @@ from lowrank_compiler.ir import (
 from lowrank_compiler.methods.base import by_method_class
 from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.passes.mode import make_mode_switchable
-from lowrank_compiler.passes.pipelines import adapter_pipeline, base_pipeline
+from lowrank_compiler.passes.pipelines import apply_records, base_pipeline
 from lowrank_compiler.quiet import quiet
 from lowrank_compiler.safety import pt2 as safeload
 from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.safety.atomic import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
-from lowrank_compiler.spec.sites import find_sites
 
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
@@ -207,7 +206,6 @@ def _register_output_pytrees() -> None:
         import transformers.modeling_outputs  # noqa: F401
     except ImportError:
         return
-    from lowrank_compiler.frontend.trace import register_cache_pytrees
 
     register_cache_pytrees()  # a decoder's program returns a DynamicCache
 
@@ -221,33 +219,6 @@ def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[f
     gm.eval()
     lrc_meta(gm).setdefault("trace", "export")
     return gm
-
-
-def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
-                  full_modules: list[str] = ()) -> None:
-    """Insert exactly the adapters the records name and train ``full_modules``, decided like a spec (one
-    exact-name rule per site or module).
-
-    Raises:
-        LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
-    """
-    from lowrank_compiler.spec.language import Spec
-
-    if not records and not full_modules:
-        return
-    have = {s.name for s in find_sites(gm) if not s.refused}
-    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
-    if missing:
-        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
-    try:
-        spec = Spec.for_sites([*((r["site"], r["method"], r.get("args", {})) for r in records),
-                               *((path, "full", {}) for path in full_modules)])
-        adapter_pipeline(spec)(gm)
-    except SpecError as e:
-        raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
-            from None
-    except (KeyError, TypeError) as e:
-        raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None
 
 
 def _check_adapter_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -15,9 +15,12 @@ from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError, LoadError
+from lowrank_compiler.formats.model import _copy_checked, _load_adapter_tensors, apply_records
+from lowrank_compiler.frontend.trace import trace
 from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
 from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.quiet import quiet
+from lowrank_compiler.safety.atomic import atomic_dir
 from lowrank_compiler.safety.regex import pattern_problem
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -100,7 +103,6 @@ def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_pa
     tensors, config = peft_state(gm)
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    from lowrank_compiler.safety.atomic import atomic_dir
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -221,8 +223,6 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     Raises:
         LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
     """
-    from lowrank_compiler.formats.model import _copy_checked, _load_adapter_tensors, apply_records
-    from lowrank_compiler.frontend.trace import trace
 
     config, sites = read_peft(path)
     if isinstance(model, fx.GraphModule) and adapter_nodes(model):

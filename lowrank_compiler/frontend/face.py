@@ -29,28 +29,16 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from lowrank_compiler.errors import TraceError
+from lowrank_compiler.frontend.capture import export_call
 from lowrank_compiler.frontend.hierarchy import share_hierarchy
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import adapter_sites, lrc_meta, verify
+from lowrank_compiler.passes.manager import verification, verify_enabled
+from lowrank_compiler.passes.pipelines import apply_records
+from lowrank_compiler.spec.report import print_trainable_parameters
 
 _MISSING = object()
 _SIMPLE = (bool, int, float, str, type(None))
-
-
-def default_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Dummy inputs for an HF model from its config: ``input_ids`` [2, 16] (+ ``attention_mask``)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    vocab = int(getattr(cfg, "vocab_size", None) or 100)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 16), generator=g)
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    kwargs = {"attention_mask": torch.ones(2, 16, dtype=torch.long)} if "attention_mask" in params else {}
-    return (ids,), kwargs
 
 
 _T = "T"
@@ -210,10 +198,6 @@ class Face:
               file=sys.stderr)
 
     def _trace_variant(self, gm: fx.GraphModule, bound: dict[str, Any], key: tuple) -> _Entry:
-        from lowrank_compiler.formats.model import apply_records
-        from lowrank_compiler.frontend.trace import export_call
-        from lowrank_compiler.passes.manager import verification, verify_enabled
-
         self._announce(key)
         names = [k for k, v in bound.items() if _has_tensor(v)]
         consts = {k: v for k, v in bound.items() if k not in names}
@@ -349,8 +333,6 @@ class LrcGraphModule(fx.GraphModule):
 
     def print_trainable_parameters(self) -> str:
         """Print and return PEFT's line: 'trainable params: N || all params: M || trainable%: P'."""
-        from lowrank_compiler.api import print_trainable_parameters
-
         return print_trainable_parameters(self)
 
     def can_generate(self) -> bool:

@@ -3,3 +3,7 @@ less time (``fast_*``, ``fuse_siblings``), the kernels they insert (kernels) and
 
 May import: everything in layers 1-5; never ``frontend``, ``formats`` or ``backends``.
 """
+
+from lowrank_compiler.lowerings.lower import lower
+
+__all__ = ["lower"]

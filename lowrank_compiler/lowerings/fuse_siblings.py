@@ -2,7 +2,6 @@
 
 Sibling sites read the same input node (BERT's query/key/value, Llama's q/k/v_proj, gate/up_proj). For a
 group of n LoRA adapters on input x the fused module computes, with x flattened to (N, d_in):
-
     out = x [W_1; ...; W_n]ᵀ + [b_1; ...; b_n]          one (N, d_in) × (d_in, Σ d_out) GEMM
     h   = x [A_1; ...; A_n]ᵀ                            one (N, d_in) × (d_in, Σ r) GEMM
     out += h · blockdiag(s_1 B_1, ..., s_n B_n)ᵀ        one in-place GEMM (addmm_)

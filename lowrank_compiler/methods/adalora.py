@@ -38,7 +38,6 @@ class AdaLoRA(AdapterMethod):
     ``ΔW = s·P diag(λ) Q`` with Q = ``lora_A`` (r × d_in), P = ``lora_B`` (d_out × r), λ = ``lora_E``
     (r × 1), ``s = alpha / init_r``; λ = 0, P, Q ~ N(0, 0.02²). The training pass (``lrc.optimizer``)
     owns the whole schedule inside ``opt.step()``; the user's loop is the LoRA loop:
-
     * orthogonality regulariser ``R = orth_reg · mean over all P, Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F``
       (PEFT's): decided here, its gradient ``orth_reg/(2N) · 2P(PᵀP − I)/‖PᵀP − I‖_F`` (and likewise
       for Q) is added to ``.grad`` before the base step, which equals adding R to the loss the user

@@ -126,7 +126,6 @@ class AdapterMethod(nn.Module):
     Contract (DESIGN.md): it owns its trainable state, never the frozen base weight, which the graph
     passes in. A subclass sets ``name`` and ``args`` and implements ``forward(x, weight, bias)`` and
     ``delta_weight(weight)``; everything else has a working default:
-
     - ``config``: the resolved spec arguments (every arg, defaults filled in), stored once here;
       subclasses read it and never rewrite it.
     - ``merged``: the base weight holds ``merged_weight(W)``; ``bypass``: run as the plain linear

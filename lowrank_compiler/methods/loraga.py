@@ -34,7 +34,6 @@ class LoRAGA(DataDependentInit, LoRA):
     Follows the authors' code (github.com/Outsider565/LoRA-GA, ``peft/tuners/lora/layer.py::
     lora_ga_init``), not PEFT's port. With G the mean gradient ∂L/∂W over the init batches
     (train mode, fp32) and ``G ≈ U S Vᵀ`` from ``torch.svd_lowrank(G, q=min(4r, d), niter=4)``:
-
     * direction ``ArB2r``: A0 = Vᵀ[0:r], B0 = U[:, r:2r]; ``A2rBr``: A0 = Vᵀ[r:2r], B0 = U[:, :r];
       ``ArBr``: A0 = odd, B0 = even indices of 0..2r; ``random``: a seeded split of 0..2r. Every
       split covers 1..2r, so the first SGD step ∝ B0B0ᵀG + G A0ᵀA0 = the best rank-2r approx. of G.

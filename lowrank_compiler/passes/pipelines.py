@@ -8,8 +8,8 @@
 | base       | strip                           | returns a new graph           | save (base program), validation  |
 | separate   | separate                        | returns a new graph           | ONNX export with adapters apart  |
 | set_merged | set_merged(True / False)        | in place, adapters kept       | merge_adapters / unmerge_adapters|
-| memory     | lean_attention, lean_dropout, lean_ffn, checkpoint_blocks (each optional) | returns a new graph sharing the parameters | ``lrc.lower_memory`` |
 
+The lowering pipelines (speed and memory) live with their passes in ``lowerings/lower.py``.
 Copies are made at the API edge (``api.merge`` deep-copies before the in-place merge pipeline).
 """
 
@@ -19,12 +19,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import fx
 
-from lowrank_compiler.errors import LrcError
-from lowrank_compiler.lowerings.checkpoint_blocks import checkpoint_blocks
-from lowrank_compiler.lowerings.lean_attention import lean_attention
-from lowrank_compiler.lowerings.lean_dropout import lean_dropout
-from lowrank_compiler.lowerings.lean_ffn import lean_ffn
+from lowrank_compiler.errors import LoadError, SpecError
 from lowrank_compiler.passes.full import train_full
 from lowrank_compiler.passes.initialize import initialize
 from lowrank_compiler.passes.insert import insert
@@ -35,6 +32,7 @@ from lowrank_compiler.passes.separate import separate
 from lowrank_compiler.passes.set_merged import set_merged
 from lowrank_compiler.passes.strip import strip
 from lowrank_compiler.spec.language import Spec
+from lowrank_compiler.spec.sites import find_sites
 
 
 def adapter_pipeline(spec: Spec) -> Pipeline:
@@ -71,27 +69,26 @@ def set_merged_pipeline(merged: bool) -> Pipeline:
                     [Pass("set_merged", lambda g: set_merged(g, merged))])
 
 
-ATTENTION_MODES = ("recompute", "probs", None)
+def apply_records(gm: fx.GraphModule, records: list[dict[str, Any]], source: str = "the records",
+                  full_modules: list[str] = ()) -> None:
+    """Insert exactly the adapters the records name and train ``full_modules``, decided like a spec (one
+    exact-name rule per site or module).
 
-
-def memory_pipeline(attention: str | None = "recompute", mask: str = "bool", dropout: bool = True,
-                    ffn: bool = False, checkpoint: bool = False) -> Pipeline:
-    """Training-memory lowerings (each returns a new graph over the same parameters; see docs/memory.md).
-
-    ``attention``: "recompute" (dropout attention saves q, k, v and a mask), "probs" (saves the softmax
-    output and a mask, no recompute) or None; ``mask``: "bool" or "rng"; ``dropout``: hidden dropouts save a
-    bool mask, not the float noise; ``ffn``: gelu(frozen linear) keeps the linear's input and recomputes it
-    (one GEMM per layer); ``checkpoint``: recompute each block (encoder/decoder layer) in backward.
+    Raises:
+        LoadError: a record that does not parse as a rule (method, arguments) or names no site of the model.
     """
-    if attention not in ATTENTION_MODES:
-        raise LrcError(f"memory: attention={attention!r} is not one of {', '.join(map(repr, ATTENTION_MODES))}")
-    passes = []
-    if attention is not None:
-        passes.append(Pass("lean_attention", lambda g: lean_attention(g, attention == "recompute", mask), inplace=False))
-    if dropout:
-        passes.append(Pass("lean_dropout", lean_dropout, inplace=False))
-    if ffn:
-        passes.append(Pass("lean_ffn", lean_ffn, inplace=False))
-    if checkpoint:
-        passes.append(Pass("checkpoint_blocks", checkpoint_blocks, inplace=False))
-    return Pipeline("memory", passes)
+    if not records and not full_modules:
+        return
+    have = {s.name for s in find_sites(gm) if not s.refused}
+    missing = [r.get("site") for r in records if isinstance(r, dict) and r.get("site") not in have]
+    if missing:
+        raise LoadError(f"{source}: the model has no linear site(s) {missing[:5]}; sites are e.g. {sorted(have)[:5]}")
+    try:
+        spec = Spec.for_sites([*((r["site"], r["method"], r.get("args", {})) for r in records),
+                               *((path, "full", {}) for path in full_modules)])
+        adapter_pipeline(spec)(gm)
+    except SpecError as e:
+        raise LoadError(f"{source}: the saved adapters don't fit the model: {e.reason if e.column is None else e}") \
+            from None
+    except (KeyError, TypeError) as e:
+        raise LoadError(f"{source}: malformed adapter record ({type(e).__name__}: {e})") from None

@@ -75,7 +75,6 @@ def separate(gm: fx.GraphModule, placeholder_seed: int | None = None) -> PassRes
 
 
 def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None) -> bool:
-
     mark: AdapterMark = node.meta[META_KEY]
     method: AdapterMethod = gm.get_submodule(mark.module_path)
     if method.merged:

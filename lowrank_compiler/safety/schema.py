@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lowrank_compiler.errors import LoadError, SpecError
+from lowrank_compiler.methods.base import get_method
 
 _SCALARS = (bool, int, float, str, type(None))
 
@@ -26,7 +27,6 @@ def adapter_records(records: Any, source: str) -> list[dict[str, Any]]:
     Arguments go through the method's own ``resolve_args`` (types, ranges, finiteness), so a record
     loads exactly as the same spec would have been applied.
     """
-    from lowrank_compiler.methods.base import get_method
 
     if not isinstance(records, list):
         raise _fail(source, f"'adapters' must be a list of records, got {type(records).__name__}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from lowrank_compiler.errors import SpecError
 from lowrank_compiler.methods.base import FULL, SKIP, get_method
+from lowrank_compiler.safety.regex import pattern_problem
 
 _RULE_RE = re.compile(r"^(?P<pat>.*\S)\s*:\s*(?P<meth>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$", re.S)
 _LITERAL_NAMES = {"true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
@@ -219,7 +220,6 @@ def _check_regex(pat: str, regex: bool, text: str, col: int) -> None:
             re.compile(pat)
         except (re.error, RecursionError, OverflowError) as e:
             raise SpecError(f"bad regular expression {pat!r}: {e}", text, col) from None
-        from lowrank_compiler.safety.regex import pattern_problem
 
         problem = pattern_problem(pat)
         if problem:

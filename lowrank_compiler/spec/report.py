@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from lowrank_compiler.ir import adapter_sites, lrc_meta
 from lowrank_compiler.spec.decide import decide, decide_full
@@ -92,3 +92,18 @@ def inspect_table(gm: fx.GraphModule, spec: str | None = None) -> str:
         for i in sorted(unused):
             lines.append(f"warning: rule {i + 1} '{parsed.rules[i]}' matches no site")
     return "\n".join(lines)
+
+
+def trainable_parameters(gm: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in gm.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(gm: nn.Module) -> str:
+    """Print and return 'trainable params: N || all params: M || trainable%: P' (PEFT's format)."""
+    t, a = trainable_parameters(gm)
+    line = f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / max(a, 1):.4f}"
+    print(line)
+    return line

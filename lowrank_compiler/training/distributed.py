@@ -3,7 +3,6 @@
 Launch with ``torchrun --nproc-per-node N train.py`` (or ``torch.multiprocessing.spawn``); every rank
 builds the same model and calls ``lrc.transform`` on it (a data-dependent init such as LoRA-GA sees each
 rank's own batches and all-reduces its statistics, so every rank gets the same A0/B0), then wraps it:
-
     gm = lrc.transform(model, spec, example_inputs=(ids,))
     gm = lrc.distributed.fsdp(gm)            # or: model = lrc.distributed.ddp(gm); gm = model.module
     opt = lrc.optimizer(gm, torch.optim.AdamW, lr=2e-4)
@@ -33,7 +32,9 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from lowrank_compiler.errors import LrcError
+from lowrank_compiler.formats import model as _formats
 from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.lowerings.outline import outline_blocks
 from lowrank_compiler.methods.base import AdapterMethod
 
 __all__ = ["ddp", "fsdp", "is_sharded", "full_copy", "save", "save_adapters", "rank", "world_size", "barrier"]
@@ -134,7 +135,6 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     if not per_block:
         fully_shard(gm, **kw)
         return gm
-    from lowrank_compiler.lowerings.outline import outline_blocks
 
     top, units = outline_blocks(gm)
     slots = {id(p): (mod, name) for mod in top.modules() for name, p in mod._parameters.items() if p is not None}
@@ -230,21 +230,17 @@ def save_adapters(gm: nn.Module, path: str | os.PathLike) -> None:
     The file is the ordinary single-process format (full tensors): it loads with
     ``lrc.load_adapters`` into any process count, including a plain single-process model.
     """
-    from lowrank_compiler.formats.model import save_adapters as _save
-
     full = full_copy(gm) if is_sharded(_unwrap(gm)) else _unwrap(gm)
     if rank() == 0:
-        _save(full, path)
+        _formats.save_adapters(full, path)
     barrier()
 
 
 def save(gm: nn.Module, path: str | os.PathLike) -> None:
     """``lrc.save`` (base graph + weights + adapters) of a DDP- or FSDP2-wrapped graph; rank 0 writes."""
-    from lowrank_compiler.formats.model import save as _save
-
     full = full_copy(gm) if is_sharded(_unwrap(gm)) else _unwrap(gm)
     if rank() == 0:
-        _save(full, path)
+        _formats.save(full, path)
     barrier()
 
 

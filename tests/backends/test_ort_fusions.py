@@ -19,8 +19,8 @@ from helpers.export import base_out, randomize, shapes, torch_out, transformed
 
 import lowrank_compiler as lrc
 from lowrank_compiler.backends.onnx import export as lo
-from lowrank_compiler.backends.onnx.adapters import lora_adapter_tensors, write_onnx_adapter
 from lowrank_compiler.backends.onnx import fusions as oo
+from lowrank_compiler.backends.onnx.adapters import lora_adapter_tensors, write_onnx_adapter
 from lowrank_compiler.cli import main
 from lowrank_compiler.errors import ExportError
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from helpers.fuse import _setup as fuse_setup
 
 import lowrank_compiler as lrc
-from lowrank_compiler.backends.torch_compile import fuse_optimizer, lower
+from lowrank_compiler.backends.torch_compile import fuse_optimizer
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.lowerings import kernels as ck
+from lowrank_compiler.lowerings import lower
 
 
 def _setup():

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from lowrank_compiler.errors import ExportError
+from lowrank_compiler.formats.model import atomic_write
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.passes.separate import LORA_A, LORA_B, onnx_lora_tensors
 
@@ -55,8 +56,6 @@ def lora_adapter_tensors(gm: fx.GraphModule, dtype: np.dtype | None = None) -> d
 def write_onnx_adapter(tensors: dict[str, np.ndarray], path: str | os.PathLike, adapter_version: int = 1) -> None:
     """Write ``tensors`` as an ONNX Runtime ``.onnx_adapter`` file (atomic: temp file + rename)."""
     import onnxruntime as ort
-
-    from lowrank_compiler.formats.model import atomic_write
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(adapter_version)

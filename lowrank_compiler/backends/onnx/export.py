@@ -31,9 +31,12 @@ from lowrank_compiler.backends.onnx.adapters import (
     read_onnx_adapter,
     write_onnx_adapter,
 )
+from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.frontend.trace import dynamic_dims
+from lowrank_compiler.formats.model import atomic_write
+from lowrank_compiler.frontend.capture import dynamic_dims
 from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.passes.pipelines import base_pipeline, merge_pipeline, separate_pipeline
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _GPU_HINT = "install the `gpu` extra, which replaces onnxruntime: pip uninstall -y onnxruntime && pip install 'lowrank-compiler[gpu]'"
@@ -243,9 +246,6 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     """
     import onnx
 
-    from lowrank_compiler.formats.model import atomic_write
-    from lowrank_compiler.passes.pipelines import merge_pipeline, separate_pipeline
-
     inputs, names = example_inputs_of(gm)
     if example_inputs is not None:
         inputs = tuple(example_inputs)
@@ -276,8 +276,6 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     if optimize is None:
         optimize = all_fp32
     if optimize:
-        from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
-
         model, fusion_report = ort_optimize(model, feeds=dict(zip(names, (t.numpy() for t in inputs))))
     data = model.SerializeToString()
     adapter_tensors = lora_adapter_tensors(gm) if (not merge and adapter_nodes(gm)) else {}
@@ -339,7 +337,6 @@ def _output_change(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Ten
 def _validate(model_path: Path, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str],
               adapter_tensors: dict[str, np.ndarray], adapter_path: Path | None, merged: bool) -> float:
     """Max |ORT − torch| over every output on the example inputs (with the adapter active if there is one)."""
-    from lowrank_compiler.passes.pipelines import base_pipeline
 
     sess = session(model_path, providers="cpu")
     feeds = dict(zip(names, (t.numpy() for t in inputs)))

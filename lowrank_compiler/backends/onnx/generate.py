@@ -21,8 +21,19 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lowrank_compiler.backends.onnx.adapters import (
+    LORA_A,
+    input_name,
+    lora_adapter_tensors,
+    make_lora_inputs,
+    write_onnx_adapter,
+)
+from lowrank_compiler.backends.onnx.export import session
+from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.passes.merge import merge as merge_pass
+from lowrank_compiler.passes.separate import separate
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
 
@@ -83,16 +94,6 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     """
     import onnx
 
-    from lowrank_compiler.backends.onnx.adapters import (
-        LORA_A,
-        input_name,
-        lora_adapter_tensors,
-        make_lora_inputs,
-        write_onnx_adapter,
-    )
-    from lowrank_compiler.passes.merge import merge as merge_pass
-    from lowrank_compiler.passes.separate import separate
-
     var, names, (spec, values) = decode_graph(gm)
     var.eval()
     renames: dict[str, tuple[str, int]] = {}
@@ -137,7 +138,6 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     size = sum(t.ByteSize() for t in model.graph.initializer)
     fusion_report = None
     if optimize and size < 2_000_000_000:  # the numerics check runs ORT on the in-memory model
-        from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 
         model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
     external = size > 2_000_000_000 if external_data is None else external_data
@@ -160,8 +160,6 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
         write_onnx_adapter(lora_adapter_tensors(gm), adapter_path)
         report["adapters"].append(str(adapter_path))
     if validate:
-        from lowrank_compiler.backends.onnx.export import session
-
         sess = session(path, providers="cpu")
         with torch.no_grad():
             ref = flat.__class__(var, names, spec)(*inputs)

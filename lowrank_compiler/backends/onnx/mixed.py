@@ -19,8 +19,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from lowrank_compiler.adapter_sets.mixed import refresh
 from lowrank_compiler.backends.onnx.export import _to_onnx, example_inputs_of, session
 from lowrank_compiler.errors import ExportError
+from lowrank_compiler.formats.model import atomic_write
 from lowrank_compiler.passes.mixed import mixed_nodes
 
 
@@ -48,7 +50,6 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def mixed_feeds(mgm: fx.GraphModule) -> dict[str, np.ndarray]:
     """``{input name: array}`` of every site's current stacks (refreshed from its adapters first): feed
     them to a session, or write them with ``write_onnx_adapter``, to serve the adapters as they are now."""
-    from lowrank_compiler.adapter_sets.mixed import refresh
 
     refresh(mgm)
     return {stack_name(mark.site, k): _numpy(t) for _, mark, mod in mixed_nodes(mgm) for k, t in _stacks(mod).items()}
@@ -65,8 +66,6 @@ def export_mixed_onnx(mgm: fx.GraphModule, path: str | os.PathLike, *, opset: in
     """
     import onnx
     from onnx import helper, numpy_helper
-
-    from lowrank_compiler.formats.model import atomic_write
 
     nodes = mixed_nodes(mgm)
     if not nodes:

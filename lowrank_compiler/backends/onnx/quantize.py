@@ -29,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx, session
+from lowrank_compiler.backends.onnx.smoothquant import OUTLIER_PREFIX, smooth
 from lowrank_compiler.errors import ExportError
+from lowrank_compiler.formats.model import atomic_write
 
 MODES = ("int8", "int4")
 DEFAULT_MIN_COSINE = 0.999
@@ -108,15 +111,11 @@ class _Runner:
     """fp32 reference outputs on every (feeds, adapter) sample, and the error of a candidate model."""
 
     def __init__(self, fp32: Path, samples: list[dict[str, np.ndarray]], adapters: list[str | None]) -> None:
-        from lowrank_compiler.backends.onnx.export import session
-
         self.samples, self.adapters = samples, adapters
         ref = session(fp32, providers="cpu")
         self.ref = [ref(f, adapter=a) for f in samples for a in adapters]
 
     def error(self, path: Path) -> tuple[float, float]:
-        from lowrank_compiler.backends.onnx.export import session
-
         sess = session(path, providers="cpu")
         got = [sess(f, adapter=a) for f in self.samples for a in self.adapters]
         errs = [output_error(r, g) for r, g in zip(self.ref, got)]
@@ -190,7 +189,6 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "i
                               f"(max abs error {max_abs:.4g} vs fp32 on {len(feeds)} sample input(s)"
                               f"{', and no subset of the MatMuls passes' if search and len(cands) > 1 else ''}); "
                               "pass force=True (--force) to write it anyway, or lower min_cosine")
-        from lowrank_compiler.formats.model import atomic_write
 
         data = tmp.read_bytes()
         atomic_write(dst, lambda f: f.write(data))
@@ -202,8 +200,6 @@ def _smooth(src: Path, dst: Path, cands: list[str], feeds: list[dict[str, np.nda
     """Write the smoothed fp32 model to ``dst``; (its path, what :func:`smoothquant.smooth` did, the
     outlier MatMuls to keep fp32). Refuses (ExportError) if it changed the fp32 outputs."""
     import onnx
-
-    from lowrank_compiler.backends.onnx.smoothquant import OUTLIER_PREFIX, smooth
 
     model = onnx.load(str(src))
     done = smooth(model, cands, feeds)
@@ -270,7 +266,6 @@ def export_quantized(gm: Any, path: str | os.PathLike, mode: str, *, force: bool
     Samples: the graph's recorded example inputs plus ``samples`` (tuples in graph-input order, or
     dicts by input name). The adapters the export writes are gated too (and stay fp32 files).
     """
-    from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx
 
     if mode not in MODES:
         raise ExportError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")

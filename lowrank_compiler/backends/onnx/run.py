@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_compiler.backends.onnx.export import session
+from lowrank_compiler.backends.onnx.generate import ort_generate
 from lowrank_compiler.errors import ExportError
 
 _NP = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
@@ -65,7 +67,6 @@ def check_feeds(sess: Any, given: dict[str, np.ndarray]) -> None:
 
 def run_cli(a: argparse.Namespace) -> int:
     """Run the model on sample inputs; print each output's shape and, per adapter, how far it moves the output."""
-    from lowrank_compiler.backends.onnx.export import session
 
     try:
         b, s = (int(x) for x in a.shape.lower().split("x"))
@@ -103,7 +104,6 @@ def run_cli(a: argparse.Namespace) -> int:
 
 def _generate_cli(a: argparse.Namespace, sess: Any, shape: tuple[int, int], given: dict[str, np.ndarray]) -> int:
     """Greedy-generate ``a.generate`` tokens from the prompt (``--input input_ids=...`` or random ids), per adapter."""
-    from lowrank_compiler.backends.onnx.generate import ort_generate
 
     ids = given.get("input_ids")
     if ids is None:
