@@ -4,7 +4,7 @@ LoRA adapters, vs PEFT's ``adapter_names=`` loop and vs K separate runs (torch a
 Batch of 32 rows, row i uses adapter i mod K (K = 1, 4, 16); LoRA r=8, alpha=16 on query/key/value/
 attention.output.dense in every layer (24 sites), different random weights per adapter; eval + no_grad.
 Variants (same adapters, outputs checked equal first):
-  lrc mixed       ``lrc.mixed_batch`` graph, one call with ``adapter_ids`` (gather + batched matmul)
+  lrc mixed       ``lrc.adapter_sets.mixed_batch`` graph, one call with ``adapter_ids`` (gather + batched matmul)
   peft names      PEFT ``model(..., adapter_names=[...])`` (a masked loop over adapters at every layer)
   lrc K runs      ``set_adapter`` then the rows of that adapter, K calls
   ort mixed       the mixed graph in ONNX Runtime, ONE ``Run()`` with ``adapter_ids``
@@ -55,18 +55,18 @@ def build(base: torch.nn.Module, k: int, ids: torch.Tensor, mask: torch.Tensor):
     gm = lrc.transform(base, LRC_SPEC, example_inputs=(ids, mask), progress=False)
     for n in names[1:]:
         pm.add_adapter(n, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-        lrc.add_adapter(gm, n, LRC_SPEC)
+        lrc.adapter_sets.add_adapter(gm, n, LRC_SPEC)
     torch.manual_seed(0)
     layers = {name: mod for name, mod in pm.base_model.model.named_modules() if hasattr(mod, "lora_A")}
     with torch.no_grad():
         for n in names:
-            lrc.set_adapter(gm, n)
+            lrc.adapter_sets.set_adapter(gm, n)
             for site, ad in lrc.adapters(gm).items():
                 lay = layers[site]
                 lay.lora_B[n].weight.normal_(0, 0.02)
                 ad.lora_A.copy_(lay.lora_A[n].weight)
                 ad.lora_B.copy_(lay.lora_B[n].weight)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     return gm, pm.eval(), names
 
 
@@ -80,9 +80,9 @@ def ort_models(gm, mgm, names, ids, mask, tmp: Path, threads: int):
     export_onnx(gm, tmp / "sep.onnx", merge=False, validate=False)
     feeds = {}
     for n in names:
-        lrc.set_adapter(gm, n)
+        lrc.adapter_sets.set_adapter(gm, n)
         feeds[n] = lora_adapter_tensors(gm)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     return (session(tmp / "mixed.onnx", providers="cpu", threads=threads),
             session(tmp / "sep.onnx", providers="cpu", threads=threads), feeds)
 
@@ -106,9 +106,9 @@ def run_k(rounds: int, seqs: list[int], k: int, base, threads: int, tmp: Path
 
         def lrc_k(ids=ids, mask=mask):
             for n, g in groups.items():
-                lrc.set_adapter(gm, n)
+                lrc.adapter_sets.set_adapter(gm, n)
                 gm(ids[g], mask[g])
-            lrc.set_adapter(gm, "default")
+            lrc.adapter_sets.set_adapter(gm, "default")
 
         def ort_k(np_in=np_in):
             for n, g in groups.items():

@@ -84,7 +84,7 @@ def step_fn(name: str, models: dict, ids: torch.Tensor, mask: torch.Tensor):
         model = owner = models[name]
     else:
         owner = models["lrc"]
-        model = owner if LOWER[name] is None else lrc.lower_memory(owner, **LOWER[name])
+        model = owner if LOWER[name] is None else lrc.lower(owner, "memory", **LOWER[name])
     opt = torch.optim.AdamW([p for p in owner.parameters() if p.requires_grad], lr=1e-4)
 
     return bl.train_step_fn(model, ids, mask, opt), model, owner

@@ -5,9 +5,9 @@ batch 16×128, LoRA r=8 alpha=16 (adapter dropout 0) on query/key/value/attentio
 AdamW (lr 1e-4, torch's default foreach step unless the row says fused). Variants:
   peft                      PEFT eager (the reference)
   lrc                       lrc eager: the transformed graph as lrc.transform returns it
-  lrc +lora                 lrc.lower(skip=linear,dropout): passes/lower_lora.py only
-  lrc +lora+linear          + passes/lower_linear.py
-  lrc lowered               + passes/lower_dropout.py (all lowerings: lrc.lower)
+  lrc +lora                 lrc.lower(skip=linear,dropout): lowerings/fast_lora.py only
+  lrc +lora+linear          + lowerings/fast_linear.py
+  lrc lowered               + lowerings/fast_dropout.py (all lowerings: lrc.lower)
   lrc lowered +fused opt    the same with lrc.compile's fused optimizer step
   --compile adds (inductor, forward + backward; compile time excluded, warm-up steps run first):
   lrc compiled              lrc.compile(gm) (the unlowered graph)

@@ -1,7 +1,7 @@
 """DoRA on a decoder, trained by the Hugging Face Trainer, then merged.
 
 A tiny Llama built from a config (no download). The graph is traced with `labels`, so it returns the
-model's own loss and the Trainer drives it unchanged; `lrc.trainer_optimizers` gives the Trainer an
+model's own loss and the Trainer drives it unchanged; `lrc.training.trainer_optimizers` gives the Trainer an
 optimizer that also runs each method's update rules.
 """
 
@@ -30,7 +30,7 @@ args = transformers.TrainingArguments(output_dir="dora-out", max_steps=8, per_de
                                       learning_rate=5e-3, use_cpu=True, report_to=[], save_strategy="no",
                                       logging_steps=4, remove_unused_columns=False, disable_tqdm=True)
 trainer = transformers.Trainer(model=gm, args=args, train_dataset=dataset,
-                               optimizers=lrc.trainer_optimizers(gm, lr=5e-3))
+                               optimizers=lrc.training.trainer_optimizers(gm, lr=5e-3))
 trainer.train()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("training loss:", " -> ".join(f"{x:.3f}" for x in losses))

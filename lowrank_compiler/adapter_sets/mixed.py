@@ -1,6 +1,6 @@
 """Mixed-adapter batches: one graph, one call, every row with its own adapter (training and inference).
 
-``mgm = lrc.mixed_batch(gm, ["a", "b"])`` returns a graph that takes one more input, ``adapter_ids``
+``mgm = lrc.adapter_sets.mixed_batch(gm, ["a", "b"])`` returns a graph that takes one more input, ``adapter_ids``
 (one int per row: k = the k-th named adapter, −1 = the base model). It shares the base weights and the
 named adapters' modules with ``gm``, so training ``mgm`` trains those adapters, and ``set_adapter(gm, "a")``
 then serves what was trained. FLoRA models route the ids to their own per-row adapters.
@@ -59,7 +59,7 @@ def mixed_batch(gm: fx.GraphModule, adapters: Sequence[str] | None = None, *, ca
         for mods in members.values():
             for m in mods:
                 _thaw(m)
-                m._lrc_mixed_trainable = True  # set_adapter(gm, ...) no longer freezes it
+                m.mixed_trainable = True  # set_adapter(gm, ...) no longer freezes it
     out = mixed(gm, members, cap, r).gm
     meta = lrc_meta(out)
     meta[SLOTS] = names
@@ -105,7 +105,7 @@ def mixed_add(mgm: fx.GraphModule, gm: fx.GraphModule, name: str, *, trainable: 
         m = mods[mark.site]
         if trainable:
             _thaw(m)
-            m._lrc_mixed_trainable = True
+            m.mixed_trainable = True
         mod.members.append(m)
         mod.refresh(logical_weight(mgm, mark))
     lrc_meta(mgm)[SLOTS] = slots(mgm) + [name]

@@ -85,21 +85,21 @@ def _check_name(gm: fx.GraphModule, name: str) -> None:
 def _freeze(mod: AdapterMethod) -> None:
     """Remember which of ``mod``'s parameters train, then freeze them all (inactive adapter).
 
-    Adapters a trainable mixed-batch graph holds (``lrc.mixed_batch``) keep training there: not frozen."""
-    if getattr(mod, "_lrc_mixed_trainable", False):
+    Adapters a trainable mixed-batch graph holds (``lrc.adapter_sets.mixed_batch``) keep training there: not frozen."""
+    if mod.mixed_trainable:
         return
-    if not hasattr(mod, "_lrc_trainable"):
-        mod._lrc_trainable = {n: p.requires_grad for n, p in mod.named_parameters()}
+    if mod.saved_trainable is None:
+        mod.saved_trainable = {n: p.requires_grad for n, p in mod.named_parameters()}
     for p in mod.parameters():
         p.requires_grad_(False)
 
 
 def _thaw(mod: AdapterMethod) -> None:
-    flags = getattr(mod, "_lrc_trainable", None)
+    flags = mod.saved_trainable
     if flags is not None:
         for n, p in mod.named_parameters():
             p.requires_grad_(flags.get(n, True))
-        del mod._lrc_trainable
+        mod.saved_trainable = None
 
 
 def _build(gm: fx.GraphModule, fill) -> dict[str, AdapterMethod]:
@@ -162,7 +162,7 @@ def set_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     active = _active_modules(gm)
     merged = [s for s, (_, m) in active.items() if m.merged]
     if merged:
-        raise LrcError(f"adapter {current!r} is merged at {merged[:3]}; call lrc.unmerge_adapters(gm) before "
+        raise LrcError(f"adapter {current!r} is merged at {merged[:3]}; call lrc.unmerge(gm) before "
                        "switching adapters")
     store = _store(gm)
     incoming = store[name]
@@ -204,7 +204,7 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
     mods = [m for _, m in _active_modules(gm).values()]
     merged = [m.site_name for m in mods if m.merged]
     if merged:
-        raise LrcError(f"adapters are merged at {merged[:3]}; call lrc.unmerge_adapters(gm) before disabling them")
+        raise LrcError(f"adapters are merged at {merged[:3]}; call lrc.unmerge(gm) before disabling them")
     was = [m.bypass for m in mods]
     for m in mods:
         m.bypass = True

@@ -70,9 +70,9 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     Every file is written atomically: on error nothing is left behind.
 
     ``quantize`` (ONNX only): ``"int8"`` or ``"int4"``, the base weights only; refused below
-    ``min_cosine`` (default 0.999) output cosine vs fp32 unless ``force`` (``backends/quantize.py``).
+    ``min_cosine`` (default 0.999) output cosine vs fp32 unless ``force`` (``backends/onnx/quantize.py``).
 
-    ``optimize`` (ONNX only): ONNX Runtime graph fusions (``backends/ort_optimize``: Attention /
+    ``optimize`` (ONNX only): ONNX Runtime graph fusions (``backends/onnx/fusions``: Attention /
     MultiHeadAttention, SkipLayerNorm, BiasGelu), kept only if they match the unfused graph on the
     example inputs. ``None`` (default): on for fp32 encoder exports, off for causal-LM decode graphs
     and quantized exports; ``True`` / ``False`` force it.
@@ -87,7 +87,7 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
-        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx_generate.py)
+        if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx/generate.py)
 
             if quantize is not None:
                 raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "

@@ -58,7 +58,7 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     if optimizer is not None:
         fuse_optimizer(optimizer)
     target = _lower(gm) if lower else gm
-    face = gm.__dict__.get("_lrc_face")
+    face = getattr(gm, "lrc_face", None)
     if face is not None and not lower:
         face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
     if merge:

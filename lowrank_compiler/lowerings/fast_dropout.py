@@ -1,8 +1,8 @@
 """Lowering: the model's dropout (hidden and attention) → a cheaper keep mask.
 
 Two node kinds (both made mode-switchable by ``passes/mode.py``):
-  1. ``call_module(nn.Dropout(p))`` → ``call_module(cpu_kernels.Dropout(p))``;
-  2. ``call_module(TrainOnlySDPA(p))`` → ``call_module(cpu_kernels.LeanSDPA(p))``: in training with
+  1. ``call_module(nn.Dropout(p))`` → ``call_module(kernels.FastDropout(p))``;
+  2. ``call_module(TrainOnlySDPA(p))`` → ``call_module(kernels.FastAttention(p))``: in training with
      p > 0, attention written out with the same keep mask; otherwise plain SDPA.
 The mask takes 31 random bits per element from ``random_`` (2.5× cheaper than ``bernoulli_`` on CPU,
 and than inductor's per-element Philox): same distribution, another random stream, so a seeded run
@@ -15,15 +15,15 @@ from __future__ import annotations
 from torch import fx, nn
 
 from lowrank_compiler.ir import TrainOnlySDPA, finalize, fresh_name
-from lowrank_compiler.lowerings.kernels import Dropout, LeanSDPA
+from lowrank_compiler.lowerings.kernels import FastAttention, FastDropout
 from lowrank_compiler.passes.manager import PassResult
 
 
 def _replacement(mod: nn.Module) -> nn.Module | None:
     if type(mod) is nn.Dropout:
-        return Dropout(mod.p)
+        return FastDropout(mod.p)
     if type(mod) is TrainOnlySDPA and isinstance(getattr(mod, "p", None), float):
-        return LeanSDPA(mod.p)
+        return FastAttention(mod.p)
     return None
 
 
@@ -37,7 +37,7 @@ def lower_dropout(gm: fx.GraphModule) -> PassResult:
         if new is None:
             continue
         new.train(gm.training)
-        name = fresh_name(gm, "lrc_lowered_" + ("sdpa" if isinstance(new, LeanSDPA) else "dropout"))
+        name = fresh_name(gm, "lrc_lowered_" + ("sdpa" if isinstance(new, FastAttention) else "dropout"))
         gm.add_module(name, new)
         node.target = name
         n += 1

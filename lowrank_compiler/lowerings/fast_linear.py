@@ -1,6 +1,6 @@
 """Lowering: the graph's own linears (the layers no adapter sits on: FFN, pooler) → oneDNN GEMMs.
 
-``aten.linear(x, W, b)`` → ``cpu_kernels.linear(x, W, b)``: the same function, whose forward GEMM and
+``aten.linear(x, W, b)`` → ``kernels.linear(x, W, b)``: the same function, whose forward GEMM and
 ∂x GEMM run through oneDNN for fp32 CPU tensors (12–19 % faster than MKL's sgemm on the AMD EPYC this
 was measured on, docs/speed.md) and fall back to ``F.linear`` for anything else. ∂W and ∂b are computed
 only when W / b require grad, so a frozen base pays for ∂x alone (as autograd's ``addmm`` does).
@@ -21,7 +21,7 @@ _aten = torch.ops.aten
 
 
 def lower_linear(gm: fx.GraphModule) -> PassResult:
-    """Every ``aten.linear.default`` call → :func:`cpu_kernels.linear` (in place)."""
+    """Every ``aten.linear.default`` call → :func:`kernels.linear` (in place)."""
     n = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is _aten.linear.default:

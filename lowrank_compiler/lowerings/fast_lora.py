@@ -1,6 +1,6 @@
 """Lowering: each LoRA adapter call → one fused kernel with a hand-written backward.
 
-``adapter(x, W, b)`` → ``LoweredLoRA(adapter)(x, W, b)`` (``backends/cpu_kernels.py``): base GEMM and
+``adapter(x, W, b)`` → ``LoweredLoRA(adapter)(x, W, b)`` (``lowerings/kernels.py``): base GEMM and
 ∂x through oneDNN, ∂A in the fast GEMM layout, the A-branch ∂x accumulated into the base ∂x in place.
 The adapter module is shared, not copied (parameters, merge state and ``passthrough`` are the
 adapter's own). Lowered: adapters whose forward is LoRA's own (lora, lora_plus, lora_fa, loraga,

@@ -1,4 +1,4 @@
-"""Training kernels that the lowering passes (``passes/lower_*.py``) put into a graph.
+"""Training kernels that the lowering passes (``lowerings/fast_*.py``) put into a graph.
 
 What the profile of a LoRA training step (MiniLM 16×128, CPU) asked for, each with the same math as the
 op it replaces:
@@ -140,7 +140,7 @@ class LoweredLoRA(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class Dropout(nn.Module):
+class FastDropout(nn.Module):
     """``nn.Dropout`` with :func:`dropout` in training mode."""
 
     def __init__(self, p: float) -> None:
@@ -205,7 +205,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return torch.matmul(dropout(probs, p), v)
 
 
-class LeanSDPA(nn.Module):
+class FastAttention(nn.Module):
     """SDPA whose attention dropout applies only in training mode, through :func:`attention` (same call
     as the module it replaces: ``(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
     enable_gqa=False)``)."""

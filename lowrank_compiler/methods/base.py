@@ -154,6 +154,10 @@ class AdapterMethod(nn.Module):
         self.config: dict[str, Any] = dict(kwargs)
         self.merged = False
         self.bypass = False
+        #: named adapter sets (adapter_sets/named.py): which parameters trained before the set was frozen
+        self.saved_trainable: dict[str, bool] | None = None
+        #: held by a trainable mixed-batch graph (adapter_sets/mixed.py): switching sets does not freeze it
+        self.mixed_trainable = False
 
     @property
     def passthrough(self) -> bool:

@@ -83,6 +83,11 @@ class Spec:
                            "exclude": r.exclude, "regex": r.regex} for r in self.rules]}
 
     @classmethod
+    def parse(cls, text: str) -> Spec:
+        """Parse spec text (``"attn.*:lora(r=8); !layer.0.*"``); raises SpecError with column and caret."""
+        return parse_spec(text)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Spec:
         """The inverse of :meth:`to_dict`, validated exactly like :func:`parse_spec` (SpecError otherwise)."""
         try:

@@ -4,16 +4,16 @@ Launch with ``torchrun --nproc-per-node N train.py`` (or ``torch.multiprocessing
 builds the same model and calls ``lrc.transform`` on it (a data-dependent init such as LoRA-GA sees each
 rank's own batches and all-reduces its statistics, so every rank gets the same A0/B0), then wraps it:
     gm = lrc.transform(model, spec, example_inputs=(ids,))
-    gm = lrc.distributed.fsdp(gm)            # or: model = lrc.distributed.ddp(gm); gm = model.module
+    gm = lrc.training.distributed.fsdp(gm)            # or: model = lrc.training.distributed.ddp(gm); gm = model.module
     opt = lrc.optimizer(gm, torch.optim.AdamW, lr=2e-4)
     ... loss = loss_fn(gm(**batch)); loss.backward(); opt.step(); opt.zero_grad()
-    lrc.distributed.save_adapters(gm, "adapters.safetensors")   # every rank calls, rank 0 writes
+    lrc.training.distributed.save_adapters(gm, "adapters.safetensors")   # every rank calls, rank 0 writes
 
 FSDP2 units: a traced GraphModule reads every base weight with a ``get_attr`` node of its root
 ``forward``; the submodules that own the weights (``encoder.layer.3``) are never called, so a
 ``fully_shard`` on them would never unshard. ``fsdp(gm)`` shards the root as one unit (every
 parameter all-gathered for the whole forward); ``fsdp(gm, per_block=True)`` first outlines each
-block into a called submodule (``backends/outline.py``) so each block is its own unit and only one
+block into a called submodule (``lowerings/outline.py``) so each block is its own unit and only one
 is unsharded at a time. Either way parameters, gradients and optimizer state are sharded at rest,
 and frozen base weights get no gradient and no reduce-scatter.
 
@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.formats import model as _formats
-from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
 from lowrank_compiler.lowerings.outline import outline_blocks
 from lowrank_compiler.methods.base import AdapterMethod
 
@@ -82,8 +82,8 @@ def ddp(gm: fx.GraphModule, **kwargs: Any) -> nn.parallel.DistributedDataParalle
     Raises:
         LrcError: torch.distributed is not initialized, or ``gm`` is not a GraphModule.
     """
-    _need_pg("lrc.distributed.ddp")
-    _check_gm(gm, "lrc.distributed.ddp")
+    _need_pg("lrc.training.distributed.ddp")
+    _check_gm(gm, "lrc.training.distributed.ddp")
     return nn.parallel.DistributedDataParallel(gm, **kwargs)
 
 
@@ -115,7 +115,7 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     """
     from torch.distributed.fsdp import fully_shard
 
-    _check_gm(gm, "lrc.distributed.fsdp")
+    _check_gm(gm, "lrc.training.distributed.fsdp")
     bad = []
     for node in adapter_nodes(gm):
         mark = node.meta[META_KEY]
@@ -125,8 +125,8 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     if bad:
         raise LrcError(f"FSDP2 cannot run the optimizer-step rules of {', '.join(bad[:4])}"
                        f"{' ...' if len(bad) > 4 else ''}: they read the full base weight, which FSDP2 keeps "
-                       "sharded between steps; use lrc.distributed.ddp(gm) for these methods")
-    _need_pg("lrc.distributed.fsdp")
+                       "sharded between steps; use lrc.training.distributed.ddp(gm) for these methods")
+    _need_pg("lrc.training.distributed.fsdp")
     kw: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
@@ -155,7 +155,7 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
             if p is not None and id(p) in slots:
                 owner, attr = slots[id(p)]
                 mod._parameters[name] = owner._parameters[attr]
-    top.__dict__["_lrc_flat"] = gm  # save / save_adapters / full_copy of the outlined module use gm
+    lrc_meta(top)["flat"] = gm  # save / save_adapters / full_copy of the outlined module use gm
     return top
 
 
@@ -191,7 +191,7 @@ def full_copy(gm: nn.Module) -> fx.GraphModule:
     import copy
 
     gm = _unwrap(gm)
-    _check_gm(gm, "lrc.distributed.full_copy")
+    _check_gm(gm, "lrc.training.distributed.full_copy")
     if not is_sharded(gm):
         return copy.deepcopy(gm)
     plain = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="GraphModule")
@@ -246,4 +246,4 @@ def save(gm: nn.Module, path: str | os.PathLike) -> None:
 
 def _unwrap(gm: nn.Module) -> nn.Module:
     gm = gm.module if isinstance(gm, nn.parallel.DistributedDataParallel) else gm
-    return gm.__dict__.get("_lrc_flat", gm)
+    return lrc_meta(gm).get("flat", gm) if isinstance(gm, fx.GraphModule) else gm

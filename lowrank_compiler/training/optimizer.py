@@ -58,7 +58,7 @@ class LrcOptimizerMixin:
                 loss = closure()
         merged = [m.site for m, a in self._lrc_sites if a.merged]
         if merged:
-            raise LrcError(f"adapters {merged[:3]} are merged; call lrc.unmerge_adapters(gm) before training")
+            raise LrcError(f"adapters {merged[:3]} are merged; call lrc.unmerge(gm) before training")
         self._lrc_step += 1
         ctx = StepContext(self._lrc_step, lambda p: self.state[p], self._group)  # type: ignore[attr-defined]
         gm = self._lrc_gm

@@ -34,27 +34,27 @@ def named_model(specs: list[str], model=None, example=None):
     """A transformed model with one named set per spec ("a0" first, as add_adapter gives them)."""
     gm = lrc.transform(model or make_mlp(), specs[0], example_inputs=example or (inputs(),))
     for i, s in enumerate(specs[1:], 1):
-        lrc.add_adapter(gm, f"a{i}", s)
+        lrc.adapter_sets.add_adapter(gm, f"a{i}", s)
     for i in range(len(specs)):
         name = "default" if i == 0 else f"a{i}"
-        lrc.set_adapter(gm, name)
+        lrc.adapter_sets.set_adapter(gm, name)
         randomize(gm, seed=i)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     return gm, ["default"] + [f"a{i}" for i in range(1, len(specs))]
 
 
 def alone(gm, names, ids, call):
     """Reference: each row run by itself through ``gm`` with its adapter active (−1: adapters disabled)."""
-    active = lrc.active_adapter(gm)
+    active = lrc.adapter_sets.active_adapter(gm)
     outs = []
     for i, k in enumerate(ids.tolist()):
         if k < 0:
-            with lrc.disable_adapters(gm):
+            with lrc.adapter_sets.disable_adapters(gm):
                 outs.append(call(gm, i))
         else:
-            lrc.set_adapter(gm, names[k])
+            lrc.adapter_sets.set_adapter(gm, names[k])
             outs.append(call(gm, i))
-    lrc.set_adapter(gm, active)
+    lrc.adapter_sets.set_adapter(gm, active)
     return torch.cat(outs)
 
 
@@ -81,17 +81,17 @@ def test_lora_matches_peft_adapter_names():
     cfgs = {"b": (2, 3), "c": (6, 6)}
     for n, (r, a) in cfgs.items():
         pm.add_adapter(n, peft.LoraConfig(r=r, lora_alpha=a, target_modules=["fc1", "fc2", "fc3"]))
-        lrc.add_adapter(gm, n, f"fc*:lora(r={r}, alpha={a})")
+        lrc.adapter_sets.add_adapter(gm, n, f"fc*:lora(r={r}, alpha={a})")
     torch.manual_seed(1)
     with torch.no_grad():
         for n in ("default", *cfgs):
-            lrc.set_adapter(gm, n)
+            lrc.adapter_sets.set_adapter(gm, n)
             for site, mod in lrc.adapters(gm).items():
                 lay = getattr(pm.base_model.model, site)
                 lay.lora_B[n].weight.normal_(0, 0.3)
                 mod.lora_A.copy_(lay.lora_A[n].weight)
                 mod.lora_B.copy_(lay.lora_B[n].weight)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     mgm = mixed_batch(gm, ["default", "b", "c"])
     rows = ["c", "default", "__base__", "b", "b", "c", "__base__", "default"]
     x = inputs(n=len(rows), seed=2)
@@ -116,7 +116,7 @@ def test_mixed_training_gives_each_adapter_its_own_gradients(kind):
         for _, p in _params(gm, n):
             p.grad = None
     for k, n in enumerate(names):
-        lrc.set_adapter(gm, n)
+        lrc.adapter_sets.set_adapter(gm, n)
         rows = (ids == k).nonzero().flatten()
         loss(gm(x[rows]), rows).backward()
         for key, p in _params(gm, n):
@@ -133,8 +133,8 @@ def _params(gm, name):
 def test_mixed_training_steps_train_every_adapter():
     gm, names = named_model(SPECS["mixed"])
     mgm = mixed_batch(gm)
-    lrc.set_adapter(gm, names[1])  # switching the source's active set does not freeze the mixed graph's
-    lrc.set_adapter(gm, names[0])
+    lrc.adapter_sets.set_adapter(gm, names[1])  # switching the source's active set does not freeze the mixed graph's
+    lrc.adapter_sets.set_adapter(gm, names[0])
     before = {n: {k: p.detach().clone() for k, p in _params(gm, n)} for n in names}
     assert all(p.requires_grad for n in names for _, p in _params(gm, n))
     opt = torch.optim.SGD([p for p in mgm.parameters() if p.requires_grad], lr=0.05)
@@ -184,13 +184,13 @@ def test_compiled_matches_and_never_recompiles():
     with torch.no_grad():
         torch.testing.assert_close(cmp(x, ids), alone(gm, names, ids, lambda g, i: g(x[i:i + 1])), rtol=0, atol=1e-5)
         # swap: new values in an adapter; other ids; a new adapter added into a free slot
-        lrc.set_adapter(gm, "a1")
+        lrc.adapter_sets.set_adapter(gm, "a1")
         randomize(gm, seed=9)
-        lrc.set_adapter(gm, "default")
-        lrc.add_adapter(gm, "new", "fc*:lora(r=8, alpha=4)")
-        lrc.set_adapter(gm, "new")
+        lrc.adapter_sets.set_adapter(gm, "default")
+        lrc.adapter_sets.add_adapter(gm, "new", "fc*:lora(r=8, alpha=4)")
+        lrc.adapter_sets.set_adapter(gm, "new")
         randomize(gm, seed=10)
-        lrc.set_adapter(gm, "default")
+        lrc.adapter_sets.set_adapter(gm, "default")
         assert mixed_add(mgm, gm, "new") == 3
         refresh(mgm)
         ids2 = torch.tensor([3, 2, 1, -1, 3])
@@ -240,10 +240,10 @@ def test_one_ort_run_serves_a_mixed_batch_and_new_adapters_need_no_reexport(tmp_
     got = sess({"input_ids": x, "attention_mask": mask, "adapter_ids": sel})[0]
     assert abs(got - ref(names, sel)).max() < 1e-5
     # a new adapter (other rank, other method) goes into a free slot: new values for the same inputs
-    lrc.add_adapter(gm, "late", "attention.self.*:lora(r=8, alpha=2)")
-    lrc.set_adapter(gm, "late")
+    lrc.adapter_sets.add_adapter(gm, "late", "attention.self.*:lora(r=8, alpha=2)")
+    lrc.adapter_sets.set_adapter(gm, "late")
     randomize(gm, seed=11)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     mixed_add(mgm, gm, "late")
     sel2 = torch.tensor([3, 0, -1, 3, 1])
     feeds = {"input_ids": x, "attention_mask": mask, "adapter_ids": sel2}
@@ -265,10 +265,10 @@ def test_loraga_base_offset_is_shared_and_minus_one_is_the_original_model():
     data = [(inputs(seed=20 + i),) for i in range(2)]
     gm = lrc.transform(make_mlp(), "fc*:loraga(r=4, alpha=8)", example_inputs=(inputs(),), data=data,
                        loss_fn=lambda out, batch: out.pow(2).mean(), progress=False)
-    lrc.add_adapter(gm, "b", "fc*:lora(r=2, alpha=4)")
-    lrc.set_adapter(gm, "b")
+    lrc.adapter_sets.add_adapter(gm, "b", "fc*:lora(r=2, alpha=4)")
+    lrc.adapter_sets.set_adapter(gm, "b")
     randomize(gm, seed=3)
-    lrc.set_adapter(gm, "default")
+    lrc.adapter_sets.set_adapter(gm, "default")
     mgm = mixed_batch(gm)
     verify(mgm)
     x, ids = inputs(n=5, seed=9), torch.tensor([0, 1, -1, 1, 0])

@@ -53,7 +53,7 @@ def test_separate_pass_unmerges_merged_adapters(mlp):
     gm, x = mlp
     with torch.no_grad():
         ref = gm(x)
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     out = separate(gm).gm
     with torch.no_grad():
         torch.testing.assert_close(out(x), ref)

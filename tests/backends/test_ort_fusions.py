@@ -1,4 +1,4 @@
-"""ORT graph fusions (backends/ort_optimize): each rule's rewrite count on a graph where it must fire,
+"""ORT graph fusions (backends/onnx/fusions): each rule's rewrite count on a graph where it must fire,
 and ONNX Runtime outputs of the fused model against the unfused model and against torch.
 
 Tolerance: fused kernels only reorder fp32 sums. On these tiny models fused and unfused ORT agree to

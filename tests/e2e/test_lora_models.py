@@ -75,9 +75,9 @@ def test_merge_unmerge(transformed):
     assert not any(".adapter" in n for n, _ in merged.named_modules())  # invariant: no adapter left
     assert (hidden(merged(ids)) - y).abs().max().item() <= 1e-5
     w0 = {n: p.detach().clone() for n, p in gm.named_parameters() if ".adapter." not in n}
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     assert (hidden(gm(ids)) - y).abs().max().item() <= 1e-5
-    lrc.unmerge_adapters(gm)
+    lrc.unmerge(gm)
     for n, p in gm.named_parameters():
         if ".adapter." not in n:
             assert (p - w0[n]).abs().max().item() <= 1e-6, n

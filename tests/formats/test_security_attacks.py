@@ -79,7 +79,7 @@ def test_clean_raw_pt2_loads_and_matches(saved, tmp_path):
     pt2.write_bytes(members(saved.read_bytes())["program.pt2"])
     gm, base = lrc.load(pt2), lrc.load(saved)
     x = torch.randn(3, 6)
-    lrc.unmerge_adapters(base)
+    lrc.unmerge(base)
     # the raw program is the base graph: equal to the lrc model with its adapters bypassed
     for m in lrc.adapters(base).values():
         m.bypass = True

@@ -104,11 +104,11 @@ def test_load_adapters_on_merged_model_is_exact(tmp_path):
     with torch.no_grad():
         for m in lrc.adapters(gm).values():
             m.lora_B.normal_()  # different adapters now in the model
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     lrc.load_adapters(gm, tmp_path / "new.safetensors")
     assert all(m.merged for m in lrc.adapters(gm).values())
     torch.testing.assert_close(gm(inputs()), want, rtol=0, atol=1e-5)
-    lrc.unmerge_adapters(gm)
+    lrc.unmerge(gm)
     for n, p in gm.named_parameters():
         if "adapter" not in n:
             torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6)  # base restored within fp32 rounding

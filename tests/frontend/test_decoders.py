@@ -48,11 +48,11 @@ def test_generate_matches_peft_and_merged(lm):
     ref = pm.generate(**b, max_new_tokens=NEW, do_sample=False)
     assert torch.equal(ours, ref), kind
     assert ours.shape[1] <= b["input_ids"].shape[1] + NEW
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     try:
         assert torch.equal(gm.generate(**b, max_new_tokens=NEW, do_sample=False), ref)
     finally:
-        lrc.unmerge_adapters(gm)
+        lrc.unmerge(gm)
     assert torch.equal(lrc.merge(gm).generate(**b, max_new_tokens=NEW, do_sample=False), ref)
     base_tokens = pm.get_base_model()
     with pm.disable_adapter():
@@ -160,7 +160,7 @@ def test_onnx_external_data_and_cli_generate(tmp_path, capsys):
 
 def test_tied_lm_head_refused_with_reason_but_exports():
     model = make_decoder("gpt2")
-    with pytest.raises(lrc.SpecError, match="(?i)tied"):
+    with pytest.raises(lrc.errors.SpecError, match="(?i)tied"):
         lrc.transform(model, "lm_head:lora(r=2)")
 
 

@@ -70,13 +70,13 @@ class Tiny(nn.Module):
 
 
 def test_full_parses_and_takes_no_arguments():
-    spec = lrc.parse_spec("classifier:full; *:lora(r=2)")
+    spec = lrc.Spec.parse("classifier:full; *:lora(r=2)")
     assert spec.rules[0].full and not spec.rules[0].adapts and spec.rules[1].adapts
     assert str(spec.rules[0]) == "classifier:full"
     with pytest.raises(SpecError, match="'full' takes no arguments"):
-        lrc.parse_spec("classifier:full(r=2)")
+        lrc.Spec.parse("classifier:full(r=2)")
     with pytest.raises(SpecError, match="full"):
-        lrc.parse_spec("classifier:fulll")  # did-you-mean lists it
+        lrc.Spec.parse("classifier:fulll")  # did-you-mean lists it
 
 
 def test_head_trainable_counts_and_user_model_untouched():

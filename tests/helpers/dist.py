@@ -1,6 +1,6 @@
 """Workers for tests/test_distributed.py: 2 gloo processes on CPU (torchrun), results written as .pt files.
 
-One launch serves every test: lrc.distributed's DDP / FSDP2 / LoRA-GA flows, then the HF Trainer
+One launch serves every test: lrc.training.distributed's DDP / FSDP2 / LoRA-GA flows, then the HF Trainer
 runs of tests/trainer_helpers.py (each process launch costs seconds of imports and a first trace).
 
 The model is a tiny stock BertModel with dropout set to 0 (so one process and two processes draw the
@@ -138,13 +138,13 @@ def _block0_state(top, seen: list, *_) -> None:
 
 
 def worker(out_dir: str) -> None:
-    """One torchrun rank: DDP, FSDP2 and LoRA-GA + FSDP2 with lrc.distributed, then the HF Trainer runs."""
+    """One torchrun rank: DDP, FSDP2 and LoRA-GA + FSDP2 with lrc.training.distributed, then the HF Trainer runs."""
     import copy
 
     import torch.distributed as dist
-    from helpers import trainer as th
 
     import lowrank_compiler as lrc
+    from helpers import trainer as th
     from lowrank_compiler.training import distributed as lrcd
 
     torch.set_num_threads(1)

@@ -74,7 +74,7 @@ def training_args(kind: str, out_dir: Path, world: int, **kw):
 
 def train(kind: str, out_dir: Path, rank: int, world: int, checkpoint_every: int | None = None) -> dict:
     """Train with ``transformers.Trainer``; ``trainer.save_model`` into ``out_dir/<kind>_rank<rank>``
-    (a directory per rank, so the test sees who wrote) and ``lrc.distributed.save_adapters``; with
+    (a directory per rank, so the test sees who wrote) and ``lrc.training.distributed.save_adapters``; with
     ``checkpoint_every`` the Trainer also writes its checkpoints there."""
     import transformers as tf
 

@@ -108,7 +108,7 @@ def test_pipeline_runs_verify_and_names_the_pass(gm):
 def test_spec_error_inside_a_pass_keeps_its_column():
     torch.manual_seed(0)
     spec = "up:lora(r=2); down:lora(r=99)"
-    with pytest.raises(lrc.SpecError) as ei:
+    with pytest.raises(lrc.errors.SpecError) as ei:
         lrc.transform(TinyMLP().eval(), spec, (torch.randn(2, 3, 8),))
     assert ei.value.column == spec.index("down")  # the caret points at the rule that does not fit
     assert "r=99" in ei.value.reason

@@ -1,4 +1,4 @@
-"""Horizontal fusion of sibling LoRA sites (passes/fuse_siblings.py) against the unfused graph."""
+"""Horizontal fusion of sibling LoRA sites (lowerings/fuse_siblings.py) against the unfused graph."""
 
 from __future__ import annotations
 
@@ -76,11 +76,11 @@ def test_fused_graph_follows_merge_and_bypass():
     gm, ids, mask = _setup("bert")
     fused = fuse_siblings(gm).gm.eval()
     gm.eval()
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     with torch.no_grad():
         torch.testing.assert_close(_h(fused(ids, attention_mask=mask)), _h(gm(ids, attention_mask=mask)),
                                    rtol=1e-5, atol=1e-5)
-    lrc.unmerge_adapters(gm)
+    lrc.unmerge(gm)
     with torch.no_grad():
         torch.testing.assert_close(_h(fused(ids, attention_mask=mask)), _h(gm(ids, attention_mask=mask)),
                                    rtol=1e-5, atol=1e-5)

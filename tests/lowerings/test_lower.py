@@ -1,4 +1,4 @@
-"""Training lowerings (passes/lower_*.py, backends/cpu_kernels.py) against the unlowered graph and formulas."""
+"""Training lowerings (lowerings/fast_*.py, lowerings/kernels.py) against the unlowered graph and formulas."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_lowered_graph_equals_unlowered_forward_and_grads():
     gm, ids, mask = _setup()
     low = lower(gm)
     called = [type(low.get_submodule(n.target)) for n in low.graph.nodes if n.op == "call_module"]
-    assert called.count(ck.LoweredLoRA) == 8 and called.count(ck.LeanSDPA) == 2 and called.count(ck.Dropout) == 5
+    assert called.count(ck.LoweredLoRA) == 8 and called.count(ck.FastAttention) == 2 and called.count(ck.FastDropout) == 5
     assert len(called) == 15
     assert sum(n.target is ck.linear for n in low.graph.nodes) == 5  # 2 × FFN + pooler
     assert lrc.adapters(gm) and not lrc.adapters(low)  # the adapters stay gm's
@@ -130,7 +130,7 @@ def test_attention_with_dropout_equals_the_formula_and_sdpa_without():
     additive = torch.zeros(b, 1, s, s).masked_fill(~allowed, float("-inf"))  # the traced path's code
     torch.manual_seed(7)
     torch.testing.assert_close(ck.attention(q, k, v, additive, p), ref, rtol=1e-5, atol=1e-6)
-    sdpa = ck.LeanSDPA(p).eval()  # eval: no dropout, plain SDPA
+    sdpa = ck.FastAttention(p).eval()  # eval: no dropout, plain SDPA
     torch.testing.assert_close(sdpa(q, k, v, allowed), F.scaled_dot_product_attention(q, k, v, allowed))
 
 
@@ -180,3 +180,41 @@ def test_inductor_compiled_lowered_training_equals_eager_lrc():
     losses = _train(fast, gm, ids, mask, steps=6, opt=opt)
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, base[n]) for n, p in gm.named_parameters() if n in base)
+
+
+def test_lower_both_composes():
+    """goal="both": the memory kernels stay, the GEMMs are lowered; eval outputs and gradients equal gm's, and a
+    train-mode step through it trains gm's adapters."""
+    from lowrank_compiler.lowerings.lean_attention import LeanAttention
+    from lowrank_compiler.lowerings.lean_dropout import LeanDropout
+
+    gm, ids, mask = _setup()
+    both = lower(gm, "both")
+    called = [type(both.get_submodule(n.target)) for n in both.graph.nodes if n.op == "call_module"]
+    assert called.count(LeanAttention) == 2 and called.count(LeanDropout) == 5  # memory kept
+    assert called.count(ck.LoweredLoRA) == 8 and ck.FastAttention not in called  # speed on top, no second attention
+    assert sum(n.target is ck.linear for n in both.graph.nodes) == 5
+    gm.eval()
+    both.eval()
+    outs, grads = [], []
+    for g in (gm, both):
+        out = _h(g(ids, attention_mask=mask))
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad})
+        gm.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+    gm.train()
+    both.train()
+    before = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+    losses = _train(both, gm, ids, mask, steps=2)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(p, before[n]) for n, p in gm.named_parameters() if p.requires_grad)
+
+
+def test_lower_goal_errors():
+    gm, _, _ = _setup()
+    with pytest.raises(lrc.LrcError, match="goal='fast' is not one of 'speed', 'memory', 'both'"):
+        lower(gm, "fast")

@@ -1,4 +1,4 @@
-"""Training-memory lowerings (passes/lean_attention.py, passes/checkpoint_blocks.py) against the unrewritten graph.
+"""Training-memory lowerings (lowerings/lean_attention.py, lowerings/checkpoint_blocks.py) against the unrewritten graph.
 
 Parity is exact (bitwise) under the same seed with dropout on: the lowerings run the same ops in the same
 order and draw the same dropout masks. Saved-tensor bytes are counted with ``saved_tensors_hooks`` (unique
@@ -78,7 +78,7 @@ def _saved_bytes(model, ids, mask) -> int:
 def test_lowering_equals_the_unrewritten_graph_with_dropout(setup, opts):
     kind, gm, ids, mask = setup
     ref = _step(gm, gm, ids, mask)
-    low = lrc.lower_memory(gm, **opts)
+    low = lrc.lower(gm, "memory", **opts)
     assert low is not gm
     count = [sum(isinstance(m, c) for m in low.modules()) for c in (LeanAttention, LeanDropout, CheckpointedBlock)]
     count.append(sum(n.target is gelu_linear for m in low.modules() if isinstance(m, torch.fx.GraphModule)
@@ -118,7 +118,7 @@ def test_saved_bytes_drop_by_what_the_shapes_say(setup):
 
 def test_gm_still_trains_merges_and_exports(setup, tmp_path):
     kind, gm, ids, mask = setup
-    low = lrc.lower_memory(gm, checkpoint=True)
+    low = lrc.lower(gm, "memory", checkpoint=True)
     before = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
     opt = lrc.optimizer(gm, torch.optim.SGD, lr=0.1)
     _step(low, gm, ids, mask)
@@ -150,9 +150,9 @@ def test_without_dropout_attention_there_is_nothing_to_lower():
 def test_bad_options_are_refused(setup):
     gm = setup[1]
     with pytest.raises(LrcError, match="'bool', 'rng'"):
-        lrc.lower_memory(gm, mask="bits")
+        lrc.lower(gm, "memory", mask="bits")
     with pytest.raises(LrcError, match="'recompute', 'probs', None"):
-        lrc.lower_memory(gm, attention="all")
+        lrc.lower(gm, "memory", attention="all")
 
 
 def test_no_activation_is_saved_twice(setup):
@@ -204,6 +204,6 @@ def test_lean_attention_module_equals_sdpa_bitwise(case):
     for recompute, how in ((True, "bool"), (False, "rng")):
         torch.manual_seed(4)
         out = LeanAttention(Sdpa().train(), recompute, how)(q, k, v, **kw)
-        assert out.grad_fn is not None and "LeanSDPA" in type(out.grad_fn).__name__
+        assert out.grad_fn is not None and "FastAttention" in type(out.grad_fn).__name__
         for a, b in zip((out, *torch.autograd.grad(out, (q, k, v), d_out)), ref):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -166,12 +166,12 @@ def test_orth_gradient_equals_autograd_of_the_regulariser():
 
 
 def test_total_step_is_required_and_schedule_checked():
-    with pytest.raises(lrc.SpecError, match="total_step is required"):
-        lrc.parse_spec("fc*:adalora(init_r=4)")
-    with pytest.raises(lrc.SpecError, match="target_r=8 must be <= init_r=4"):
-        lrc.parse_spec("fc*:adalora(init_r=4, target_r=8, total_step=10)")
-    with pytest.raises(lrc.SpecError, match="no budgeting phase"):
-        lrc.parse_spec("fc*:adalora(total_step=10, tinit=5, tfinal=5)")
+    with pytest.raises(lrc.errors.SpecError, match="total_step is required"):
+        lrc.Spec.parse("fc*:adalora(init_r=4)")
+    with pytest.raises(lrc.errors.SpecError, match="target_r=8 must be <= init_r=4"):
+        lrc.Spec.parse("fc*:adalora(init_r=4, target_r=8, total_step=10)")
+    with pytest.raises(lrc.errors.SpecError, match="no budgeting phase"):
+        lrc.Spec.parse("fc*:adalora(total_step=10, tinit=5, tfinal=5)")
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_hf_trainer_runs_the_schedule_without_a_callback(tmp_path):
     spec = "attention.self.[qv][ua]*:adalora(init_r=4, target_r=2, total_step=4, tfinal=1)"
     gm = lrc.transform(model, spec, example_inputs=(ids,), example_kwargs=example)
     args = trainer_args(tmp_path, 4)
-    opt, sched = lrc.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
+    opt, sched = lrc.training.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
     transformers.Trainer(model=gm, args=args, train_dataset=LabeledIds(16), optimizers=(opt, sched)).train()
     ads = list(lrc.adapters(gm).values())
     assert len(ads) == 4 and all(int(a.steps) == 4 for a in ads)

@@ -119,5 +119,5 @@ def test_rounds_run_inside_opt_step(tmp_path):
 
 
 def test_bad_r_max():
-    with pytest.raises(lrc.SpecError, match="r_max=2 must be >= r=4"):
-        lrc.parse_spec("fc*:alora(r=4, r_max=2)")
+    with pytest.raises(lrc.errors.SpecError, match="r_max=2 must be >= r=4"):
+        lrc.Spec.parse("fc*:alora(r=4, r_max=2)")

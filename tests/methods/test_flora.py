@@ -119,9 +119,9 @@ def test_merge_one_chosen_adapter_and_round_trip(tmp_path):
     with torch.no_grad():
         want = gm(x)
         torch.testing.assert_close(lrc.merge(gm)(x), want, rtol=0, atol=1e-5)
-        lrc.merge_adapters(gm)
+        lrc.merge(gm, keep_adapters=True)
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-5)
-        lrc.unmerge_adapters(gm)
+        lrc.unmerge(gm)
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-5)
     lrc.save(gm, tmp_path / "f.lrc")
     back = lrc.load(tmp_path / "f.lrc")

@@ -134,7 +134,7 @@ def test_output_equals_base_after_init_then_trains_shared_pair_once(gm, tmp_path
 
 
 def test_too_few_init_batches_is_an_init_error():
-    with pytest.raises(lrc.InitError, match="init_batches > 3"):
+    with pytest.raises(lrc.errors.InitError, match="init_batches > 3"):
         lrc.transform(model(), "*:lora_drop(r=4, warmup_steps=3)", example_inputs=(data()[0][0],),
                       data=data(), loss_fn=loss_fn, init_batches=3, progress=False)
 

@@ -163,9 +163,9 @@ def test_bf16_base_fp32_adapters():
 
 
 def test_missing_data_or_loss_fn_says_what_to_pass():
-    with pytest.raises(lrc.InitError, match=r"pass data and loss_fn to transform\(\).*loss_fn=lambda output, batch"):
+    with pytest.raises(lrc.errors.InitError, match=r"pass data and loss_fn to transform\(\).*loss_fn=lambda output, batch"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4)")
-    with pytest.raises(lrc.InitError, match=r"pass loss_fn"):
+    with pytest.raises(lrc.errors.InitError, match=r"pass loss_fn"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4)", data=batches(1))
 
 
@@ -178,31 +178,31 @@ def test_non_finite_gradient_names_site_and_batch():
         h = hidden(out)
         return (h - h.detach()).abs().sqrt().sum() if len(calls) == 2 else h.pow(2).mean()
 
-    with pytest.raises(lrc.InitError, match=r"non-finite gradient at site 'encoder\.layer\.0\.attention\.self\."
+    with pytest.raises(lrc.errors.InitError, match=r"non-finite gradient at site 'encoder\.layer\.0\.attention\.self\."
                                             r"query' in batch 1"):
         lrc.transform(traced("bert")[1], "attention.self.*:loraga(r=4)", data=bad, loss_fn=loss2,
                       progress=False)
-    with pytest.raises(lrc.InitError, match=r"loss is non-finite .* at batch 0"):
+    with pytest.raises(lrc.errors.InitError, match=r"loss is non-finite .* at batch 0"):
         lrc.transform(traced("bert")[1], "attention.self.*:loraga(r=4)", data=bad,
                       loss_fn=lambda out, b: hidden(out).sum() * float("inf"), progress=False)
-    with pytest.raises(lrc.InitError, match=r"scalar"):
+    with pytest.raises(lrc.errors.InitError, match=r"scalar"):
         lrc.transform(traced("bert")[1], "attention.self.*:loraga(r=4)", data=bad,
                       loss_fn=lambda out, b: hidden(out), progress=False)
-    with pytest.raises(lrc.InitError, match=r"no batches"):
+    with pytest.raises(lrc.errors.InitError, match=r"no batches"):
         lrc.transform(traced("bert")[1], "attention.self.*:loraga(r=4)", data=[],
                       loss_fn=target_loss(32), progress=False)
 
 
 def test_site_the_loss_does_not_reach_is_an_error():
-    with pytest.raises(lrc.InitError, match=r"no gradient reached site\(s\) \['pooler\.dense'\].*exclude"):
+    with pytest.raises(lrc.errors.InitError, match=r"no gradient reached site\(s\) \['pooler\.dense'\].*exclude"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4); pooler.dense:loraga(r=4)",
                       data=batches(1), loss_fn=target_loss(32), progress=False)
 
 
 def test_bad_args_and_rank_too_large():
-    with pytest.raises(lrc.SpecError, match="direction"):
+    with pytest.raises(lrc.errors.SpecError, match="direction"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=4, direction='AB')")
-    with pytest.raises(lrc.SpecError, match=r"2r=40 exceeds"):
+    with pytest.raises(lrc.errors.SpecError, match=r"2r=40 exceeds"):
         lrc.transform(traced("bert")[1], "attention.self.query:loraga(r=20)")
 
 

@@ -62,9 +62,9 @@ def test_trained_merge_equals_unmerged_and_user_model_untouched(method):
     merged = lrc.merge(gm)
     assert not any(isinstance(m, lrc.AdapterMethod) for m in merged.modules())
     torch.testing.assert_close(merged(x), y, rtol=0, atol=1e-5)
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     torch.testing.assert_close(gm(x), y, rtol=0, atol=1e-5)
-    lrc.unmerge_adapters(gm)
+    lrc.unmerge(gm)
     torch.testing.assert_close(gm(x), y, rtol=0, atol=1e-5)
 
 

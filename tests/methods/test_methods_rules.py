@@ -145,5 +145,5 @@ def test_lorasc_merged_rank_grows_with_cascades():
     ("fc*:dora(r=4, dropout=1.5)", "dropout"),
 ])
 def test_bad_arguments_raise_spec_error_naming_them(spec, word):
-    with pytest.raises(lrc.SpecError, match=word):
+    with pytest.raises(lrc.errors.SpecError, match=word):
         lrc.transform(make_mlp(), spec, example_inputs=(inputs(),))

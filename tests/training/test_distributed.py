@@ -128,7 +128,7 @@ def test_hf_trainer_under_torchrun_equals_one_process(runs, trainer_single, kind
 @pytest.mark.parametrize("kind", th.KINDS)
 def test_hf_trainer_save_model_rank0_loads_in_one_process(runs, trainer_single, kind):
     """trainer.save_model() writes model.safetensors on rank 0 only (tied LM head listed once); it loads
-    with load_state_dict into a fresh transform, and lrc.distributed.save_adapters' file with load_adapters."""
+    with load_state_dict into a fresh transform, and lrc.training.distributed.save_adapters' file with load_adapters."""
     from safetensors.torch import load_file
 
     out, _ = runs
@@ -136,7 +136,7 @@ def test_hf_trainer_save_model_rank0_loads_in_one_process(runs, trainer_single, 
     assert not (out / f"{kind}_rank1").exists()
     probe, want = th.probe(), trainer_single[kind]["y"]
     fresh = lrc.transform(*th.model_and_spec(kind), progress=False)
-    with pytest.raises(lrc.LoadError, match=r"Trainer's model.safetensors.*load_state_dict"):
+    with pytest.raises(lrc.errors.LoadError, match=r"Trainer's model.safetensors.*load_state_dict"):
         lrc.load_adapters(fresh, out / f"{kind}_rank0" / "model.safetensors")
     fresh.load_state_dict(load_file(out / f"{kind}_rank0" / "model.safetensors"))
     fresh2 = lrc.load_adapters(lrc.transform(*th.model_and_spec(kind), progress=False), out / f"{kind}_w2.safetensors")
@@ -164,7 +164,7 @@ def test_hf_trainer_resumes_from_its_checkpoint(trainer_single, tmp_path):
 def test_fsdp_refuses_step_rules_on_shards():
     gm = lrc.transform(dh.bert(), "attention.self.query:lora_pro(r=4); attention.self.value:lora(r=4)",
                        example_inputs=(dh.data(0)[0],))
-    with pytest.raises(lrc.LrcError, match=r"lora_pro.*use lrc.distributed.ddp"):
+    with pytest.raises(lrc.LrcError, match=r"lora_pro.*use lrc.training.distributed.ddp"):
         lrcd.fsdp(gm)
 
 

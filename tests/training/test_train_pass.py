@@ -99,7 +99,7 @@ def test_grad_scaler_gives_the_same_steps():
 
 def test_step_on_merged_adapters_is_refused():
     gm, opt, _ = make("fc*:lora_fa(r=4)")
-    lrc.merge_adapters(gm)
+    lrc.merge(gm, keep_adapters=True)
     with pytest.raises(lrc.LrcError, match="unmerge_adapters"):
         opt.step()
 
@@ -129,7 +129,7 @@ def test_hf_trainer_runs_the_update_rules(tmp_path):
     gm = lrc.transform(model, spec, example_inputs=(ids,), example_kwargs=example)
     w0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     args = trainer_args(tmp_path, 3)
-    opt, sched = lrc.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
+    opt, sched = lrc.training.trainer_optimizers(gm, torch.optim.AdamW, lr=1e-2)
     trainer = tf.Trainer(model=gm, args=args, train_dataset=LabeledIds(8), optimizers=(opt, sched))
     trainer.train()
     assert opt.lrc_step == 3

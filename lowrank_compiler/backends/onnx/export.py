@@ -236,7 +236,7 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     dynamic ``batch``/``seq`` axes. ``validate`` runs ORT on the example inputs and reports the max
     absolute difference to torch; without ``merge`` it also runs a random non-zero adapter
     (:func:`probe_adapters`) and reports ``probe_effect``, how far that adapter moved the outputs.
-    ``optimize`` fuses the graph for ONNX Runtime (attention, LayerNorm, GELU; ``backends/ort_optimize``),
+    ``optimize`` fuses the graph for ONNX Runtime (attention, LayerNorm, GELU; ``backends/onnx/fusions``),
     checked against the unfused graph on the example inputs; its report is ``report["optimize"]``.
     ``optimize=None`` fuses fp32 graphs only (ORT's fused kernels and the numpy check are fp32).
     The file appears only when everything succeeded.

@@ -90,7 +90,7 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     ``merge=False`` keeps the base weights and takes each LoRA pair as an ORT adapter input; this
     model's adapters go to ``<adapters_dir>/<adapter_name>.onnx_adapter``. ``external_data``: weights
     in ``<path>.data`` beside the model (default: when they exceed 2 GB, protobuf's limit).
-    ``optimize``: ONNX Runtime fusions (``backends/ort_optimize``), checked on the example decode inputs.
+    ``optimize``: ONNX Runtime fusions (``backends/onnx/fusions``), checked on the example decode inputs.
     """
     import onnx
 

@@ -57,7 +57,7 @@ def mixed_feeds(mgm: fx.GraphModule) -> dict[str, np.ndarray]:
 
 def export_mixed_onnx(mgm: fx.GraphModule, path: str | os.PathLike, *, opset: int | None = None,
                       validate: bool = True) -> dict[str, Any]:
-    """Write the mixed graph ``mgm`` (from ``lrc.mixed_batch``) as ONNX; returns ``{path, inputs, outputs,
+    """Write the mixed graph ``mgm`` (from ``lrc.adapter_sets.mixed_batch``) as ONNX; returns ``{path, inputs, outputs,
     stacked_inputs, max_abs_diff}``. The stacks are graph inputs whose initializer defaults are the
     adapters at export time.
 
@@ -69,7 +69,7 @@ def export_mixed_onnx(mgm: fx.GraphModule, path: str | os.PathLike, *, opset: in
 
     nodes = mixed_nodes(mgm)
     if not nodes:
-        raise ExportError("not a mixed-adapter graph: build one with lrc.mixed_batch(gm, [...]) first")
+        raise ExportError("not a mixed-adapter graph: build one with lrc.adapter_sets.mixed_batch(gm, [...]) first")
     inputs, names = example_inputs_of(mgm)
     real = mixed_feeds(mgm)
     # distinct placeholder tensors while exporting: the exporter merges equal initializers (zeros, ones),
