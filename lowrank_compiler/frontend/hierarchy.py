@@ -6,20 +6,12 @@ primary graph's submodules (base weights, adapter modules), so every graph sees 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx, nn
 
+from lowrank_compiler.ir import lookup_attr
 
-def lookup_attr(root: nn.Module, path: str) -> Any:
-    """The object at dotted ``path`` under ``root``, or None."""
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+__all__ = ["lookup_attr", "share_hierarchy"]
 
 
 def share_hierarchy(primary: fx.GraphModule, var: fx.GraphModule) -> None:

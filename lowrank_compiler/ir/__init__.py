@@ -32,6 +32,7 @@ from lowrank_compiler.ir.surgery import (
     finalize,
     fresh_name,
     get_attr_tensor,
+    lookup_attr,
     replace_with_module,
     shared_copy,
 )
@@ -59,5 +60,6 @@ __all__ = [
     "adapter_to_linear",
     "delete_submodule",
     "get_attr_tensor",
+    "lookup_attr",
     "verify",
 ]

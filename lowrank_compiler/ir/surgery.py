@@ -103,10 +103,16 @@ def get_attr_tensor(gm: nn.Module, node: Any) -> torch.Tensor | None:
             try:
                 return gm.get_buffer(node.target)
             except AttributeError:
-                obj = gm
-                for part in node.target.split("."):
-                    obj = getattr(obj, part, None)
+                obj = lookup_attr(gm, node.target)
                 return obj if isinstance(obj, torch.Tensor) else None
     return None
 
 
+def lookup_attr(root: nn.Module, path: str) -> Any:
+    """The object at dotted ``path`` under ``root``, or None: the one dotted-path getter of the package."""
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

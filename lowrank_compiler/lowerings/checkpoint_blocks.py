@@ -23,7 +23,8 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
-from lowrank_compiler.ir import META_KEY, fresh_name
+from lowrank_compiler.ir import META_KEY, fresh_name, lookup_attr
+from lowrank_compiler.lowerings.blocks import blocks
 from lowrank_compiler.passes.manager import PassResult
 
 _CALLS = ("call_function", "call_module", "call_method")
@@ -44,39 +45,6 @@ class CheckpointedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"block={self.path!r}"
-
-
-def block_of(node: fx.Node) -> str | None:
-    """The outermost module path ending in an index among the modules that produced ``node``."""
-    for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
-        if path.rpartition(".")[2].isdigit():
-            return path
-    return None
-
-
-def blocks(graph: fx.Graph) -> list[tuple[str, list[fx.Node]]]:
-    """(path, nodes) of each block, in graph order; a block whose span holds another block's nodes is skipped."""
-    nodes = list(graph.nodes)
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        b = block_of(n) if n.op in _CALLS else None
-        if b is not None:
-            first.setdefault(b, i)
-            last[b] = i
-    out = []
-    for b, i in first.items():
-        span = [n for n in nodes[i:last[b] + 1] if n.op in _CALLS]
-        if all(block_of(n) in (b, None) for n in span):
-            out.append((b, span))
-    return out
-
-
-def _lookup(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _extract(gm: fx.GraphModule, span: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
@@ -101,7 +69,7 @@ def _extract(gm: fx.GraphModule, span: list[fx.Node]) -> tuple[fx.GraphModule, l
         env[n] = sub.node_copy(n, env.__getitem__)
     sub.output(tuple(env[o] for o in outputs))
     targets = {n.target for n in sub.nodes if n.op in ("get_attr", "call_module")}
-    mod = fx.GraphModule({t: _lookup(gm, t) for t in targets}, sub)
+    mod = fx.GraphModule({t: lookup_attr(gm, t) for t in targets}, sub)
     return mod, inputs, outputs
 
 
@@ -130,7 +98,7 @@ def checkpoint_blocks(gm: fx.GraphModule) -> PassResult:
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:  # now read inside a block only
         graph.erase_node(n)
     graph.lint()
-    root = {n.target: wrappers[n.target] if n.target in wrappers else _lookup(gm, n.target)
+    root = {n.target: wrappers[n.target] if n.target in wrappers else lookup_attr(gm, n.target)
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     new = fx.GraphModule(root, graph)
     new.meta = dict(gm.meta)

@@ -16,43 +16,14 @@ its block (a tied weight) stays in the top graph.
 from __future__ import annotations
 
 import operator
-import re
 
 from torch import fx, nn
 
 from lowrank_compiler.errors import LrcError
+from lowrank_compiler.ir import lookup_attr
+from lowrank_compiler.lowerings.blocks import block_of_path, node_block, numbered_blocks
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 PRE, POST = "lrc_pre", "lrc_post"
-
-
-def _block_of(path: str, blocks: set[str]) -> str | None:
-    for cand in (path, path.partition(".")[2]):  # export may prefix the stack with its wrapper ("m.")
-        m = _BLOCK.match(cand)
-        if m and m.group(1) in blocks:
-            return m.group(1)
-    return None
-
-
-def _node_block(node: fx.Node, blocks: set[str]) -> str | None:
-    if node.op in ("get_attr", "call_module"):
-        return _block_of(str(node.target), blocks)
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
-        found = _block_of(str(path), blocks)
-        if found:
-            return found
-    return None
-
-
-def numbered_blocks(gm: fx.GraphModule) -> list[str]:
-    """Paths like ``encoder.layer.3`` under which ``gm`` holds parameters (shallowest numbered prefix)."""
-    out: dict[str, None] = {}
-    for name, _ in gm.named_parameters(remove_duplicate=False):
-        m = _BLOCK.match(name)
-        if m:
-            out.setdefault(m.group(1), None)
-    return list(out)
 
 
 def _module(objects: dict[str, object], graph: fx.Graph, name: str) -> fx.GraphModule:
@@ -74,13 +45,8 @@ def _module(objects: dict[str, object], graph: fx.Graph, name: str) -> fx.GraphM
 
 
 def _objects(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[str, object]:
-    return {str(n.target): gm.get_submodule(n.target) if n.op == "call_module" else _attr(gm, str(n.target))
+    return {str(n.target): gm.get_submodule(n.target) if n.op == "call_module" else lookup_attr(gm, str(n.target))
             for n in nodes if n.op in ("get_attr", "call_module")}
-
-
-def _attr(gm: nn.Module, path: str) -> object:
-    owner, _, leaf = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
 def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -98,7 +64,7 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
                        "per-block units need a model built from a ModuleList of layers")
     bset = set(blocks)
     nodes = list(gm.graph.nodes)
-    key = {n: _node_block(n, bset) for n in nodes if n.op not in ("placeholder", "output", "get_attr")}
+    key = {n: node_block(n, bset) for n in nodes if n.op not in ("placeholder", "output", "get_attr")}
     span: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         if key.get(n):
@@ -123,7 +89,7 @@ def outline_blocks(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
         if n.op == "get_attr":
             owners = {member.get(u) for u in n.users}
             unit = owners.pop() if len(owners) == 1 else None
-            block = _block_of(str(n.target), bset)
+            block = block_of_path(str(n.target), bset)
             if unit in (PRE, POST) or (unit is not None and name_of.get(block or "") == unit):
                 member[n] = unit
 
