@@ -1,7 +1,10 @@
 """Adapter methods: one file each, registered by name (see base.py for the contract).
 
 Every module in this package is imported here, so a new ``methods/<name>.py`` that uses
-``@register_method`` is available in specs without touching this file.
+``@register_method`` is available in specs without touching this file. ``gradstats`` holds the gradient
+statistics that data-dependent inits (LoRA-GA, LoRA-drop, ALoRA) consume.
+
+May import: ``errors``, ``quiet``. A method never sees a graph.
 """
 
 import importlib
