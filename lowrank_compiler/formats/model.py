@@ -32,6 +32,7 @@ from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.passes.mode import make_mode_switchable
 from lowrank_compiler.passes.pipelines import apply_records, base_pipeline
 from lowrank_compiler.quiet import quiet
+from lowrank_compiler.safety import names as safe_names
 from lowrank_compiler.safety import pt2 as safeload
 from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.safety.atomic import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
@@ -113,15 +114,21 @@ def _node_order(gm: fx.GraphModule, module_path: str) -> int:
 
 
 def _is_pickle(data: bytes) -> bool:
-    """A raw pickle or a torch.save zip (data.pkl inside, no lrc manifest); judged without unpickling."""
+    """A raw pickle or a torch.save zip; judged without unpickling.
+
+    A torch.save zip holds ``<root>/data.pkl`` and nothing of a torch.export archive (no
+    ``archive_format``, no ``models/`` folder) and no lrc manifest: an archive that also carries a
+    smuggled ``data.pkl`` is an archive, validated (and refused) as one, never routed to ``torch.load``.
+    """
     if data[:1] == b"\x80":
         return True
     if data[:2] == b"PK":
         try:
-            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+            members = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
             return False
-        return any(n.endswith("data.pkl") for n in names) and _MANIFEST not in names
+        archive = _MANIFEST in members or any(n.endswith("/archive_format") or "/models/" in n for n in members)
+        return not archive and any(n.endswith("data.pkl") for n in members)
     return False
 
 
@@ -152,9 +159,11 @@ def _load_trusted_pickle(path: Path) -> nn.Module:
 def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     """Load a file written by :func:`save`, or a ``.pt2`` torch.export archive.
 
-    Nothing from the file is unpickled or evaluated unless ``trust=True`` (which only matters for a
-    legacy ``torch.save`` pickle): archives are validated by :mod:`.safeload` before torch reads them,
-    the manifest and tensors by :mod:`.validate`. Every problem is a :class:`LoadError`.
+    Nothing from the file is unpickled or evaluated unless ``trust=True``, which only matters for a
+    legacy ``torch.save`` pickle (never for an lrc file or a torch.export archive, whatever they hold):
+    archives are validated by :mod:`.safety.pt2` before torch reads them (every name by
+    :mod:`.safety.names`), the manifest and tensors by :mod:`.safety.schema`, and the GraphModule built
+    from the file by :func:`.safety.names.check_graph`. Every problem is a :class:`LoadError`.
     """
     path = Path(path)
     src = str(path)
@@ -172,9 +181,14 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     if _MANIFEST not in names:
         fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
         if fmt and safeload.read_member(z, fmt[0], src).strip() == b"pt2":  # a .pt2, told by content not name
-            return from_exported_program(safeload.load_exported_program(data, src))
+            return safe_names.check_graph(from_exported_program(safeload.load_exported_program(data, src)), src)
         raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
+    extra = sorted(names - {_MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS})
+    if extra:
+        raise LoadError(f"{path}: unexpected member(s) {extra[:3]} in an lrc model file; lrc.save writes only "
+                        f"{_MANIFEST}, {_PROGRAM}, {_ADAPTERS} and {_INPUTS}")
     manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
+    _check_manifest_names(manifest, f"{src}: {_MANIFEST}")
     ep = safeload.load_exported_program(safeload.read_member(z, _PROGRAM, src), f"{src}: {_PROGRAM}")
     adapters, _ = validate.safetensors_bytes(safeload.read_member(z, _ADAPTERS, src), f"{src}: {_ADAPTERS}")
     inputs, _ = validate.safetensors_bytes(safeload.read_member(z, _INPUTS, src), f"{src}: {_INPUTS}")
@@ -197,7 +211,18 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     merged = {r["site"]: r["merged"] for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
         mod.merged = merged[site]
-    return gm
+    return safe_names.check_graph(gm, src)
+
+
+def _check_manifest_names(manifest: dict[str, Any], source: str) -> None:
+    """Every name the manifest gives that becomes a module path or a forward argument is a name path."""
+    for rec in manifest.get("adapters") or []:
+        if isinstance(rec, dict):
+            safe_names.check_path(rec.get("site"), f"{source}: adapter site")
+    for path in manifest.get("full_modules") or []:
+        safe_names.check_path(path, f"{source}: full module")
+    for name in manifest.get("input_names") or []:
+        safe_names.check_path(name, f"{source}: input name", dotted=False)
 
 
 def _register_output_pytrees() -> None:

@@ -2,9 +2,11 @@
 
 The rule (docs/DESIGN_NOTES.md, "Loading untrusted files"): a ``.pt2`` archive is read member by
 member with bounded readers, every member must be one torch.export.save writes, nothing in it is
-ever unpickled, every symbolic shape expression passes :mod:`.symexpr`'s grammar, every graph node
-calls an ATen/prims op (or one of a few arithmetic builtins), and then a *rebuilt* archive holding
-only the validated members (sample inputs emptied, guard code dropped) goes to ``torch.export.load``.
+ever unpickled (the pickled sample-inputs member is not read at all: the rebuilt archive holds it
+empty), every name that torch.fx could paste into generated Python passes :mod:`.names`, every
+symbolic shape expression passes :mod:`.symexpr`'s grammar, every graph node calls an ATen/prims op
+(or one of a few arithmetic builtins), and then a *rebuilt* archive holding only the validated
+members (sample inputs emptied, guard code dropped) goes to ``torch.export.load``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import io
 import json
 import logging
-import pickletools
 import re
 import warnings
 import zipfile
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from lowrank_compiler.errors import LoadError
+from lowrank_compiler.safety.names import check_path
 from lowrank_compiler.safety.symexpr import ExprRefused, check_expr
 
 MAX_MEMBERS = 200_000
@@ -38,13 +40,6 @@ _TARGETS = frozenset(
     + [f"torch.{n}" for n in "sym_float sym_int sym_max sym_min sym_not sym_ite sym_sum _sym_sqrt".split()]
     + [f"math.{n}" for n in ("ceil", "floor", "trunc", "sqrt")]
     + ["torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"])
-#: globals a torch.save'd sample-inputs pickle may name (we never unpickle it; anything else is refused)
-_SAFE_GLOBALS = frozenset({
-    "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter", "collections OrderedDict",
-    "torch._tensor _rebuild_from_type_v2", "torch Size", "torch device", "builtins set", "builtins slice",
-} | {f"torch {t}Storage" for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char",
-                                   "Byte", "Bool")} | {"torch float32", "torch int64"})
-
 
 # -- bounded zip reading ---------------------------------------------------------------------------
 def open_zip(data: bytes, source: str) -> zipfile.ZipFile:
@@ -105,8 +100,8 @@ def read_member(z: zipfile.ZipFile, name: str, source: str) -> bytes:
     try:
         with z.open(info) as f:
             data = f.read(info.file_size + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-        raise LoadError(f"{source}: zip member {name!r} is corrupt ({_short(e)})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise LoadError(f"{source}: zip member {name!r} is corrupt or encrypted ({_short(e)})") from None
     if len(data) != info.file_size:
         raise LoadError(f"{source}: zip member {name!r} holds {len(data)} bytes, not the {info.file_size} "
                         "it declares")
@@ -196,8 +191,6 @@ def sanitize_pt2(data: bytes, source: str) -> bytes:
             if z.getinfo(rel[r]).file_size < need:
                 raise LoadError(f"{source}: {cfg} payload {path!r} holds fewer bytes than its tensor needs")
             out[r] = read_member(z, rel[r], source)
-    if sample in rel:
-        scan_pickle(read_member(z, rel[sample], source), f"{source}: {sample}")
     program = read_json(z, rel[models[0]], source)
     check_program(program, source)
     program["guards_code"] = []  # Python source torch would exec() when guards are checked
@@ -221,6 +214,7 @@ def _payload_config(cfg: Any, what: str, file_prefix: str, source: str) -> dict[
     dtypes = {int(v.value) for v in ScalarType}
     need: dict[str, int] = {}
     for fqn, entry in cfg["config"].items():
+        check_path(fqn, f"{source}: {what} config")
         where = f"{source}: {what} entry {fqn!r}"
         if not isinstance(entry, dict):
             raise LoadError(f"{where} is not an object")
@@ -270,11 +264,18 @@ def _ints(items: Any, where: str) -> list[int]:
     return out
 
 
+#: program fields whose strings are not names: each is checked by its own rule below, dropped
+#: (guards_code), or only ever repr()'d by fx (as_string); node "metadata" values never reach code
+_NOT_NAMES = frozenset({"expr_str", "target", "as_operator", "torch_version", "guards_code", "as_string",
+                        "as_strings", "in_spec", "out_spec"})
+
+
 def check_program(program: Any, source: str) -> None:
-    """Refuse a serialized program that names non-ATen callables, custom objects or odd expressions."""
+    """Refuse a serialized program that names non-ATen callables, custom objects, odd expressions, or
+    any name (key or value) that is not a dotted identifier path (:mod:`.names`)."""
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
         raise LoadError(f"{source}: the serialized program is not a torch.export program")
-    for key, value in _walk(program):
+    for key, value, free in _walk(program, source):
         if key == "expr_str":
             try:
                 check_expr(value)
@@ -286,54 +287,57 @@ def check_program(program: Any, source: str) -> None:
                                 "lrc loads only graphs of ATen/prims ops")
         elif key in ("as_custom_obj", "custom_obj_values", "as_custom_objs") and value:
             raise LoadError(f"{source}: the program holds custom (TorchBind) objects, which are pickles")
+        elif key in ("in_spec", "out_spec") and not free:
+            _check_treespec(value, f"{source}: {key}")
+        elif isinstance(value, str) and not free and key not in _NOT_NAMES:
+            check_path(value, f"{source}: program field {key!r}", empty=key == "fqn")
 
 
-def _walk(obj: Any, depth: int = 0) -> Iterator[tuple[str, Any]]:
-    stack: list[tuple[Any, int]] = [(obj, 0)]
+def _walk(obj: Any, source: str) -> Iterator[tuple[str, Any, bool]]:
+    """(key, value, under node metadata) for every dict entry (list items inherit their list's key);
+    every dict key outside node metadata must be a name path."""
+    stack: list[tuple[str, Any, int, bool]] = [("", obj, 0, False)]
     while stack:
-        o, d = stack.pop()
+        key, o, d, free = stack.pop()
         if d > 200:
-            raise LoadError("the serialized program is nested too deeply")
+            raise LoadError(f"{source}: the serialized program is nested too deeply")
         if isinstance(o, dict):
             for k, v in o.items():
-                yield k, v
-                stack.append((v, d + 1))
+                if not free:
+                    check_path(k, f"{source}: program key")
+                yield k, v, free
+                if isinstance(v, (dict, list)):
+                    stack.append((k, v, d + 1, free or k == "metadata"))
+        else:
+            for v in o:
+                if isinstance(v, (dict, list)):
+                    stack.append((key, v, d + 1, free))
+                else:
+                    yield key, v, free
+
+
+def _check_treespec(text: Any, where: str) -> None:
+    """A serialized pytree spec (fx pastes its dict keys into ``forward``): every string in it, and in
+    the JSON contexts nested inside it, is a name path."""
+    todo: list[tuple[Any, int]] = [(text, 0)]
+    while todo:
+        o, d = todo.pop()
+        if d > 64:
+            raise LoadError(f"{where}: the pytree spec is nested too deeply")
+        if isinstance(o, str) and (d == 0 or o[:1] in "[{"):
+            try:
+                o = json.loads(o, parse_constant=_no_constant)
+            except (ValueError, RecursionError) as e:
+                raise LoadError(f"{where}: the pytree spec is not valid JSON ({_short(e)})") from None
+            todo.append((o, d + 1))
+        elif isinstance(o, str):
+            check_path(o, where)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                check_path(k, where)
+                todo.append((v, d + 1))
         elif isinstance(o, list):
-            stack.extend((v, d + 1) for v in o)
-
-
-def scan_pickle(data: bytes, source: str) -> None:
-    """Statically check a torch.save / pickle payload (never executes it): only tensor-rebuild globals."""
-    if data[:2] == b"PK":
-        z = open_zip(data, source)
-        pkls = [n for n in z.namelist() if n.endswith(".pkl")]
-        for n in pkls:
-            scan_pickle(read_member(z, n, source), source)
-        return
-    if not data:
-        return
-    strings: list[str] = []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
-                           "BINSTRING", "STRING"):
-                strings.append(str(arg))
-            elif op.name in ("GLOBAL", "INST"):
-                _check_global(str(arg).replace("\n", " "), source)
-            elif op.name == "STACK_GLOBAL":
-                _check_global(" ".join(strings[-2:]), source)
-            elif op.name in ("OBJ", "EXT1", "EXT2", "EXT4"):
-                raise LoadError(f"{source}: pickle opcode {op.name} can run code; refused")
-    except LoadError:
-        raise
-    except Exception as e:  # noqa: BLE001  (pickletools raises ValueError and friends on junk)
-        raise LoadError(f"{source}: malformed pickle ({_short(e)})") from None
-
-
-def _check_global(name: str, source: str) -> None:
-    if name not in _SAFE_GLOBALS:
-        raise LoadError(f"{source}: the pickle imports {name.replace(' ', '.')!r}, which can run code; lrc never "
-                        "unpickles archive members")
+            todo.extend((v, d + 1) for v in o)
 
 
 @contextlib.contextmanager

