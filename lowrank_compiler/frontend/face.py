@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from lowrank_compiler.errors import LrcError, TraceError
 from lowrank_compiler.frontend.capture import export_call
 from lowrank_compiler.frontend.checkpoint import called_by_trainer_save, trained_keys
+from lowrank_compiler.frontend.dtypes import baked_dtypes, dtype_change
 from lowrank_compiler.frontend.hierarchy import share_hierarchy
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import adapter_sites, lrc_meta, verify
@@ -288,6 +289,21 @@ class LrcGraphModule(fx.GraphModule):
             params = list(face.signature.parameters.values())
             self_p = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             type(self).forward.__signature__ = face.signature.replace(parameters=[self_p, *params])
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``to`` / ``half`` / ``cuda`` ...; a floating dtype change is refused (LrcError, nothing converted) when
+        the traced graph has its dtype baked in, and drops the traced variants otherwise."""
+        new = dtype_change(fn, self.dtype)
+        if new is not None:
+            baked = baked_dtypes(self)
+            if baked:
+                raise LrcError(f"cannot convert this model to {new}: its traced graph fixes {self.dtype} in "
+                               f"{len(baked)} ops (e.g. {baked[0]}); transform the model in the dtype it will run "
+                               f"in: lrc.transform(model.to({new}), spec)")
+            face = self.__dict__.get("_lrc_face")
+            if face is not None:
+                face.variants.clear()
+        return super()._apply(fn, recurse)
 
     #: what the HF Trainer's checkpoints hold: "adapters" (what training changes, frontend/checkpoint.py) or "full"
     trainer_checkpoint: str = "adapters"
