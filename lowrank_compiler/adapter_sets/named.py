@@ -13,22 +13,29 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError, LrcError, SpecError
 from lowrank_compiler.formats.model import (
     ADAPTER_FORMAT,
     _load_adapter_tensors,
+    _read_file,
     apply_records,
     atomic_write,
     load_adapters,
     save_adapters,
 )
+from lowrank_compiler.formats.peft import peft_records, peft_tensors, read_peft
+from lowrank_compiler.formats.pretrained import LRC_WEIGHTS, layout, read_lrc_dir
 from lowrank_compiler.ir import META_KEY, NAMED_ROOT, adapter_nodes, adapters_of, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.passes.pipelines import adapter_pipeline
 from lowrank_compiler.passes.strip import strip
+from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.spec.language import Spec, parse_spec
 
 DEFAULT = "default"
@@ -235,25 +242,61 @@ def save_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> lis
     return out
 
 
-def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
-    """Add the adapter file ``path`` (from ``save_adapters``) as the inactive set ``name`` (PEFT's ``load_adapter``)."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def _read_set(path: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, torch.Tensor], str]:
+    """(records, ``full`` module paths, tensors, source) of an adapter file, a PEFT directory or an lrc
+    ``save_pretrained`` directory."""
+    if path.is_dir():
+        if layout(path) == "peft":
+            config, sites = read_peft(path)
+            heads = config.pop("_modules_to_save")
+            tensors = {**peft_tensors(sites), **{f"{m}.{k}": t for m, d in heads.items() for k, t in d.items()}}
+            return peft_records(config, sites), list(heads), tensors, str(path)
+        _, records, full, tensors = read_lrc_dir(path)
+        return records, full, tensors, str(path / LRC_WEIGHTS)
     if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+        raise LoadError(f"{path}: no such file or directory (an lrc adapter file, a PEFT directory or a "
+                        "save_pretrained directory)")
+    tensors, meta = validate.safetensors_bytes(_read_file(path), str(path))
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
+    try:
+        records = json.loads(meta.get("adapters", ""))
+        full = json.loads(meta.get("full_modules", "[]"))
+    except ValueError as e:
+        raise LoadError(f"{path}: the adapter metadata is not valid JSON ({e})") from None
+    return records, full if isinstance(full, list) else [], tensors, str(path)
+
+
+def _shared_heads(gm: fx.GraphModule, full: list[str], tensors: dict[str, torch.Tensor], source: str) -> set[str]:
+    """The keys of ``full``-module tensors in a set's file; named sets share the model's heads, so they must be
+    the model's own ``full`` modules holding the same values (LoadError otherwise)."""
+    heads = full_parameters(gm)
+    keys = {k for k in tensors if any(k.startswith(m + ".") for m in full)}
+    differ = sorted(k for k in keys if k not in heads or heads[k].shape != tensors[k].shape
+                    or not torch.equal(heads[k].detach().cpu(), tensors[k].to(heads[k].dtype)))
+    if differ:
+        raise LoadError(f"{source}: named adapter sets share the model's fully trained modules, but this set's "
+                        f"{differ[:3]} differ from the model's; load it as the model's adapters instead "
+                        "(lrc.adapter_sets.from_pretrained / lrc.load_adapters)")
+    return keys
+
+
+def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
+    """Add the adapters at ``path`` as the inactive set ``name`` (PEFT's ``load_adapter``): an lrc adapter file
+    (``save_adapters``), a PEFT adapter directory, or a ``save_pretrained`` directory.
+
+    Raises:
+        LoadError: unreadable, or adapters that do not fit ``gm``'s sites; LrcError: ``name`` is taken.
+    """
+    path = Path(path)
     if name in adapter_names(gm):
         raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r})")
-    records = json.loads(meta["adapters"])
+    records, full, tensors, src = _read_set(path)
+    drop = _shared_heads(gm, [str(m) for m in full], tensors, src)
 
     def fill(view: fx.GraphModule) -> None:
-        apply_records(view, records)
-        _load_adapter_tensors(view, tensors, str(path))
+        apply_records(view, records, src)
+        _load_adapter_tensors(view, {k: v for k, v in tensors.items() if k not in drop}, src)
 
     _put(gm, name, _build(gm, fill))
     return gm

@@ -281,11 +281,18 @@ def _set_merged(gm: fx.GraphModule, methods: list[Any], merged: bool) -> None:
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write only what training changes: the adapters (tensors + which method sits where) and the
     modules a ``full`` rule trains, as one safetensors file."""
-    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
-            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", [])))}
-    state = {**adapter_state(gm), **full_parameters(gm)}
-    data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
+    data = adapter_file_bytes(gm)
     atomic_write(path, lambda f: f.write(data))
+
+
+def adapter_file_bytes(gm: fx.GraphModule, extra: dict[str, torch.Tensor] | None = None,
+                       extra_meta: dict[str, str] | None = None) -> bytes:
+    """The :func:`save_adapters` file as bytes: adapter tensors, ``full`` modules' parameters and ``extra``
+    tensors, with the records (which method sits where) in the metadata."""
+    meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
+            "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", []))), **(extra_meta or {})}
+    state = {**adapter_state(gm), **full_parameters(gm), **(extra or {})}
+    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
 
 
 @quiet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -213,6 +214,44 @@ def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def peft_records(config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """lrc adapter records (``lora`` with PEFT's rank, alpha, dropout, rslora per site) of :func:`read_peft`'s output."""
+    rslora = bool(config.get("use_rslora", False))
+    records = []
+    for site, d in sites.items():
+        r = int(d["lora_A"].shape[0])
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
+        records.append({"site": site, "method": "lora",
+                        "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
+                                 "rslora": rslora}})
+    return records
+
+
+def peft_tensors(sites: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """:func:`read_peft`'s pairs under the adapter state keys of an lrc graph (``<site>.adapter.lora_A``)."""
+    return {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}
+
+
+def trace_base(model: nn.Module, example_inputs: tuple[Any, ...] | None = None,
+               example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """``model`` traced for adapters to be loaded onto it (an HF model without example inputs gets ``input_ids``
+    [2, 16] + ``attention_mask``; an adapter-free lrc graph is copied).
+
+    Raises:
+        LoadError: ``model`` already has adapters.
+    """
+    if isinstance(model, fx.GraphModule) and adapter_nodes(model):
+        raise LoadError("the model already has adapters; load saved adapters onto the base model")
+    if example_inputs is None and example_kwargs is None and hasattr(model, "config"):
+        vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+        g = torch.Generator().manual_seed(0)
+        example_inputs = (torch.randint(0, vocab, (2, 16), generator=g),)
+        example_kwargs = {"attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    if isinstance(model, fx.GraphModule):
+        model = copy.deepcopy(model)
+    return trace(model, example_inputs, example_kwargs)
+
+
 @quiet
 def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,
               example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
@@ -225,29 +264,11 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     """
 
     config, sites = read_peft(path)
-    if isinstance(model, fx.GraphModule) and adapter_nodes(model):
-        raise LoadError("the model already has adapters; load PEFT adapters onto the base model")
-    if example_inputs is None and example_kwargs is None and hasattr(model, "config"):
-        vocab = int(getattr(model.config, "vocab_size", 100) or 100)
-        g = torch.Generator().manual_seed(0)
-        example_inputs = (torch.randint(0, vocab, (2, 16), generator=g),)
-        example_kwargs = {"attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    if isinstance(model, fx.GraphModule):
-        import copy
-
-        model = copy.deepcopy(model)
-    gm = trace(model, example_inputs, example_kwargs)
-    rslora = bool(config.get("use_rslora", False))
-    records = []
-    for site, d in sites.items():
-        r = int(d["lora_A"].shape[0])
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
-        records.append({"site": site, "method": "lora",
-                        "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
-                                 "rslora": rslora}})
+    gm = trace_base(model, example_inputs, example_kwargs)
+    records = peft_records(config, sites)
     heads = config.pop("_modules_to_save")
     apply_records(gm, records, str(path), list(heads))
-    _load_adapter_tensors(gm, {f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()}, str(path))
+    _load_adapter_tensors(gm, peft_tensors(sites), str(path))
     _copy_checked({f"{m}.{k}": t for m, d in heads.items() for k, t in d.items()}, full_parameters(gm), str(path))
     lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
     return gm

@@ -17,10 +17,11 @@ the KV-cache decode step is just another signature.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,8 +29,10 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from lowrank_compiler.errors import TraceError
+from lowrank_compiler.errors import LrcError, TraceError
 from lowrank_compiler.frontend.capture import export_call
+from lowrank_compiler.frontend.checkpoint import called_by_trainer_save, trained_keys
+from lowrank_compiler.frontend.dtypes import baked_dtypes, dtype_change
 from lowrank_compiler.frontend.hierarchy import share_hierarchy
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import adapter_sites, lrc_meta, verify
@@ -39,6 +42,17 @@ from lowrank_compiler.spec.report import print_trainable_parameters
 
 _MISSING = object()
 _SIMPLE = (bool, int, float, str, type(None))
+
+#: LrcGraphModule methods a higher import layer implements; ``lowrank_compiler.adapter_sets`` registers them on
+#: import: "save_pretrained" (adapters-only directory), "per_row_adapters" (``generate(adapter_names=...)``)
+PROVIDED: dict[str, Callable[..., Any]] = {}
+
+
+def _provided(name: str) -> Callable[..., Any]:
+    fn = PROVIDED.get(name)
+    if fn is None:
+        raise LrcError(f"{name} needs lowrank_compiler.adapter_sets (import lowrank_compiler first)")
+    return fn
 
 
 _T = "T"
@@ -276,11 +290,46 @@ class LrcGraphModule(fx.GraphModule):
             self_p = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             type(self).forward.__signature__ = face.signature.replace(parameters=[self_p, *params])
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``to`` / ``half`` / ``cuda`` ...; a floating dtype change is refused (LrcError, nothing converted) when
+        the traced graph has its dtype baked in, and drops the traced variants otherwise."""
+        new = dtype_change(fn, self.dtype)
+        if new is not None:
+            baked = baked_dtypes(self)
+            if baked:
+                raise LrcError(f"cannot convert this model to {new}: its traced graph fixes {self.dtype} in "
+                               f"{len(baked)} ops (e.g. {baked[0]}); transform the model in the dtype it will run "
+                               f"in: lrc.transform(model.to({new}), spec)")
+            face = self.__dict__.get("_lrc_face")
+            if face is not None:
+                face.variants.clear()
+        return super()._apply(fn, recurse)
+
+    #: what the HF Trainer's checkpoints hold: "adapters" (what training changes, frontend/checkpoint.py) or "full"
+    trainer_checkpoint: str = "adapters"
+
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        """torch's ``state_dict``, with a tensor tied under several names listed once (safetensors-safe)."""
+        """torch's ``state_dict``, with a tensor tied under several names listed once (safetensors-safe); for the
+        HF Trainer's checkpoint write, only what training changes (``trainer_checkpoint = "full"``: everything)."""
         out = super().state_dict(*args, **kwargs)
         drop_aliases(self, out, kwargs.get("prefix", args[1] if len(args) > 1 else ""))
+        if not args and not kwargs and self.trainer_checkpoint == "adapters" and called_by_trainer_save():
+            keep = trained_keys(self)
+            out = type(out)((k, v) for k, v in out.items() if k in keep)
         return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """torch's ``load_state_dict``; a dict of exactly what training changes (an adapters-only checkpoint) is
+        complete: the frozen base tensors it leaves out are not missing."""
+        keep = trained_keys(self)
+        if not state_dict or not all(k in keep for k in state_dict):
+            return super().load_state_dict(state_dict, strict, assign)
+        res = super().load_state_dict(state_dict, False, assign)
+        missing = [k for k in res.missing_keys if k in keep]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading the adapters-only state_dict for {type(self).__name__}: "
+                               f"missing {missing[:8]}, unexpected {res.unexpected_keys[:8]}")
+        return type(res)(missing, res.unexpected_keys)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         fill_aliases(self, state_dict, prefix)  # runs before the children load (and check for missing keys)
@@ -345,8 +394,15 @@ class LrcGraphModule(fx.GraphModule):
         face: Face | None = self.__dict__.get("_lrc_face")
         if face is None or not hasattr(face.model, "generate"):
             raise AttributeError("generate needs the original HF model (transform an HF model with a generate method)")
-        with face.routed(self) as model:
+        names = kwargs.pop("adapter_names", None)  # PEFT's per-row adapters ("__base__": none)
+        rows = contextlib.nullcontext() if names is None else _provided("per_row_adapters")(self, names, kwargs)
+        with rows, face.routed(self) as model:
             return model.generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:
+        """Write the adapters and ``full`` modules only, in PEFT's layout where PEFT can hold the methods
+        (``lrc.adapter_sets.save_pretrained``; read back with ``lrc.adapter_sets.from_pretrained``)."""
+        return _provided("save_pretrained")(self, save_directory, **kwargs)
 
 
 def attach(gm: fx.GraphModule, model: nn.Module | None) -> LrcGraphModule:

@@ -154,8 +154,11 @@ def optimizer(
     ``opt_cls`` (``weight_decay=``, ``betas=`` ...). Mixed specs work in one optimizer.
 
     Raises:
-        LrcError: ``gm`` has no adapters and nothing else to train.
+        LrcError: ``gm`` is not a transformed model, or has no adapters and nothing else to train.
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise LrcError(f"lrc.optimizer needs a transformed model, got a {type(gm).__name__}; call "
+                       "gm = lrc.transform(model, spec) first and pass gm")
     sites: list[tuple[AdapterMark, AdapterMethod]] = []
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
