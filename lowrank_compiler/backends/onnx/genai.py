@@ -10,7 +10,6 @@ in its rank-2r form ([A; A0], [B, −B0]). ``og.Adapters(model).load(file, name)
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -19,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import fx
 
 from lowrank_compiler.adapter_sets.named import adapter_names, named_adapter_modules
 from lowrank_compiler.backends.onnx.adapters import LORA_A, LORA_B, input_name, write_onnx_adapter
-from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, unmerged_copy
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
+from lowrank_compiler.ir import adapter_nodes, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
 from lowrank_compiler.safety.atomic import atomic_dir
 
@@ -50,24 +48,6 @@ def adapter_set_tensors(mods: dict[str, AdapterMethod]) -> dict[str, np.ndarray]
         a = f.A.detach().float().t().contiguous().numpy()
         b = (f.B.detach().float() * float(f.scale)).t().contiguous().numpy()
         out[input_name(site, LORA_A)], out[input_name(site, LORA_B)] = a, b
-    return out
-
-
-def original_base(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose base weights are the original model's (adapters unmerged, LoRA-GA offsets undone)."""
-    out = copy.deepcopy(gm)
-    for node in adapter_nodes(out):
-        mark = node.meta[META_KEY]
-        mod = out.get_submodule(mark.module_path)
-        with torch.no_grad():
-            w = logical_weight(out, mark)
-            if mod.merged:
-                w = mod.unmerged_weight(w)
-                mod.merged = False
-            off = mod.base_offset()
-            if off is not None:
-                w = (w.float() + (off.B.float() @ off.A.float()) * float(off.scale)).to(w.dtype)
-            set_logical_weight(out, mark, w)
     return out
 
 
@@ -153,7 +133,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
             label = adapter_name if (name == names[0] and adapter_name) else name
             sets[label] = adapter_set_tensors(named_adapter_modules(gm, name))
     tok = tokenizer_source(gm, tokenizer)
-    base = original_base(gm)
+    base = unmerged_copy(gm, original=True)
     report: dict[str, Any] = {"path": str(out_dir), "format": "genai", "adapters": []}
 
     def fill(tmp: Path) -> None:
@@ -181,3 +161,85 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     atomic_dir(out_dir, fill)
     report["adapters"] = [str(Path(out_dir) / "adapters" / f"{label}.onnx_adapter") for label in sets]
     return report
+
+
+def is_genai_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export --format genai``)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def genai_available() -> bool:
+    """Whether the ``onnxruntime-genai`` package is installed (the ``genai`` extra)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class GenaiRunner:
+    """One ``og.Model`` of a genai folder with its adapters loaded by name; ``generate`` runs one generator."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise ExportError("running a genai folder needs onnxruntime-genai (pip install 'lowrank-compiler[genai]'); "
+                              "or pass --engine ort to use lrc's own ONNX Runtime loop") from None
+        if not is_genai_folder(folder):
+            raise ExportError(f"{folder} has no {CONFIG_FILE}; write one with `lrc export MODEL --format genai -o DIR`")
+        self.og, self.folder = og, Path(folder)
+        try:
+            self.model = og.Model(str(folder))
+        except Exception as e:  # noqa: BLE001  (og raises RuntimeError with its own text)
+            raise ExportError(f"onnxruntime-genai could not open {folder}: {str(e).strip().splitlines()[0][:200]}") \
+                from None
+        self.adapters = og.Adapters(self.model)
+        self.loaded: dict[str, str] = {}
+
+    def adapter(self, spec: str | os.PathLike) -> str:
+        """Load ``spec`` (an ``.onnx_adapter`` path, or a name under ``<folder>/adapters/``) once; its name."""
+        p = Path(spec)
+        if not p.is_file():
+            p = self.folder / "adapters" / f"{spec}.onnx_adapter"
+        if not p.is_file():
+            have = sorted(q.stem for q in (self.folder / "adapters").glob("*.onnx_adapter"))
+            raise ExportError(f"no adapter {str(spec)!r}: not a file, and {self.folder}/adapters has only {have}")
+        key = str(p.resolve())
+        if key not in self.loaded:
+            name = f"a{len(self.loaded)}"
+            try:
+                self.adapters.load(key, name)
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"onnxruntime-genai refused adapter {p}: {str(e).strip().splitlines()[0][:200]}") \
+                    from None
+            self.loaded[key] = name
+        return self.loaded[key]
+
+    def tokenizer(self) -> Any:
+        """The folder's tokenizer (``og.Tokenizer``); ExportError when the folder has none."""
+        if not (self.folder / "tokenizer.json").is_file() and not (self.folder / "tokenizer.model").is_file():
+            raise ExportError(f"{self.folder} has no tokenizer files; text prompts need them (export from an HF "
+                              "directory, or pass --tokenizer DIR to `lrc export --format genai`)")
+        return self.og.Tokenizer(self.model)
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
+        ids = np.asarray(input_ids, dtype=np.int32)
+        params = self.og.GeneratorParams(self.model)
+        opts: dict[str, Any] = {"max_length": int(ids.shape[1] + max_new_tokens), "do_sample": bool(do_sample),
+                                "batch_size": int(ids.shape[0])}
+        if do_sample:
+            opts.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            if seed is not None:
+                opts["random_seed"] = int(seed)
+        params.set_search_options(**opts)
+        gen = self.og.Generator(self.model, params)
+        if adapter is not None:
+            gen.set_active_adapter(self.adapters, self.adapter(adapter))
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return [list(map(int, gen.get_sequence(i))) for i in range(ids.shape[0])]
