@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import fx
 
 from lowrank_compiler.adapter_sets.named import adapter_names, named_adapter_modules
@@ -25,7 +26,7 @@ from lowrank_compiler.backends.onnx.adapters import LORA_A, LORA_B, input_name, 
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, unmerged_copy
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.ir import adapter_nodes, lrc_meta
-from lowrank_compiler.methods.base import AdapterMethod
+from lowrank_compiler.methods.base import AdapterMethod, LowRank
 from lowrank_compiler.safety.atomic import atomic_dir
 
 MODEL_FILE, CONFIG_FILE = "model.onnx", "genai_config.json"
@@ -33,8 +34,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
-def adapter_set_tensors(mods: dict[str, AdapterMethod]) -> dict[str, np.ndarray]:
+def adapter_set_tensors(mods: dict[str, AdapterMethod],
+                        offsets: dict[str, LowRank] | None = None) -> dict[str, np.ndarray]:
     """``{input name: array}`` of one adapter set against the ORIGINAL base: A' as [d_in, r'], s·B' as [r', d_out].
+
+    ``offsets``: the low-rank change another set made to a site's shared base (a LoRA-GA set's
+    ``−s·B0 A0``), appended to the sets that did not make it, since torch runs them on the changed base.
 
     Raises:
         ExportError: a site whose method has no ``x·A·B`` form against the original base.
@@ -45,9 +50,14 @@ def adapter_set_tensors(mods: dict[str, AdapterMethod]) -> dict[str, np.ndarray]
         if f is None:
             raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B form against the original base "
                               "for an .onnx_adapter; export it merged (`lrc export --merge`, format onnx) instead")
-        a = f.A.detach().float().t().contiguous().numpy()
-        b = (f.B.detach().float() * float(f.scale)).t().contiguous().numpy()
-        out[input_name(site, LORA_A)], out[input_name(site, LORA_B)] = a, b
+        a = f.A.detach().float().t()
+        b = (f.B.detach().float() * float(f.scale)).t()
+        off = (offsets or {}).get(site)
+        if off is not None and mod.base_offset() is None:
+            a = torch.cat([a, off.A.detach().float().t()], 1)
+            b = torch.cat([b, -(off.B.detach().float() * float(off.scale)).t()], 0)
+        out[input_name(site, LORA_A)] = a.contiguous().numpy()
+        out[input_name(site, LORA_B)] = b.contiguous().numpy()
     return out
 
 
@@ -71,14 +81,14 @@ def genai_config(model_cfg: Any, gen_cfg: Any, inputs: list[str], shapes: dict[s
 
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     eos = getattr(model_cfg, "eos_token_id", None) if eos is None else eos
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0, "top_k": 50,
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0,
               "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "min_length": 0,
               "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
               "past_present_share_buffer": False, "max_length": context}
     for key in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams"):
         v = getattr(gen_cfg, key, None) if gen_cfg is not None else None
         if v is not None:
-            search[key] = type(search[key])(v)
+            search[key] = type(search.get(key, 0))(v)
     return {"model": {
         "type": str(getattr(model_cfg, "model_type", "llama")), "vocab_size": int(model_cfg.vocab_size),
         "context_length": context, "bos_token_id": ident("bos_token_id", 1),
@@ -129,9 +139,12 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     sets: dict[str, dict[str, np.ndarray]] = {}
     if adapter_nodes(gm):
         names = adapter_names(gm)
-        for name in names:
+        by_set = {name: named_adapter_modules(gm, name) for name in names}
+        offsets = {site: off for mods in by_set.values() for site, mod in mods.items()
+                   if (off := mod.base_offset()) is not None}
+        for name, mods in by_set.items():
             label = adapter_name if (name == names[0] and adapter_name) else name
-            sets[label] = adapter_set_tensors(named_adapter_modules(gm, name))
+            sets[label] = adapter_set_tensors(mods, offsets)
     tok = tokenizer_source(gm, tokenizer)
     base = unmerged_copy(gm, original=True)
     report: dict[str, Any] = {"path": str(out_dir), "format": "genai", "adapters": []}
@@ -224,7 +237,7 @@ class GenaiRunner:
         return self.og.Tokenizer(self.model)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
         """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
         ids = np.asarray(input_ids, dtype=np.int32)
@@ -232,7 +245,9 @@ class GenaiRunner:
         opts: dict[str, Any] = {"max_length": int(ids.shape[1] + max_new_tokens), "do_sample": bool(do_sample),
                                 "batch_size": int(ids.shape[0])}
         if do_sample:
-            opts.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+            opts.update(temperature=float(temperature), top_p=float(top_p))
+            if top_k:
+                opts["top_k"] = int(top_k)
             if seed is not None:
                 opts["random_seed"] = int(seed)
         params.set_search_options(**opts)
