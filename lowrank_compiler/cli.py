@@ -9,7 +9,7 @@ from typing import Any
 
 from lowrank_compiler.errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
+EXPORT_FORMATS = ("onnx", "genai", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
@@ -103,7 +103,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     name = a.adapter_name or Path(a.model).stem
     report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
                     extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate,
-                    quantize=a.quantize, force=a.force, min_cosine=a.min_cosine, optimize=a.optimize)
+                    quantize=a.quantize, force=a.force, min_cosine=a.min_cosine, optimize=a.optimize,
+                    tokenizer=a.tokenizer)
     print(f"wrote {report['path']} ({fmt}{', merged' if a.merge or fmt == 'hf' else ''})")
     for p in report.get("adapters", []):
         print(f"wrote {p}")
@@ -174,21 +175,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="ONNX: quantize the base weights (int8 dynamic per-channel, or ORT 4-bit MatMulNBits); "
                         "adapters stay fp32; refused if the output cosine vs fp32 is below --min-cosine")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="--format genai: copy the tokenizer files from this HF folder (default: the model's own "
+                        "HF directory, when it came from one)")
     p.add_argument("--min-cosine", type=float, default=None, help="quantization accuracy gate (default 0.999)")
     p.add_argument("--force", action="store_true", help="write a quantized model even if it fails the gate")
     p.add_argument("--trust", action="store_true", help="allow loading a legacy pickle")
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("run", help="run an exported ONNX model in ONNX Runtime (optionally with adapters)")
-    p.add_argument("model", help="an .onnx file written by `lrc export`")
+    p.add_argument("model", help="an .onnx file or a --format genai folder written by `lrc export`")
     p.add_argument("--adapter", action="append", default=None, metavar="FILE", help=".onnx_adapter to activate (repeatable: one run each)")
     p.add_argument("--input", action="append", default=None, metavar="NAME=FILE.npy", help="an input array (default: random ids)")
     p.add_argument("--shape", default="2x16", help="BATCHxSEQ of the random inputs (default: 2x16)")
     p.add_argument("--vocab", type=int, default=None, help="random ids are drawn below this (default: the model's vocab)")
     p.add_argument("--providers", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     p.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="a causal LM exported by `lrc export`: greedy-generate N tokens with the KV cache")
+                   help="a causal LM exported by `lrc export`: generate N tokens with the KV cache (greedy "
+                        "unless --sample)")
     p.add_argument("--eos", type=int, default=None, help="with --generate: stop a row at this token id")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="with --generate on a genai folder that has a tokenizer: a text prompt (repeatable: a batch)")
+    p.add_argument("--sample", action="store_true", help="with --generate: sample (HF do_sample) instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass kept (default 1.0: all)")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: random seed (default 0)")
+    p.add_argument("--engine", choices=("auto", "genai", "ort"), default="auto",
+                   help="with --generate: onnxruntime-genai (a genai folder, when installed) or lrc's own ORT loop "
+                        "(default auto: genai when it can)")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded all-MiniLM-L6-v2")

@@ -1,4 +1,4 @@
-"""``lrc.export``: one entry point for every deployment format (onnx, pt2, safetensors, peft, pt)."""
+"""``lrc.export``: one entry point for every deployment format (onnx, genai, pt2, safetensors, peft, pt, hf)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from lowrank_compiler.backends.onnx.adapters import (
     write_onnx_adapter,
 )
 from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx
-from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+from lowrank_compiler.backends.onnx.genai import export_genai
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, with_hf_face
 from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, export_quantized
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.hf import save_hf
@@ -29,7 +30,7 @@ from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.quiet import quiet
 
-FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf")
+FORMATS = ("onnx", "genai", "pt2", "safetensors", "peft", "pt", "hf")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
 
 
@@ -53,7 +54,7 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True,
            quantize: str | None = None, force: bool = False, min_cosine: float | None = None,
-           optimize: bool | None = None) -> dict[str, Any]:
+           optimize: bool | None = None, tokenizer: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
     - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
@@ -61,6 +62,10 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
       LoRA pair as an ONNX Runtime adapter input and the model's adapters go to
       ``<adapters_dir>/<adapter_name>.onnx_adapter`` (default: beside ``path``, named after it);
       ``extra_adapters`` (lrc adapter files or PEFT directories) are converted next to it.
+    - ``genai``: an onnxruntime-genai folder (``model.onnx`` + external data, ``genai_config.json``,
+      tokenizer files from ``tokenizer`` or the HF directory the model came from, and
+      ``adapters/<name>.onnx_adapter`` per adapter set, written against the original base:
+      ``backends/onnx/genai.py``). Causal LMs only; never inferred from a suffix.
     - ``pt2``: a ``torch.export`` archive (merged, or with the adapters inline).
     - ``safetensors``: the adapters only (``lrc.save_adapters``); with ``merge`` the merged weights.
     - ``peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -82,6 +87,24 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
     """
     fmt = infer_format(path, format)
     path = Path(path)
+    if fmt in ("onnx", "genai"):
+        gm = with_hf_face(gm)  # a loaded lrc file of an HF causal LM exports its decode graph too
+    if tokenizer is not None and fmt != "genai":
+        raise ExportError(f"tokenizer= is for format 'genai' (an onnxruntime-genai folder), not {fmt!r}")
+    if fmt == "genai":
+        if not is_causal_lm(gm):
+            raise ExportError("format 'genai' needs a causal LM from Hugging Face (a *ForCausalLM model, its "
+                              "lrc file or HF directory); use format 'onnx' for other models")
+        if merge or quantize is not None or optimize:
+            raise ExportError("format 'genai' writes the fp32 base and its adapters; drop --merge/--quantize/"
+                              "--optimize (or use format 'onnx')")
+        extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]
+        report = export_genai(gm, path, adapter_name=adapter_name, tokenizer=tokenizer, opset=opset,
+                              validate=validate)
+        for stem, tensors in extra:
+            write_onnx_adapter(tensors, path / "adapters" / f"{stem}.onnx_adapter")
+            report["adapters"].append(str(path / "adapters" / f"{stem}.onnx_adapter"))
+        return report
     if fmt == "onnx":
         name = adapter_name or path.stem
         adir = Path(adapters_dir) if adapters_dir is not None else path.parent

@@ -32,7 +32,8 @@ def hf_class(names: list[Any]) -> type | None:
     return None
 
 
-def _config_and_class(gm: fx.GraphModule, config: Any | None) -> tuple[Any, type]:
+def config_and_class(gm: fx.GraphModule, config: Any | None) -> tuple[Any, type]:
+    """(transformers config, model class) of ``gm``: ``config`` or the one recorded at trace time."""
     try:
         import transformers
     except ImportError:
@@ -94,7 +95,7 @@ def save_hf(gm: fx.GraphModule, path: str | os.PathLike, config: Any | None = No
     Raises:
         ExportError: no transformers config/class, or tensors that don't fit the class.
     """
-    config, cls = _config_and_class(gm, config)
+    config, cls = config_and_class(gm, config)
     model = cls(copy.deepcopy(config))
     model.load_state_dict(merged_state(gm, model), strict=True)  # every tensor comes from the graph
     model.eval()

@@ -30,12 +30,79 @@ from lowrank_compiler.backends.onnx.adapters import (
 )
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
-from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.errors import ExportError, LoadError
+from lowrank_compiler.formats.hf import config_and_class
+from lowrank_compiler.formats.model import adapter_records
+from lowrank_compiler.frontend.trace import trace
+from lowrank_compiler.ir import META_KEY, adapter_nodes, adapters_of, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.merge import merge as merge_pass
+from lowrank_compiler.passes.pipelines import apply_records
 from lowrank_compiler.passes.separate import separate
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
+
+
+def unmerged_copy(gm: fx.GraphModule, original: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` with every adapter unmerged; ``original``: also undo known base offsets (LoRA-GA),
+    so the base weights are the original model's."""
+    out = copy.deepcopy(gm)
+    for node in adapter_nodes(out):
+        mark = node.meta[META_KEY]
+        mod = out.get_submodule(mark.module_path)
+        off = mod.base_offset() if original else None
+        if not mod.merged and off is None:
+            continue
+        with torch.no_grad():
+            w = logical_weight(out, mark)
+            if mod.merged:
+                w = mod.unmerged_weight(w)
+                mod.merged = False
+            if off is not None:
+                w = (w.float() + (off.B.float() @ off.A.float()) * float(off.scale)).to(w.dtype)
+            set_logical_weight(out, mark, w)
+    return out
+
+
+def with_hf_face(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` if it has a face (``generate``, every call); else, for a loaded lrc file of an HF model, the
+    same model rebuilt: the transformers class its recorded config names (a registry name, never code
+    from the file), the base weights from ``gm``, the same adapters with their state (unmerged).
+
+    Raises:
+        LoadError: the recorded config/class cannot be rebuilt, or ``gm``'s tensors do not fit it.
+    """
+    if getattr(gm, "lrc_face", None) is not None or not lrc_meta(gm).get("hf_config"):
+        return gm
+    try:
+        config, cls = config_and_class(gm, None)
+    except ExportError as e:
+        raise LoadError(f"cannot rebuild the recorded Hugging Face model: {e}") from None
+    src = unmerged_copy(gm)
+    have = {**dict(src.named_buffers()), **dict(src.named_parameters())}
+    model = cls(config).eval()
+    dtype = next((p.dtype for p in have.values() if p.is_floating_point()), torch.float32)
+    model.to(dtype)
+    twins: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        twins.setdefault(id(p), []).append(name)
+    state, missing = {}, []
+    for key, ref in model.state_dict(keep_vars=True).items():
+        name = next((n for n in [key, *twins.get(id(ref), [])] if n in have and have[n].shape == ref.shape), None)
+        if name is None:
+            missing.append(key)
+        else:
+            state[key] = have[name].detach()
+    persistent = {k for k, _ in model.named_parameters()}
+    if any(k in persistent for k in missing):
+        raise LoadError(f"the saved graph lacks {type(model).__name__}'s tensors {[k for k in missing if k in persistent][:4]}")
+    model.load_state_dict(state, strict=False)
+    new = trace(model)
+    apply_records(new, [{**r, "merged": False} for r in adapter_records(src)], "the saved adapters")
+    theirs = adapters_of(new)
+    for site, mod in adapters_of(src).items():
+        theirs[site].load_state_dict(mod.state_dict())
+    lrc_meta(new).update({k: v for k, v in lrc_meta(gm).items() if k == "base_model_name_or_path"})
+    return new.eval()
 
 
 def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:
@@ -168,23 +235,52 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     return report
 
 
+def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> np.ndarray:
+    """The next token per row from last-position ``logits`` [batch, vocab]: argmax, or HF ``generate``'s
+    sampling (temperature, then top-k, then top-p, then ``torch.multinomial``; 0 / 1.0 switch a filter off,
+    as transformers 5's unset defaults), so a seeded generator draws the tokens HF draws after
+    ``torch.manual_seed`` of the same seed."""
+    if not do_sample:
+        return logits.argmax(-1).astype(np.int64)
+    if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ExportError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0; got temperature="
+                          f"{temperature}, top_p={top_p}, top_k={top_k}")
+    scores = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scores, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1).numpy().astype(np.int64)
+
+
 def ort_generate(sess: Any, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor | None = None,
                  max_new_tokens: int = 16, eos_token_id: int | None = None, pad_token_id: int = 0,
-                 adapter: str | os.PathLike | None = None) -> np.ndarray:
-    """Greedy generation in ONNX Runtime over a model from :func:`export_decoder_onnx` (HF ``generate`` semantics).
+                 adapter: str | os.PathLike | None = None, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
+    """Generation in ONNX Runtime over a model from :func:`export_decoder_onnx` (HF ``generate`` semantics):
+    greedy, or sampling (``do_sample``: temperature / top-k / top-p with ``seed``, as :func:`next_tokens`).
 
     ``sess``: an :func:`lowrank_compiler.backends.onnx.export.session`; ``adapter``: an ``.onnx_adapter`` to
     run with (None: merged weights, or the base model). Left-padded batches need ``attention_mask``.
     Returns prompt + new tokens, [batch, seq + ≤ max_new_tokens]; rows that hit ``eos_token_id`` are padded.
     """
+    gen = torch.Generator().manual_seed(int(seed)) if do_sample and seed is not None else None
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(
         attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask, dtype=np.int64)
     names = [i.name for i in sess.get_inputs()]
     pasts = {i.name: i for i in sess.get_inputs() if i.name.startswith("past.")}
     if "input_ids" not in names or not pasts:
-        raise ExportError("this ONNX model has no input_ids / past.* inputs; export it with export_decoder_onnx "
-                          "(lrc export --decoder)")
+        raise ExportError("this ONNX model has no input_ids / past.* inputs; export the causal LM (its lrc file, "
+                          "HF directory or live model) again: `lrc export MODEL -o lm.onnx`")
     b = ids.shape[0]
     state = {n: np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32) for n, i in pasts.items()}
     out, step_ids = ids, ids
@@ -195,7 +291,7 @@ def ort_generate(sess: Any, input_ids: np.ndarray | torch.Tensor, attention_mask
         if "position_ids" in names:
             feeds["position_ids"] = pos[:, -step_ids.shape[1]:]
         res = sess(feeds, adapter=adapter)
-        nxt = res[0][:, -1].argmax(-1).astype(np.int64)
+        nxt = next_tokens(res[0][:, -1], do_sample, temperature, top_k, top_p, gen)
         if eos_token_id is not None:
             nxt = np.where(unfinished, nxt, pad_token_id)
             unfinished &= nxt != eos_token_id

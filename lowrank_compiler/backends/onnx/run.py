@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lowrank_compiler.backends.onnx.export import session
+from lowrank_compiler.backends.onnx.genai import MODEL_FILE, GenaiRunner, genai_available, is_genai_folder
 from lowrank_compiler.backends.onnx.generate import ort_generate
 from lowrank_compiler.errors import ExportError
 
@@ -82,10 +83,29 @@ def run_cli(a: argparse.Namespace) -> int:
         except (ValueError, OSError, EOFError) as e:
             raise ExportError(f"--input {name}: {file} is not a .npy array ({str(e).strip().splitlines()[0][:120]})") \
                 from None
-    sess = session(a.model, providers=a.providers)
+    engine = getattr(a, "engine", "auto")
+    folder = Path(a.model) if Path(a.model).is_dir() else None
+    if folder is not None and not is_genai_folder(folder):
+        raise ExportError(f"{folder} is a directory without genai_config.json; pass an .onnx file or a folder "
+                          "from `lrc export MODEL --format genai -o DIR`")
+    if folder is not None and not getattr(a, "generate", None):
+        raise ExportError(f"{folder} is a genai folder: run it with --generate N")
+    if engine == "genai" and folder is None:
+        raise ExportError("--engine genai needs a genai folder (`lrc export MODEL --format genai -o DIR`), "
+                          f"not {a.model}")
+    if folder is not None and (engine == "genai" or (engine == "auto" and genai_available())):
+        return _generate_cli(a, GenaiRunner(folder), (b, s), given)
+    model_path = folder / MODEL_FILE if folder is not None else Path(a.model)
+    if folder is not None:  # adapter names of the folder (`--adapter NAME`) for lrc's own loop too
+        a.adapter = [str(folder / "adapters" / f"{x}.onnx_adapter") if not Path(x).is_file()
+                     and (folder / "adapters" / f"{x}.onnx_adapter").is_file() else x for x in a.adapter or []]
+    a.model = str(model_path)
+    sess = session(model_path, providers=a.providers)
     check_feeds(sess, given)
     if getattr(a, "generate", None):
         return _generate_cli(a, sess, (b, s), given)
+    if getattr(a, "prompt", None) or getattr(a, "sample", False):
+        raise ExportError("--prompt and --sample go with --generate N")
     feeds = sample_inputs(sess, a.model, (b, s), a.vocab, given)
     print(f"{a.model}: providers {sess.get_providers()}; inputs "
           + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
@@ -102,17 +122,40 @@ def run_cli(a: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_cli(a: argparse.Namespace, sess: Any, shape: tuple[int, int], given: dict[str, np.ndarray]) -> int:
-    """Greedy-generate ``a.generate`` tokens from the prompt (``--input input_ids=...`` or random ids), per adapter."""
-
+def _generate_cli(a: argparse.Namespace, engine: Any, shape: tuple[int, int], given: dict[str, np.ndarray]) -> int:
+    """Generate ``a.generate`` tokens from the prompt (``--prompt`` text, ``--input input_ids=...`` or random
+    ids), once for the base and once per ``--adapter``; ``engine``: a :class:`GenaiRunner` or an ORT session."""
+    genai = isinstance(engine, GenaiRunner)
+    sampling = dict(do_sample=bool(a.sample), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    tok = None
     ids = given.get("input_ids")
+    if a.prompt:
+        if not genai:
+            raise ExportError("--prompt needs a genai folder with a tokenizer (`lrc export MODEL --format genai "
+                              "-o DIR`) and onnxruntime-genai; with an .onnx file pass --input input_ids=FILE.npy")
+        tok = engine.tokenizer()
+        rows = [list(tok.encode(p)) for p in a.prompt]
+        if len({len(r) for r in rows}) > 1:
+            raise ExportError("--prompt: prompts of different token lengths cannot share a batch yet; "
+                              "run them one at a time")
+        ids = np.asarray(rows, dtype=np.int64)
     if ids is None:
-        high = a.vocab or vocab_size(a.model, "input_ids") or 100
+        high = a.vocab or vocab_size(engine.folder / MODEL_FILE if genai else a.model, "input_ids") or 100
         ids = np.random.default_rng(0).integers(0, high, shape).astype(np.int64)
     mask = given.get("attention_mask")
+    if genai and mask is not None and not mask.all():
+        raise ExportError("--engine genai takes unpadded prompts; drop the padded attention_mask or use --engine ort")
     for ad in [None, *(a.adapter or [])]:
-        out = ort_generate(sess, ids, mask, max_new_tokens=a.generate, eos_token_id=a.eos, adapter=ad)
-        print(f"{'base/merged' if ad is None else ad}: generated {out.shape[1] - ids.shape[1]} tokens")
-        for row in out[:, ids.shape[1]:]:
-            print("  " + " ".join(str(int(t)) for t in row))
+        if genai:
+            out = np.asarray(engine.generate(ids, a.generate, ad, **sampling), dtype=object)
+        else:
+            out = ort_generate(engine, ids, mask, max_new_tokens=a.generate, eos_token_id=a.eos, adapter=ad,
+                               **sampling)
+        label = "base/merged" if ad is None else str(ad)
+        print(f"{label}: generated {len(out[0]) - ids.shape[1]} tokens ({'onnxruntime-genai' if genai else 'lrc ORT loop'}"
+              f"{', sampled' if a.sample else ', greedy'})")
+        for row in out:
+            new = [int(t) for t in row[ids.shape[1]:]]
+            print("  " + (tok.decode(np.asarray(new, dtype=np.int32)) if tok is not None
+                          else " ".join(str(t) for t in new)))
     return 0
