@@ -5,6 +5,7 @@ statistics that data-dependent inits need can be accumulated from forward/backwa
 the base weight requiring grad and without ``.grad`` buffers.
 
 * :class:`ExactGradient` holds G itself (d_out × d_in, fp32): the LoRA-GA authors' statistic.
+* :class:`InputCovariance` needs no gradient: Σ x̂ᵀ x̂ over samples, x̂ = x / |max x| (CorDA, as PEFT).
 * :class:`GradientSketch` never forms G. It keeps the single-pass two-sided sketch of Tropp,
   Yurtsever, Udell, Cevher (2017), "Practical sketching algorithms for low-rank matrix
   approximation" (SIMAX 38(4), Alg. 1/3/7): range sketch ``Y = G Ω`` (d_out × k) and co-range
@@ -17,13 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_compiler.errors import InitError
+
 
 class GradStats:
     """Accumulator protocol used by ``passes.initialize``.
 
     ``update(x, dy)`` adds one tap (x: ... × d_in, dy: ... × d_out), ``tensors()`` lists the
     state to all-reduce (AVG) under torch.distributed, ``finish(n_batches)`` turns sums into means.
+    ``needs_grad``: False for statistics of the forward pass only (then ``dy`` is None, the pass runs
+    the batches in eval mode under no_grad and needs no ``loss_fn``).
     """
+
+    needs_grad: bool = True
 
     def __init__(self) -> None:
         self.n_batches = 0
@@ -72,6 +79,40 @@ class ExactGradient(GradStats):
     def top(self, q: int, niter: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``torch.svd_lowrank(G, q, niter)`` (as the LoRA-GA authors): U (d_out × q), S, V (d_in × q)."""
         return torch.svd_lowrank(self.G, q=q, niter=niter)
+
+
+class InputCovariance(GradStats):
+    """C = mean over samples of x̂ᵀ x̂ (d_in × d_in, fp32), x̂ = x / |max(x)| per sample: PEFT's
+    ``calib_cov_distribution`` (CorDA), where a sample is one forward call of batch size 1. Here a
+    sample is one batch row (the last two dims), so batch-1 data gives PEFT's statistic exactly."""
+
+    needs_grad = False
+
+    def __init__(self, d_in: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.C = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
+        self.samples = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, dy: torch.Tensor | None = None) -> None:
+        self.updates += 1
+        xs = x.detach().to(torch.float32)
+        xs = xs.unsqueeze(0) if xs.dim() == 2 else xs.reshape(-1, *xs.shape[-2:])
+        xs = xs / xs.amax(dim=(1, 2), keepdim=True).abs()
+        self.nonfinite = self.nonfinite.to(xs.device) | ~torch.isfinite(xs.sum())
+        self.C.add_(torch.einsum("btd,bte->de", xs, xs))
+        self.samples.add_(xs.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.C, self.samples]
+
+    def finish(self, n_batches: int) -> None:
+        self.n_batches = n_batches  # sums stay sums: the all-reduce averages them, mean() divides
+
+    def mean(self, site: str = "") -> torch.Tensor:
+        """The covariance; InitError when no sample reached the site."""
+        if float(self.samples) <= 0:
+            raise InitError(f"site {site!r}: no input was recorded for CorDA's covariance; pass data=")
+        return self.C / self.samples
 
 
 class GradientSketch(GradStats):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lowrank_compiler.methods.base import SiteInfo, StepContext, register_method
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 
 @register_method
@@ -28,6 +28,7 @@ class LoRAFA(LoRA):
     """
 
     name = "lora_fa"
+    args = LORA_ARGS
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
