@@ -21,7 +21,7 @@ from lowrank_compiler.methods.base import (
     probability,
     register_method,
 )
-from lowrank_compiler.methods.gradstats import InputCovariance
+from lowrank_compiler.methods.gradstats import InputCovariance, InputPCA
 
 #: the arguments every LoRA-shaped method shares (subclasses spread these, not ``LoRA.args``)
 LORA_ARGS = {
@@ -46,8 +46,8 @@ class LoRA(AdapterMethod):
         dropout (float, 0.0): dropout on the adapter input, in [0, 1).
         rslora (bool, false): rank-stabilized scaling alpha/√r.
         init (str, "default"): PEFT's ``init_lora_weights``: "default" (kaiming A, B = 0), "gaussian",
-            "orthogonal" (r even), "pissa", "pissa_niter_<k>", "olora", "corda" (IPM), "corda_kpm"
-            (docs/inits.md). The last four move the base weight by −s·B0 A0 (:class:`OffsetLoRA`).
+            "orthogonal" (r even), "eva" (data), "pissa", "pissa_niter_<k>", "olora", "corda" (IPM, data),
+            "corda_kpm" (docs/inits.md). The last four move the base weight by −s·B0 A0 (:class:`OffsetLoRA`).
 
     Raises:
         SpecError: unknown argument, wrong type, or out of range.
@@ -59,8 +59,11 @@ class LoRA(AdapterMethod):
     def __new__(cls, *args: Any, **kwargs: Any) -> LoRA:
         """``lora(init=...)`` with an init that moves the base weight builds an :class:`OffsetLoRA`
         (same method name, spec and tensors plus the offset buffers); every other case builds ``cls``."""
-        if cls is LoRA and lora_inits.moves_base(str(kwargs.get("init", "default"))):
+        init = str(kwargs.get("init", "default"))
+        if cls is LoRA and lora_inits.moves_base(init):
             cls = OffsetLoRA
+        elif cls is LoRA and init == "eva":
+            cls = EvaLoRA
         return super().__new__(cls)
 
     @classmethod
@@ -207,3 +210,34 @@ class OffsetLoRA(DataDependentInit, LoRA):
     def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""
         return (weight.float() + self.scaling * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+
+
+class EvaLoRA(DataDependentInit, LoRA):
+    """``lora(init="eva")``: EVA, Explained Variance Adaptation (Paischer et al. 2024, arXiv:2410.07170),
+    as PEFT's ``get_eva_state_dict`` with ``rho=1``: A = the top-r principal components of the site's
+    input rows (incremental PCA streamed over ``data`` until every component is stable, cosine ≥ 0.99;
+    :class:`~lowrank_compiler.methods.gradstats.InputPCA`), B = 0. The base is not moved. Not done:
+    PEFT's rank redistribution across sites (``rho > 1``), since an lrc site's rank is fixed by the
+    spec; ``whiten``. A = B = 0 until ``passes.initialize`` runs (no loss_fn needed: forward only).
+    """
+
+    identity_before_init = True
+
+    def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
+        super().__init__(site, **kwargs)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def reset_parameters(self) -> None:
+        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
+        nn.init.zeros_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    def init_stats(self, device: torch.device | None = None) -> InputPCA:
+        return InputPCA(self.r)
+
+    def initialize(self, stats: InputPCA, weight: torch.Tensor) -> None:
+        """A ← the top-r components; B stays 0, the base is unchanged."""
+        with torch.no_grad():
+            self.lora_A.copy_(stats.top(self.site_name))
+            self.initialized.fill_(True)
+        return None

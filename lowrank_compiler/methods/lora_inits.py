@@ -15,14 +15,15 @@ import torch
 
 #: every accepted ``init=`` value; ``pissa_niter_<k>`` is matched by pattern
 PLAIN_INITS = ("default", "gaussian", "orthogonal")
+DATA_INITS = ("eva",)
 OFFSET_INITS = ("pissa", "olora", "corda", "corda_kpm")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-VALID = (*PLAIN_INITS, *OFFSET_INITS, "pissa_niter_<k>")
+VALID = (*PLAIN_INITS, *DATA_INITS, *OFFSET_INITS, "pissa_niter_<k>")
 
 
 def check_init(value: str) -> str | None:
     """A spec-argument check: None when ``value`` names a known init."""
-    if value in PLAIN_INITS or value in OFFSET_INITS or PISSA_NITER.fullmatch(value):
+    if value in PLAIN_INITS or value in DATA_INITS or value in OFFSET_INITS or PISSA_NITER.fullmatch(value):
         return None
     return f"must be one of {', '.join(map(repr, VALID))}"
 

@@ -157,13 +157,20 @@ def _estimate(gm: fx.GraphModule, fed: list[tuple[tuple[AdapterMark, Any], GradS
             mod.bypass = mod.bypass or mod.identity_before_init
         hooks = [mod.register_forward_hook(make_hook(s)) for (_, mod), s in zip(sites, stats)]
         gm.train(grad)
-        it = iter(data) if batches is None else itertools.islice(iter(data), batches)
-        total = batches if batches is not None else (len(data) if hasattr(data, "__len__") else None)
+        streamed = any(hasattr(s, "done") for s in stats)  # EVA: until converged, cycling the data (as PEFT)
+        it = _cycle(data) if streamed else iter(data)
+        if batches is not None or streamed:
+            it = itertools.islice(it, batches if batches is not None else MAX_STREAMED_BATCHES)
+        total = batches if batches is not None else (len(data) if hasattr(data, "__len__") and not streamed else None)
         bar = _progress(it, total, progress, sites[0][1].name, "gradients" if grad else "input statistics")
         with torch.random.fork_rng(devices=_cuda_devices(device)), torch.set_grad_enabled(grad):
             torch.manual_seed(seed)
             for n, batch in enumerate(bar):
                 n_batches = n + 1
+                rows = _token_rows(batch)
+                for s in stats:
+                    if hasattr(s, "row_mask"):
+                        s.row_mask = rows
                 out = _call(gm, batch)
                 if grad:
                     _backward(loss_fn(out, batch), n)
@@ -172,6 +179,8 @@ def _estimate(gm: fx.GraphModule, fed: list[tuple[tuple[AdapterMark, Any], GradS
                     site = sites[int(bad.nonzero()[0, 0])][0].site
                     raise InitError(f"non-finite {'gradient' if grad else 'input'} at site {site!r} in batch {n} "
                                     "(or NaN/inf in its input); check the data and loss_fn (or lower the loss scale)")
+                if all(getattr(s, "done", False) for s in stats):
+                    break  # every streamed statistic has converged (EVA)
     finally:
         for h in hooks:
             h.remove()
@@ -190,6 +199,33 @@ def _estimate(gm: fx.GraphModule, fed: list[tuple[tuple[AdapterMark, Any], GradS
     for s in stats:
         s.finish(n_batches)
     _allreduce(stats)
+
+
+#: cap on the batches a converge-until-stable statistic (EVA) reads when ``init_batches`` is not given
+MAX_STREAMED_BATCHES = 1000
+
+
+def _cycle(data: Iterable[Any]) -> Iterable[Any]:
+    """``data`` again and again (a one-shot iterator ends after its first pass)."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
+def _token_rows(batch: Any) -> torch.Tensor | None:
+    """The (batch, seq) rows that are real tokens: ``attention_mask`` and, when it has the same shape,
+    ``labels != -100`` (PEFT's EVA default); None for batches that are not such dicts."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("attention_mask"), torch.Tensor):
+        return None
+    mask = batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+        mask = mask & (labels != -100)
+    return mask
 
 
 def _backward(loss: Any, n: int) -> None:

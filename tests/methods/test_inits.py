@@ -15,7 +15,7 @@ from helpers.mlp import make_mlp
 import lowrank_compiler as lrc
 from lowrank_compiler.errors import InitError, SpecError
 from lowrank_compiler.methods.base import SiteInfo
-from lowrank_compiler.methods.lora import LoRA, OffsetLoRA
+from lowrank_compiler.methods.lora import EvaLoRA, LoRA, OffsetLoRA
 
 peft = pytest.importorskip("peft")
 SITES = ("fc1", "fc2", "fc3")
@@ -146,3 +146,41 @@ def test_deepcopy_keeps_the_offset_class():
     assert type(lrc.adapters(cp)["fc1"]) is OffsetLoRA
     x = x3(2)
     torch.testing.assert_close(cp(x), gm(x))
+
+
+def test_eva_equals_peft_get_eva_state_dict():
+    """PEFT streams (cycling the data) until every component is stable; lrc's init pass does the same."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 16, 12, generator=g) for _ in range(30)]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(SITES), init_lora_weights="eva",
+                          eva_config=EvaConfig(rho=1.0))
+    ref = get_eva_state_dict(make_mlp(), data, cfg, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
+                             prepare_layer_inputs_fn=None, show_progress_bar=False)
+    gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0],),
+                       data=[(x,) for x in data], progress=False)
+    for site in SITES:
+        ad = lrc.adapters(gm)[site]
+        assert isinstance(ad, EvaLoRA) and not ad.modifies_base and bool(ad.initialized)
+        torch.testing.assert_close(ad.lora_A, ref[site].float(), atol=1e-5, rtol=0)
+        assert not ad.lora_B.any()
+    x = data[0]
+    torch.testing.assert_close(gm(x), make_mlp()(x), atol=0, rtol=0)
+
+
+def test_eva_stops_at_init_batches_and_mask_selects_token_rows():
+    from lowrank_compiler.methods.gradstats import InputPCA
+
+    s = InputPCA(2)
+    x = torch.randn(2, 3, 5)
+    s.row_mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    s.update(x)
+    cov = x[s.row_mask]
+    ref = torch.linalg.svd(cov - cov.mean(0), full_matrices=False).Vh[:2]
+    torch.testing.assert_close(s.top().abs(), ref.abs(), atol=1e-5, rtol=0)  # exact rank: lowrank = full SVD
+    data = [(torch.randn(4, 16, 12),) for _ in range(3)]
+    gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0][0],), data=data,
+                       init_batches=2, progress=False)
+    assert bool(lrc.adapters(gm)["fc1"].initialized)
