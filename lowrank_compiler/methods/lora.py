@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_compiler.methods import lora_inits
 from lowrank_compiler.methods.base import (
     AdapterMethod,
     Arg,
+    DataDependentInit,
     LowRank,
     MixedFactors,
     SiteInfo,
@@ -19,6 +21,15 @@ from lowrank_compiler.methods.base import (
     probability,
     register_method,
 )
+from lowrank_compiler.methods.gradstats import InputCovariance, InputPCA
+
+#: the arguments every LoRA-shaped method shares (subclasses spread these, not ``LoRA.args``)
+LORA_ARGS = {
+    "r": Arg(8, (int,), positive, "rank"),
+    "alpha": Arg(8.0, (float,), positive, "scaling numerator"),
+    "dropout": Arg(0.0, (float,), probability, "dropout on the adapter input"),
+    "rslora": Arg(False, (bool,), None, "scale by alpha/sqrt(r)"),
+}
 
 
 @register_method
@@ -34,18 +45,32 @@ class LoRA(AdapterMethod):
         alpha (float, 8): scaling numerator.
         dropout (float, 0.0): dropout on the adapter input, in [0, 1).
         rslora (bool, false): rank-stabilized scaling alpha/√r.
+        init (str, "default"): PEFT's ``init_lora_weights``: "default" (kaiming A, B = 0), "gaussian",
+            "orthogonal" (r even), "eva" (data), "pissa", "pissa_niter_<k>", "olora", "corda" (IPM, data),
+            "corda_kpm" (docs/inits.md). The last four move the base weight by −s·B0 A0 (:class:`OffsetLoRA`).
 
     Raises:
         SpecError: unknown argument, wrong type, or out of range.
     """
 
     name = "lora"
-    args = {
-        "r": Arg(8, (int,), positive, "rank"),
-        "alpha": Arg(8.0, (float,), positive, "scaling numerator"),
-        "dropout": Arg(0.0, (float,), probability, "dropout on the adapter input"),
-        "rslora": Arg(False, (bool,), None, "scale by alpha/sqrt(r)"),
-    }
+    args = {**LORA_ARGS, "init": Arg("default", (str,), lora_inits.check_init, "PEFT's init_lora_weights")}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoRA:
+        """``lora(init=...)`` with an init that moves the base weight builds an :class:`OffsetLoRA`
+        (same method name, spec and tensors plus the offset buffers); every other case builds ``cls``."""
+        init = str(kwargs.get("init", "default"))
+        if cls is LoRA and lora_inits.moves_base(init):
+            cls = OffsetLoRA
+        elif cls is LoRA and init == "eva":
+            cls = EvaLoRA
+        return super().__new__(cls)
+
+    @classmethod
+    def check_site(cls, args: dict[str, Any], site: SiteInfo) -> str | None:
+        if args.get("init") == "orthogonal" and int(args.get("r", 1)) % 2:
+            return f"{cls.name}: init='orthogonal' needs an even r (it splits r into two halves), got r={args['r']}"
+        return super().check_site(args, site)
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
@@ -60,9 +85,19 @@ class LoRA(AdapterMethod):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A ~ kaiming_uniform(a=√5), B = 0 (PEFT LoraLayer.reset_lora_parameters)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """A ~ kaiming_uniform(a=√5), B = 0 (PEFT LoraLayer.reset_lora_parameters); ``init="gaussian"``:
+        A ~ N(0, 1/r²); ``"orthogonal"``: PEFT's orthogonal pair (B A = 0, both nonzero)."""
+        init = self.config.get("init", "default")
+        if init == "gaussian":
+            lora_inits.gaussian(self.lora_A, self.lora_B, self.r)
+        elif init == "orthogonal":
+            A, B = lora_inits.orthogonal(self.d_in, self.d_out, self.r)
+            with torch.no_grad():
+                self.lora_A.copy_(A)
+                self.lora_B.copy_(B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x), in the adapter's dtype."""
@@ -116,3 +151,93 @@ class LoRA(AdapterMethod):
     def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
         return MixedFactors(self.lora_A, self.lora_B * self.scaling, None, p)
+
+
+class OffsetLoRA(DataDependentInit, LoRA):
+    """``lora(init=...)`` for the PEFT inits that start from the base weight and move it: PiSSA,
+    ``pissa_niter_<k>``, OLoRA (no data), CorDA IPM/KPM (input covariance from ``data``).
+
+    Built by ``LoRA(...)`` itself (``name`` stays "lora"). A = B = 0 until ``passes.initialize``
+    runs, then (A0, B0) from ``methods/lora_inits.py`` and the base becomes W − s·B0 A0 (fp32, cast
+    back), so the output at init is the base's. A0, B0 stay as buffers ``init_A``/``init_B``: merge
+    folds the offset base, save/load keep it (``initialized`` stops a re-init) and
+    :meth:`original_base_factors` gives the rank-2r pair ([A; A0], [B, −B0]) for the UNMODIFIED base
+    (PEFT export, ``formats/rebase.py``), as LoRA-GA (docs/loraga.md).
+    """
+
+    modifies_base = True
+    identity_before_init = True
+
+    def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
+        super().__init__(site, **kwargs)
+        self.register_buffer("init_A", torch.zeros(self.r, site.d_in, dtype=site.dtype))
+        self.register_buffer("init_B", torch.zeros(site.d_out, self.r, dtype=site.dtype))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def reset_parameters(self) -> None:
+        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
+        nn.init.zeros_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    def init_stats(self, device: torch.device | None = None) -> InputCovariance | None:
+        """CorDA's input covariance (forward only, eval mode, as PEFT's ``preprocess_corda``); None
+        for the inits that need no data."""
+        if self.config["init"].startswith("corda"):
+            return InputCovariance(self.d_in, device)
+        return None
+
+    def initialize(self, stats: InputCovariance | None, weight: torch.Tensor) -> torch.Tensor:
+        """Set A0, B0 from W (and the covariance for CorDA); return the offset weight W − s·B0 A0."""
+        init, s = self.config["init"], self.scaling
+        W = weight.detach().float()
+        niter = lora_inits.PISSA_NITER.fullmatch(init)
+        if init == "olora":
+            A0, B0 = lora_inits.olora(W, self.r)
+        elif init.startswith("corda"):
+            A0, B0 = lora_inits.corda(W, stats.mean(self.site_name), self.r, s, kpm=init == "corda_kpm")
+        else:
+            A0, B0 = lora_inits.pissa(W, self.r, s, int(niter.group(1)) if niter else None)
+        with torch.no_grad():
+            for dst, src in ((self.lora_A, A0), (self.lora_B, B0), (self.init_A, A0), (self.init_B, B0)):
+                dst.copy_(src)
+            self.initialized.fill_(True)
+        return (W - s * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+
+    def base_offset(self) -> LowRank | None:
+        """W_now = W_original − s·B0 A0 (zero before initialization)."""
+        return LowRank(self.init_A, self.init_B, float(self.scaling))
+
+    def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""
+        return (weight.float() + self.scaling * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+
+
+class EvaLoRA(DataDependentInit, LoRA):
+    """``lora(init="eva")``: EVA, Explained Variance Adaptation (Paischer et al. 2024, arXiv:2410.07170),
+    as PEFT's ``get_eva_state_dict`` with ``rho=1``: A = the top-r principal components of the site's
+    input rows (incremental PCA streamed over ``data`` until every component is stable, cosine ≥ 0.99;
+    :class:`~lowrank_compiler.methods.gradstats.InputPCA`), B = 0. The base is not moved. Not done:
+    PEFT's rank redistribution across sites (``rho > 1``), since an lrc site's rank is fixed by the
+    spec; ``whiten``. A = B = 0 until ``passes.initialize`` runs (no loss_fn needed: forward only).
+    """
+
+    identity_before_init = True
+
+    def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
+        super().__init__(site, **kwargs)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def reset_parameters(self) -> None:
+        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
+        nn.init.zeros_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    def init_stats(self, device: torch.device | None = None) -> InputPCA:
+        return InputPCA(self.r)
+
+    def initialize(self, stats: InputPCA, weight: torch.Tensor) -> None:
+        """A ← the top-r components; B stays 0, the base is unchanged."""
+        with torch.no_grad():
+            self.lora_A.copy_(stats.top(self.site_name))
+            self.initialized.fill_(True)
+        return None

@@ -13,7 +13,7 @@ from torch import nn
 from lowrank_compiler.errors import InitError
 from lowrank_compiler.methods.base import Arg, DataDependentInit, SiteInfo, positive, register_method
 from lowrank_compiler.methods.gradstats import GradStats
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 
 def _fraction(v: Any) -> str | None:
@@ -86,7 +86,7 @@ class LoRADrop(DataDependentInit, LoRA):
 
     name = "lora_drop"
     args = {
-        **LoRA.args,
+        **LORA_ARGS,
         "threshold": Arg(0.9, (float,), _fraction, "cumulative importance of the kept sites"),
         "warmup_steps": Arg(8, (int,), positive, "init batches that train the warm-up LoRA"),
         "warmup_lr": Arg(1e-3, (float,), positive, "Adam lr of the warm-up"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowrank_compiler.methods.base import Arg, SiteInfo, positive, register_method
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 
 @register_method
@@ -25,7 +25,7 @@ class LoRAPlus(LoRA):
     """
 
     name = "lora_plus"
-    args = {**LoRA.args, "ratio": Arg(16.0, (float,), positive, "lr_B / lr_A")}
+    args = {**LORA_ARGS, "ratio": Arg(16.0, (float,), positive, "lr_B / lr_A")}
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)

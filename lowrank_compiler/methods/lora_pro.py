@@ -9,7 +9,7 @@ import torch
 
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, one_of, register_method
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 _DELTA = 1e-8  # ridge on the r × r inverses, as the authors (pinv(M + 1e-8 I))
 
@@ -70,7 +70,7 @@ class LoRAPro(LoRA):
     """
 
     name = "lora_pro"
-    args = {**LoRA.args, "mode": Arg("full", (str,), one_of("full", "efficient"), "AdamW variant")}
+    args = {**LORA_ARGS, "mode": Arg("full", (str,), one_of("full", "efficient"), "AdamW variant")}
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)

@@ -21,7 +21,7 @@ from lowrank_compiler.methods.base import (
     register_method,
 )
 from lowrank_compiler.methods.gradstats import ExactGradient, GradientSketch, GradStats
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit", "gd")
@@ -66,7 +66,7 @@ class LoRAGA(DataDependentInit, LoRA):
     #: A = B = 0 until initialize(): the init pass may run the site as its plain linear meanwhile.
     identity_before_init = True
     args = {
-        **LoRA.args,
+        **LORA_ARGS,
         "direction": Arg("ArB2r", (str,), one_of(*DIRECTIONS), "which singular vectors go to A and B"),
         "scale": Arg("stable", (str,), one_of(*SCALES), "scaling of A0 and B0"),
         "gamma": Arg(16.0, (float,), positive, "gamma of the stable scale"),

@@ -10,7 +10,7 @@ import torch
 
 from lowrank_compiler.errors import SpecError
 from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
-from lowrank_compiler.methods.lora import LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 
 def _unit_interval(v: Any) -> str | None:
@@ -48,7 +48,7 @@ class LoRASC(LoRA):
 
     name = "lorasc"
     args = {
-        **LoRA.args,
+        **LORA_ARGS,
         "cascade_every": Arg(None, (int,), positive, "optimizer steps per cascade", required=True),
         "slow_rate": Arg(1.0, (float,), _unit_interval, "share of the fast LoRA merged per cascade"),
         "noise": Arg(0.0, (float,), non_negative, "NoisyTune strength per cascade"),

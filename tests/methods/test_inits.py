@@ -1,0 +1,186 @@
+"""PEFT's LoRA initialisations (``lora(init=...)``) against PEFT itself, and the base offset they leave.
+
+Reference: PEFT's ``LoraConfig(init_lora_weights=...)`` on the same model, seed and data; the random
+inits are compared at one layer, after the same seed, with PEFT's own init method on a PEFT layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers.mlp import make_mlp
+
+import lowrank_compiler as lrc
+from lowrank_compiler.errors import InitError, SpecError
+from lowrank_compiler.methods.base import SiteInfo
+from lowrank_compiler.methods.lora import EvaLoRA, LoRA, OffsetLoRA
+
+peft = pytest.importorskip("peft")
+SITES = ("fc1", "fc2", "fc3")
+SPEC = "fc*:lora(r=4, alpha=8, init='{init}')"
+
+
+def x3(n: int = 1, seq: int = 5, seed: int = 1) -> torch.Tensor:
+    """(n, seq, 12) inputs: PEFT's CorDA hook takes one sample per call (batch 1, 2-D after squeeze)."""
+    return torch.randn(n, seq, 12, generator=torch.Generator().manual_seed(seed))
+
+
+CALIB = [x3(seed=10 + i) for i in range(6)]
+
+
+def peft_model(init: str):
+    model = make_mlp()
+    corda = init.startswith("corda")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(SITES), init_lora_weights="corda" if corda else init)
+    if corda:
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+        config.corda_config = CordaConfig(corda_method="kpm" if init == "corda_kpm" else "ipm")
+        preprocess_corda(model, config, run_model=lambda: [model(x) for x in CALIB])
+    return peft.get_peft_model(model, config)
+
+
+def ours(init: str, **kw):
+    return lrc.transform(make_mlp(), SPEC.format(init=init), example_inputs=(x3(),),
+                         data=[(x,) for x in CALIB], progress=False, **kw)
+
+
+def peft_layer(pm, site):
+    return getattr(pm.base_model.model, site)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "corda_kpm"])
+def test_factors_and_offset_base_equal_peft(init):
+    pm, gm = peft_model(init), ours(init)
+    for site in SITES:
+        lay, ad = peft_layer(pm, site), lrc.adapters(gm)[site]
+        assert isinstance(ad, OffsetLoRA) and ad.name == "lora"
+        torch.testing.assert_close(ad.lora_A, lay.lora_A.default.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ad.lora_B, lay.lora_B.default.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gm.get_parameter(f"{site}.weight"), lay.base_layer.weight, atol=1e-5, rtol=0)
+    x = x3(2, seed=7)
+    torch.testing.assert_close(gm(x), pm(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gm(x), make_mlp()(x), atol=1e-5, rtol=0)  # the init keeps the base's output
+
+
+def _site(d_in=12, d_out=24):
+    return SiteInfo("fc1", d_in, d_out)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
+def test_random_inits_equal_peft_on_the_same_seed(init):
+    lay = peft_layer(peft_model("gaussian"), "fc1")
+    torch.manual_seed(123)
+    if init == "gaussian":
+        lay.reset_lora_parameters("default", "gaussian")
+    else:
+        lay.orthogonal_init("default")
+    torch.manual_seed(123)
+    ad = LoRA(_site(), r=4, alpha=8.0, init=init)
+    assert type(ad) is LoRA
+    torch.testing.assert_close(ad.lora_A, lay.lora_A.default.weight, atol=1e-7, rtol=0)
+    torch.testing.assert_close(ad.lora_B, lay.lora_B.default.weight, atol=1e-7, rtol=0)
+
+
+def test_pissa_niter_equals_peft_on_the_same_seed():
+    lay = peft_layer(peft_model("gaussian"), "fc1")
+    w0 = lay.base_layer.weight.detach().clone()
+    torch.manual_seed(9)
+    lay.pissa_init("default", "pissa_niter_3")
+    ad = OffsetLoRA(_site(), **LoRA.resolve_args({"r": 4, "init": "pissa_niter_3"}))
+    torch.manual_seed(9)
+    w_res = ad.initialize(None, w0)
+    torch.testing.assert_close(ad.lora_A, lay.lora_A.default.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ad.lora_B, lay.lora_B.default.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w_res, lay.base_layer.weight, atol=1e-5, rtol=0)
+
+
+def _train(gm, steps=3):
+    opt = lrc.optimizer(gm, torch.optim.AdamW, lr=1e-2)
+    for i in range(steps):
+        x = x3(2, seed=50 + i)
+        gm(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return gm
+
+
+@pytest.mark.parametrize("init", ["pissa", "corda"])
+def test_offset_survives_merge_save_load_and_peft_export(init, tmp_path):
+    gm = _train(ours(init)).eval()
+    x = x3(3, seed=8)
+    want = gm(x)
+    assert not torch.allclose(want, make_mlp()(x), atol=1e-4)  # training moved it
+    torch.testing.assert_close(lrc.merge(gm)(x), want, atol=1e-5, rtol=0)
+    lrc.save(gm, tmp_path / "m.lrc")
+    back = lrc.load(tmp_path / "m.lrc")
+    torch.testing.assert_close(back(x), want, atol=1e-6, rtol=0)
+    assert bool(lrc.adapters(back)["fc1"].initialized)
+    # rank-2r portable form: PEFT loads it on the UNMODIFIED base and gives the trained outputs
+    lrc.export(gm, tmp_path / "peft", format="peft")
+    pm = peft.PeftModel.from_pretrained(make_mlp(), tmp_path / "peft").eval()
+    assert peft_layer(pm, "fc1").lora_A.default.weight.shape[0] == 8
+    torch.testing.assert_close(pm(x), want, atol=1e-5, rtol=0)
+
+
+def test_pissa_needs_no_data_and_corda_needs_no_loss():
+    gm = lrc.transform(make_mlp(), SPEC.format(init="pissa"), example_inputs=(x3(),))
+    assert bool(lrc.adapters(gm)["fc2"].initialized)
+    ours("corda")  # data, no loss_fn
+    with pytest.raises(InitError, match="pass data"):
+        lrc.transform(make_mlp(), SPEC.format(init="corda"), example_inputs=(x3(),))
+
+
+def test_bad_init_values_are_spec_errors():
+    with pytest.raises(SpecError, match="pissa_niter_<k>"):
+        lrc.transform(make_mlp(), "fc1:lora(init='pisa')", example_inputs=(x3(),))
+    with pytest.raises(SpecError, match="even r"):
+        lrc.transform(make_mlp(), "fc1:lora(r=3, init='orthogonal')", example_inputs=(x3(),))
+
+
+def test_deepcopy_keeps_the_offset_class():
+    gm = ours("olora")
+    cp = copy.deepcopy(gm)
+    assert type(lrc.adapters(cp)["fc1"]) is OffsetLoRA
+    x = x3(2)
+    torch.testing.assert_close(cp(x), gm(x))
+
+
+def test_eva_equals_peft_get_eva_state_dict():
+    """PEFT streams (cycling the data) until every component is stable; lrc's init pass does the same."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 16, 12, generator=g) for _ in range(30)]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(SITES), init_lora_weights="eva",
+                          eva_config=EvaConfig(rho=1.0))
+    ref = get_eva_state_dict(make_mlp(), data, cfg, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
+                             prepare_layer_inputs_fn=None, show_progress_bar=False)
+    gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0],),
+                       data=[(x,) for x in data], progress=False)
+    for site in SITES:
+        ad = lrc.adapters(gm)[site]
+        assert isinstance(ad, EvaLoRA) and not ad.modifies_base and bool(ad.initialized)
+        torch.testing.assert_close(ad.lora_A, ref[site].float(), atol=1e-5, rtol=0)
+        assert not ad.lora_B.any()
+    x = data[0]
+    torch.testing.assert_close(gm(x), make_mlp()(x), atol=0, rtol=0)
+
+
+def test_eva_stops_at_init_batches_and_mask_selects_token_rows():
+    from lowrank_compiler.methods.gradstats import InputPCA
+
+    s = InputPCA(2)
+    x = torch.randn(2, 3, 5)
+    s.row_mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+    s.update(x)
+    cov = x[s.row_mask]
+    ref = torch.linalg.svd(cov - cov.mean(0), full_matrices=False).Vh[:2]
+    torch.testing.assert_close(s.top().abs(), ref.abs(), atol=1e-5, rtol=0)  # exact rank: lowrank = full SVD
+    data = [(torch.randn(4, 16, 12),) for _ in range(3)]
+    gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0][0],), data=data,
+                       init_batches=2, progress=False)
+    assert bool(lrc.adapters(gm)["fc1"].initialized)
