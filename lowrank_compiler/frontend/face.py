@@ -226,6 +226,10 @@ class Face:
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
         share_hierarchy(gm, var)
         records = [{"site": m.site, "method": m.method, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
+        pmeta = lrc_meta(gm)
+        # the primary's fully trained modules (heads) are shared already: the variant's freezing must keep them
+        lrc_meta(var).update(trainable_extra=list(pmeta.get("trainable_extra", ())),
+                             full_modules=list(pmeta.get("full_modules", ())))
         if records:
             # the variant shares the primary's adapter modules before its own insert calls them, so the
             # graph is only whole after the pipeline: verify once at the end
