@@ -1,8 +1,9 @@
 """Structured fuzzing of every JSON field an lrc file carries (issue 19).
 
-Each example rewrites 1-3 fields (a string, a number, or a dict key: names included) of the program
-JSON, the weights/constants configs or the manifest of a fresh ``lrc.save`` with hostile values, then
-loads the file and calls the model. Required: no marker file (payloads would create it), no exception
+Each example either rewrites 1-3 fields (a string, a number, or a dict key: names included) of the
+program JSON, the weights/constants configs or the manifest of a fresh ``lrc.save`` with hostile values,
+or renames one name consistently in every document (so the archive stays coherent and torch builds it)
+to a name carrying a payload that runs wherever fx pastes it; then it loads the file and calls the model. Required: no marker file (payloads would create it), no exception
 but :class:`LrcError` from loading, and no hang (a SIGALRM per example fails the test; no timing
 asserts). ``LRC_FUZZ_EXAMPLES=N`` runs a longer campaign.
 """
@@ -62,6 +63,14 @@ def _hostile(marker: str) -> st.SearchStrategy:
     return strings | numbers | st.sampled_from([None, True, [], {}, [1] * 3])
 
 
+def _payload_name(old: str, marker: str) -> st.SearchStrategy:
+    """Names that run the payload when pasted as ``getattr(x, "<leaf>")``, a parameter or a dict key."""
+    head = old.rsplit(".", 1)[0] + "." if "." in old else ""
+    return st.sampled_from([head + f'x") if open({marker!r}, "w") else getattr(self, "x',
+                            f"{old}=open({marker!r}, 'w')", f"{old}':open({marker!r}, 'w'),'",
+                            f"{old}\nopen({marker!r}, 'w')\n"])
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
@@ -71,7 +80,17 @@ def base(tmp_path_factory):
     docs = {("outer", "manifest.json"): json.loads(outer["manifest.json"])}
     docs.update({("inner", n): json.loads(b) for n, b in inner.items() if n.endswith(".json")})
     fields = [(doc, path, kind) for doc, tree in docs.items() for path, kind in _fields(tree)]
-    return d, outer, inner, docs, fields
+    names = sorted({path[-1] for _, path, kind in fields if kind == "key" and isinstance(path[-1], str)}
+                   | {_get(docs[doc], path) for doc, path, kind in fields if kind == "value"
+                      and isinstance(_get(docs[doc], path), str) and _get(docs[doc], path).replace(".", "_")
+                      .replace("_", "a").isalnum()})
+    return d, outer, inner, docs, fields, names
+
+
+def _get(doc, path):
+    for p in path:
+        doc = doc[p]
+    return doc
 
 
 def _alarm(signum, frame):
@@ -83,15 +102,21 @@ def _alarm(signum, frame):
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_every_field_load_and_call(base, data):
-    d, outer, inner, docs, fields = base
+    d, outer, inner, docs, fields, names = base
     marker = d / "PWNED"
-    edits = data.draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3, unique=True))
     new_docs = json.loads(json.dumps({f"{a}|{b}": v for (a, b), v in docs.items()}))
-    for (where, name), path, kind in edits:
-        try:
-            _set(new_docs[f"{where}|{name}"], path, kind, data.draw(_hostile(str(marker))))
-        except (KeyError, IndexError, TypeError):
-            pass  # an earlier edit in this example moved the field
+    if data.draw(st.booleans()):
+        old = data.draw(st.sampled_from(names))
+        edits = [("rename", old, data.draw(_payload_name(old, str(marker))))]
+        text = json.dumps(new_docs).replace(json.dumps(json.dumps(old))[1:-1], json.dumps(json.dumps(edits[0][2]))[1:-1])
+        new_docs = json.loads(text.replace(json.dumps(old), json.dumps(edits[0][2])))
+    else:
+        edits = data.draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3, unique=True))
+        for (where, name), path, kind in edits:
+            try:
+                _set(new_docs[f"{where}|{name}"], path, kind, data.draw(_hostile(str(marker))))
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier edit in this example moved the field
     new_inner = {**inner, **{n: json.dumps(new_docs[f"inner|{n}"]).encode() for n in inner if f"inner|{n}" in new_docs}}
     new_outer = {**outer, "program.pt2": zip_bytes(new_inner),
                  "manifest.json": json.dumps(new_docs["outer|manifest.json"]).encode()}
