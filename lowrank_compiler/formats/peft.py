@@ -22,7 +22,7 @@ from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
 from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.quiet import quiet
 from lowrank_compiler.safety.atomic import atomic_dir
-from lowrank_compiler.safety.regex import pattern_problem
+from lowrank_compiler.safety.regex import pattern_problem, suffix_match
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -114,7 +114,7 @@ def save_peft(gm: fx.GraphModule, path: str | os.PathLike, base_model_name_or_pa
 
 def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
     for key, value in patterns.items():  # PEFT's get_pattern_key: regex over a dot-aligned suffix
-        if re.match(rf"(.*\.)?({key})$", site):
+        if suffix_match(key, site):
             return value
     return default
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from lowrank_compiler.errors import SpecError
 from lowrank_compiler.methods.base import FULL, SKIP, get_method
-from lowrank_compiler.safety.regex import pattern_problem
+from lowrank_compiler.safety.regex import fullmatch, pattern_problem
 
 _RULE_RE = re.compile(r"^(?P<pat>.*\S)\s*:\s*(?P<meth>[A-Za-z_]\w*)\s*(?:\((?P<args>.*)\))?\s*$", re.S)
 _LITERAL_NAMES = {"true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
@@ -46,7 +46,7 @@ class Rule:
     def matches(self, name: str) -> bool:
         """Glob over the whole dotted name or any dot-aligned suffix; ``re:`` is a full regex."""
         if self.regex:
-            return re.fullmatch(self.pattern, name) is not None
+            return fullmatch(self.pattern, name)
         parts = name.split(".")
         return any(fnmatch.fnmatchcase(".".join(parts[i:]), self.pattern) for i in range(len(parts)))
 

@@ -163,3 +163,31 @@ def test_compressed_member_zip_bomb_refused_without_inflating(saved, tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 32 << 20  # nothing near the inflated size was allocated
+
+
+def test_encrypted_member_flag_is_one_line(saved, tmp_path, capsys):
+    """A member whose general-purpose flag says 'encrypted' made zipfile raise RuntimeError (issue 19)."""
+    data = bytearray(saved.read_bytes())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # local header flag at +6, central directory flag at +8
+        i = data.find(sig)
+        while i >= 0:
+            data[i + (6 if sig == b"PK\x03\x04" else 8)] |= 1
+            i = data.find(sig, i + 4)
+    bad = tmp_path / "encrypted.lrc"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(LoadError):
+        lrc.load(bad)
+    _assert_refused_cli(bad, capsys)
+
+
+def test_nested_zip_sample_inputs_never_read(saved, tmp_path):
+    """The sample-inputs member is dropped unread, so a deeply nested zip there cannot recurse (issue 19)."""
+    blob = b"x"
+    for _ in range(300):
+        blob = zip_bytes({"archive/data.pkl": blob})
+
+    def edit(inner):
+        inner[next(n for n in inner if "sample_inputs" in n)] = blob
+    bad = edit_program(saved, tmp_path / "nested.lrc", edit)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(lrc.load(bad)(x), lrc.load(saved)(x))
