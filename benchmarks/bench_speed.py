@@ -10,8 +10,11 @@ AdamW (lr 1e-4, torch's default foreach step unless the row says fused). Variant
   lrc lowered               + lowerings/fast_dropout.py (all lowerings: lrc.lower)
   lrc lowered +fused opt    the same with lrc.compile's fused optimizer step
   --compile adds (inductor, forward + backward; compile time excluded, warm-up steps run first):
-  lrc compiled              lrc.compile(gm) (the unlowered graph)
-  lrc compiled lowered +fused  lrc.compile(gm, lower=True, optimizer=opt): lowered graph + fused AdamW
+  lrc.compile(gm) default   lrc.compile(gm) as a user calls it: the unlowered graph, exact dropout (torch's
+                            random ops, the eager stream: inductor's fallback_random)
+  lrc compiled inductor-rng   lrc.compile(gm, exact_dropout=False): inductor's per-element Philox dropout
+  lrc compiled lowered +fused  lrc.compile(gm, lower=True, optimizer=opt): lowered graph + fused AdamW (the
+                            fastest; opt-in: its dropout masks come from another random stream)
 Variants run round-robin (bench_lora.timed_rounds); ratios to PEFT eager of the median and of the minimum
 per-iteration time over the rounds (the PNG shows both).
 The clock: ``cpu`` (default) = this thread's CPU time with 1 torch thread (robust on a shared machine);
@@ -51,8 +54,9 @@ VARIANTS = {  # name -> (lowerings skipped or None for the unlowered graph, fuse
     "lrc lowered": ((), False, False),
     "lrc lowered +fused opt": ((), True, False),
 }
-COMPILED = {
-    "lrc compiled": (None, False, True),
+COMPILED = {  # compiled: True, or "philox" for inductor's own dropout random stream
+    "lrc.compile(gm) default": (None, False, True),
+    "lrc compiled inductor-rng": (None, False, "philox"),
     "lrc compiled lowered +fused": ((), True, True),
 }
 
@@ -67,7 +71,8 @@ def step_fn(name: str, cfg: tuple, models: dict, ids: torch.Tensor, mask: torch.
         model = gm if skip is None else lower(gm, skip=skip)
     opt = torch.optim.AdamW(params, lr=1e-4)
     if compiled:
-        model = lrc.compile(gm, lower=skip is not None, optimizer=opt if fused else None)
+        model = lrc.compile(gm, lower=skip is not None, optimizer=opt if fused else None,
+                            exact_dropout=compiled != "philox")
     elif fused:
         fuse_optimizer(opt)
     return bl.train_step_fn(model, ids, mask, opt)

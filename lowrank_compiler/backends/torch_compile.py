@@ -33,7 +33,7 @@ def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor", mode: str | None = None,
             dynamic: bool | None = None, fullgraph: bool = True, lower: bool = False,
-            optimizer: torch.optim.Optimizer | None = None, **options: Any) -> nn.Module:
+            optimizer: torch.optim.Optimizer | None = None, exact_dropout: bool = True, **options: Any) -> nn.Module:
     """``torch.compile`` of ``gm`` (or of a merged copy with ``merge=True``); same call signature as ``gm``.
 
     Training works through the result: the adapter parameters are the graph's own, so an optimizer
@@ -41,9 +41,15 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     (dynamo guards on the mode and recompiles once per mode). ``fullgraph=True`` (the default)
     makes any graph break an error: lrc adapters are plain tensor code and add none.
 
-    ``lower=True`` compiles :func:`lower`'s training graph instead (the fast path for training; it
-    takes the traced inputs only). ``optimizer=opt`` also makes ``opt``'s step fused
-    (:func:`fuse_optimizer`, in place), so one call covers forward, backward and the step.
+    The default is exact: ``exact_dropout=True`` makes inductor draw dropout masks (hidden and attention) with
+    torch's own random ops (inductor's ``fallback_random``), so a seeded compiled step drops the same elements
+    as the eager model and is not slowed by inductor's per-element CPU Philox. ``exact_dropout=False`` gives
+    inductor's own stream (another draw, same distribution).
+
+    ``lower=True`` compiles :func:`lower`'s training graph instead: the fastest path, opt-in because its dropout
+    masks come from another random stream (docs/speed.md; it takes the traced inputs only). ``optimizer=opt``
+    also makes ``opt``'s step fused (:func:`fuse_optimizer`, in place), so one call covers forward, backward and
+    the step.
 
     Raises:
         ExportError: ``gm`` is not a module, the backend is unknown, or ``lower`` with ``merge``.
@@ -63,6 +69,10 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
     if merge:
         target = merge_pipeline()(copy.deepcopy(gm)).gm
+    if exact_dropout and backend == "inductor":  # torch.compile takes mode or options, not both: fold mode in
+        modal = torch._inductor.list_mode_options(mode) if mode is not None else {}
+        options["options"] = {**modal, "fallback_random": True, **(options.get("options") or {})}
+        mode = None
     return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
 
 

@@ -104,3 +104,35 @@ def test_inductor_merged_inference_and_training_hf():
     for n, p in gm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.slow
+def test_default_compile_is_exact_in_train_mode():
+    """lrc.compile(gm) as a user calls it (inductor, train mode, BERT's dropout 0.1 on): a seeded step gives the
+    eager model's loss and gradients (same dropout draws); inductor's own random stream does not."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=64)
+    gm = lrc.transform(tf.BertModel(cfg), "attention.self.*:lora(r=4)").train()
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    target = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
+
+    def step(model):
+        torch.manual_seed(7)
+        loss = (model(input_ids=ids).last_hidden_state - target).pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad}
+        gm.zero_grad()
+        return loss.item(), grads
+
+    torch._dynamo.reset()
+    want, want_g = step(gm)
+    got, got_g = step(lrc.compile(gm))
+    assert got == pytest.approx(want, rel=1e-4)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], atol=1e-5, rtol=1e-3, msg=n)
+    torch._dynamo.reset()
+    other, _ = step(lrc.compile(gm, exact_dropout=False))
+    assert other != pytest.approx(want, rel=1e-4)  # another draw: the test can tell the two apart
