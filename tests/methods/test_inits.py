@@ -154,7 +154,7 @@ def test_eva_equals_peft_get_eva_state_dict():
     from peft.tuners.lora.eva import get_eva_state_dict
 
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(4, 16, 12, generator=g) for _ in range(30)]
+    data = [torch.randn(4, 16, 12, generator=g) * torch.logspace(1, -1, 12) for _ in range(30)]  # distinct variances
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(SITES), init_lora_weights="eva",
                           eva_config=EvaConfig(rho=1.0))
     ref = get_eva_state_dict(make_mlp(), data, cfg, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
@@ -184,3 +184,56 @@ def test_eva_stops_at_init_batches_and_mask_selects_token_rows():
     gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0][0],), data=data,
                        init_batches=2, progress=False)
     assert bool(lrc.adapters(gm)["fc1"].initialized)
+
+
+def token_batches(n: int, batch: int, seq: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Random word-piece ids of random lengths (padded), as input_ids/attention_mask dicts."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        mask = (torch.arange(seq)[None, :] < torch.randint(seq // 2, seq + 1, (batch, 1), generator=g)).long()
+        ids = torch.randint(1000, 29000, (batch, seq), generator=g) * mask
+        ids[:, 0] = 101
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "eva"])
+def test_inits_equal_peft_on_real_minilm(init, minilm_dir):
+    """The real all-MiniLM-L6-v2, query/value of layers 0 and 5: PEFT's factors, offset bases and outputs."""
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
+    from transformers import BertModel
+
+    def load_minilm():
+        return BertModel.from_pretrained(minilm_dir, local_files_only=True).eval()
+
+    data = token_batches(6, batch=1 if init == "corda" else 4)  # PEFT's CorDA hook takes batch 1
+    ref_model = load_minilm()
+    sites = [f"encoder.layer.{i}.attention.self.{p}" for i in (0, 5) for p in ("query", "value")]
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=sites, init_lora_weights=init)
+    if init == "corda":
+        from peft.tuners.lora.corda import preprocess_corda
+        config.corda_config = CordaConfig(corda_method="ipm")
+        preprocess_corda(ref_model, config, run_model=lambda: [ref_model(**b) for b in data])
+    pm = peft.get_peft_model(ref_model, config)
+    if init == "eva":
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+        config.eva_config = EvaConfig(rho=1.0)
+        initialize_lora_eva_weights(pm, data, show_progress_bar=False)
+    b0 = data[0]
+    pm.eval()
+    gm = lrc.transform(load_minilm(), "; ".join(f"{s}:lora(r=8, alpha=16, init='{init}')" for s in sites),
+                       example_inputs=(b0["input_ids"],),
+                       example_kwargs={"attention_mask": b0["attention_mask"]}, data=data, progress=False)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert len(lrc.adapters(gm)) == len(sites)
+    for site, ad in lrc.adapters(gm).items():
+        lay = peft_layers[site]
+        torch.testing.assert_close(ad.lora_A, lay.lora_A.default.weight.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ad.lora_B, lay.lora_B.default.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gm.get_parameter(f"{site}.weight"), lay.base_layer.weight, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        want = load_minilm()(**b0).last_hidden_state
+        torch.testing.assert_close(gm(**b0).last_hidden_state, pm(**b0).last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gm(**b0).last_hidden_state, want, atol=1e-4, rtol=0)
