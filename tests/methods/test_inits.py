@@ -237,3 +237,52 @@ def test_inits_equal_peft_on_real_minilm(init, minilm_dir):
         want = load_minilm()(**b0).last_hidden_state
         torch.testing.assert_close(gm(**b0).last_hidden_state, pm(**b0).last_hidden_state, atol=1e-5, rtol=0)
         torch.testing.assert_close(gm(**b0).last_hidden_state, want, atol=1e-4, rtol=0)
+
+
+def _nf4_levels() -> torch.Tensor:
+    """QLoRA's NF4 levels from their definition (bitsandbytes ``create_normal_map(0.9677083)``)."""
+    icdf = torch.distributions.Normal(0.0, 1.0).icdf
+    pos = icdf(torch.linspace(0.9677083, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -icdf(torch.linspace(0.9677083, 0.5, 8, dtype=torch.float64)[:-1])
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (v / v.abs().max()).float()
+
+
+def test_nf4_quantizer_matches_its_definition():
+    from lowrank_compiler.methods.lora_inits import NF4_CODE, fake_quantize
+
+    levels = _nf4_levels()
+    torch.testing.assert_close(torch.tensor(NF4_CODE), levels, atol=1e-6, rtol=0)
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    q = fake_quantize(W, 4)
+    blocks, qb = W.reshape(-1, 64), q.reshape(-1, 64)  # 960 = 15 blocks of 64
+    for b, got in zip(blocks, qb):
+        absmax = b.abs().max()
+        want = levels[(b / absmax).unsqueeze(1).sub(levels).abs().argmin(1)] * absmax
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    q8 = fake_quantize(W, 8)
+    step = W.abs().amax(1, keepdim=True) / 127
+    torch.testing.assert_close(q8, torch.round(W / step) * step, atol=1e-6, rtol=0)
+
+
+def test_loftq_alternates_and_reduces_the_quantization_error():
+    from lowrank_compiler.methods.lora_inits import fake_quantize
+
+    spec = "fc*:lora(r=4, alpha=4, init='loftq', loftq_iter={it})"  # s = 1, as PEFT's LoftQ assumes
+    errs = []
+    for it in (1, 3):
+        gm = lrc.transform(make_mlp(), spec.format(it=it), example_inputs=(x3(),))
+        ad, W = lrc.adapters(gm)["fc1"], make_mlp().fc1.weight.detach()
+        Q = gm.get_parameter("fc1.weight")
+        res = W.clone()  # the paper's Algorithm 1, written out here
+        for t in range(it):
+            deq = fake_quantize(res, 4)
+            U, S, Vh = torch.linalg.svd(W - deq, full_matrices=False)
+            L, R = U[:, :4] * S[:4].sqrt(), S[:4].sqrt()[:, None] * Vh[:4]
+            res = W - L @ R
+        torch.testing.assert_close(Q, deq, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ad.lora_B @ ad.lora_A, L @ R, atol=1e-5, rtol=0)
+        errs.append(float((W - Q - ad.lora_B @ ad.lora_A).norm()))
+        assert errs[-1] < float((W - fake_quantize(W, 4)).norm())
+        assert ad.base_offset() is None and ad.original_base_factors() is None
+    assert errs[1] <= errs[0] * 1.001
