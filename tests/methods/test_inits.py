@@ -275,7 +275,7 @@ def test_loftq_alternates_and_reduces_the_quantization_error():
         ad, W = lrc.adapters(gm)["fc1"], make_mlp().fc1.weight.detach()
         Q = gm.get_parameter("fc1.weight")
         res = W.clone()  # the paper's Algorithm 1, written out here
-        for t in range(it):
+        for _ in range(it):
             deq = fake_quantize(res, 4)
             U, S, Vh = torch.linalg.svd(W - deq, full_matrices=False)
             L, R = U[:, :4] * S[:4].sqrt(), S[:4].sqrt()[:, None] * Vh[:4]
