@@ -1,6 +1,7 @@
 """Quality study: every lrc method on one real task with the embedded all-MiniLM-L6-v2.
 
     python benchmarks/bench_quality.py [--steps 40] [--seeds 3] [--quick] [--png docs/quality.png]
+    python benchmarks/bench_quality.py --only lora@pissa,lora@eva,dora_fa --middle-lr --png ""   # the new inits
 
 Task (chosen because it is real text, has a held-out split, and runs in minutes on 2 cores): the
 4-topic sentence classification of ``lrc demo`` (56 train / 24 held-out hand-written sentences,
@@ -49,6 +50,8 @@ SITES = "attention.self.[qv][ua]*"
 BATCH, SMOOTH = 8, 5
 EASY = 0.1  # a loss every method should reach early: steps to it compare convergence speed
 GRID = (1e-3, 3e-3, 1e-2)
+#: PEFT's init_lora_weights values run as lora(init=...) (docs/inits.md); LoftQ separately (alpha = r)
+INITS = ("gaussian", "orthogonal", "pissa", "olora", "corda", "eva")
 
 
 def methods(steps: int) -> dict[str, tuple[str, tuple[float, ...]]]:
@@ -70,6 +73,9 @@ def methods(steps: int) -> dict[str, tuple[str, tuple[float, ...]]]:
         "alora": (f"alora(r=8, r_max=12, alpha=16, every={every}, rounds=3, prune_per_round=8)", GRID),
         "lora_drop": ("lora_drop(r=8, alpha=16, threshold=0.9, warmup_steps=8, warmup_lr=0.003)", GRID),
         "lora_drop@0.7": ("lora_drop(r=8, alpha=16, threshold=0.7, warmup_steps=8, warmup_lr=0.003)", GRID),
+        "dora_fa": ("dora_fa(r=8, alpha=16, dropout=0.0)", tuple(3 * g for g in GRID)),
+        **{f"lora@{init}": (f"lora(r=8, alpha=16, init='{init}')", GRID) for init in INITS},
+        "lora@loftq": ("lora(r=8, alpha=8, init='loftq')", GRID),  # s = 1, as LoftQ's factors assume
     }
 
 
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 seeds, the middle lr only")
     ap.add_argument("--only", default="", help="comma-separated method names (lora is always run)")
+    ap.add_argument("--middle-lr", action="store_true", help="each method's middle grid lr, no search (short runs)")
     ap.add_argument("--replot", default="", help="redraw --png from a saved .json instead of training")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(__file__), "..", "docs", "quality.png"),
                     help="the loss-curve plot; the numbers go beside it as .json")
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"tokens; seeds {seeds}; sites {SITES} (12 linears)")
     results: dict[str, dict[str, Any]] = {}
     for name, (call, grid) in table.items():
-        grid = grid[1:2] if a.quick else grid
+        grid = grid[1:2] if a.quick or a.middle_lr else grid
         tries = {lr: run(task, name, call, lr, 0, steps) for lr in grid}
         best = min(tries, key=lambda lr: statistics.fmean(tries[lr]["curve"][-SMOOTH:]))
         runs = [tries[best]] + [run(task, name, call, best, s, steps) for s in range(1, seeds)]

@@ -17,6 +17,7 @@ from lowrank_compiler.methods.base import (
     LowRank,
     MixedFactors,
     SiteInfo,
+    one_of,
     positive,
     probability,
     register_method,
@@ -47,14 +48,17 @@ class LoRA(AdapterMethod):
         rslora (bool, false): rank-stabilized scaling alpha/√r.
         init (str, "default"): PEFT's ``init_lora_weights``: "default" (kaiming A, B = 0), "gaussian",
             "orthogonal" (r even), "eva" (data), "pissa", "pissa_niter_<k>", "olora", "corda" (IPM, data),
-            "corda_kpm" (docs/inits.md). The last four move the base weight by −s·B0 A0 (:class:`OffsetLoRA`).
+            "corda_kpm", "loftq" (docs/inits.md).
+        loftq_bits (int, 4), loftq_iter (int, 1): LoftQ's quantizer (NF4 or int8) and iterations. The last four move the base weight by −s·B0 A0 (:class:`OffsetLoRA`).
 
     Raises:
         SpecError: unknown argument, wrong type, or out of range.
     """
 
     name = "lora"
-    args = {**LORA_ARGS, "init": Arg("default", (str,), lora_inits.check_init, "PEFT's init_lora_weights")}
+    args = {**LORA_ARGS, "init": Arg("default", (str,), lora_inits.check_init, "PEFT's init_lora_weights"),
+            "loftq_bits": Arg(4, (int,), one_of(4, 8), "LoftQ: 4 (NF4) or 8 (int8)"),
+            "loftq_iter": Arg(1, (int,), positive, "LoftQ: alternating iterations")}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> LoRA:
         """``lora(init=...)`` with an init that moves the base weight builds an :class:`OffsetLoRA`
@@ -155,7 +159,7 @@ class LoRA(AdapterMethod):
 
 class OffsetLoRA(DataDependentInit, LoRA):
     """``lora(init=...)`` for the PEFT inits that start from the base weight and move it: PiSSA,
-    ``pissa_niter_<k>``, OLoRA (no data), CorDA IPM/KPM (input covariance from ``data``).
+    ``pissa_niter_<k>``, OLoRA, LoftQ (no data), CorDA IPM/KPM (input covariance from ``data``).
 
     Built by ``LoRA(...)`` itself (``name`` stays "lora"). A = B = 0 until ``passes.initialize``
     runs, then (A0, B0) from ``methods/lora_inits.py`` and the base becomes W − s·B0 A0 (fp32, cast
@@ -191,20 +195,30 @@ class OffsetLoRA(DataDependentInit, LoRA):
         init, s = self.config["init"], self.scaling
         W = weight.detach().float()
         niter = lora_inits.PISSA_NITER.fullmatch(init)
+        if init == "loftq":  # the base becomes its quantized value: not a low-rank offset (base_offset None)
+            Q, A0, B0 = lora_inits.loftq(W, self.r, int(self.config["loftq_bits"]), int(self.config["loftq_iter"]))
+            self._set_factors(A0, B0)
+            return Q.to(weight.dtype)
         if init == "olora":
             A0, B0 = lora_inits.olora(W, self.r)
         elif init.startswith("corda"):
             A0, B0 = lora_inits.corda(W, stats.mean(self.site_name), self.r, s, kpm=init == "corda_kpm")
         else:
             A0, B0 = lora_inits.pissa(W, self.r, s, int(niter.group(1)) if niter else None)
+        self._set_factors(A0, B0)
+        return (W - s * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+
+    def _set_factors(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
         with torch.no_grad():
             for dst, src in ((self.lora_A, A0), (self.lora_B, B0), (self.init_A, A0), (self.init_B, B0)):
                 dst.copy_(src)
             self.initialized.fill_(True)
-        return (W - s * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
 
     def base_offset(self) -> LowRank | None:
-        """W_now = W_original − s·B0 A0 (zero before initialization)."""
+        """W_now = W_original − s·B0 A0 (zero before initialization); None for LoftQ, whose base is the
+        quantized W (no low-rank offset: the adapter belongs with that base, as in PEFT)."""
+        if self.config["init"] == "loftq":
+            return None
         return LowRank(self.init_A, self.init_B, float(self.scaling))
 
     def original_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Each function mirrors PEFT 0.21's ``LoraLayer.<name>_init`` step for step (same RNG draws in the
 same order, same fp32 arithmetic), so on the same seed and data the factors equal PEFT's to float
 rounding. They return ``(A, B)`` (r × d_in, d_out × r); the inits that move the base weight
-(PiSSA, OLoRA, CorDA) leave ``W − s·B A`` to the caller (``methods/lora.py``), which keeps
+(PiSSA, OLoRA, CorDA; LoftQ replaces it by its quantized value) leave ``W − s·B A`` to the caller (``methods/lora.py``), which keeps
 (A0, B0) as the base offset so merge, export and the rank-2r portable form stay exact.
 """
 
@@ -16,7 +16,7 @@ import torch
 #: every accepted ``init=`` value; ``pissa_niter_<k>`` is matched by pattern
 PLAIN_INITS = ("default", "gaussian", "orthogonal")
 DATA_INITS = ("eva",)
-OFFSET_INITS = ("pissa", "olora", "corda", "corda_kpm")
+OFFSET_INITS = ("pissa", "olora", "corda", "corda_kpm", "loftq")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 VALID = (*PLAIN_INITS, *DATA_INITS, *OFFSET_INITS, "pissa_niter_<k>")
 
@@ -86,3 +86,43 @@ def corda(W: torch.Tensor, cov: torch.Tensor, r: int, scale: float, kpm: bool = 
     keep = slice(-r, None) if kpm else slice(None, r)
     S, U, V = S[keep] / scale, U[:, keep], V[:, keep]
     return V.t().mul(S.sqrt().view(-1, 1)).contiguous(), U.mul(S.sqrt()).contiguous()
+
+
+#: bitsandbytes' NF4 code (Dettmers et al. 2023, QLoRA, App. E): the 16 levels, normalised to [-1, 1]
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+def fake_quantize(W: torch.Tensor, bits: int, block: int = 64) -> torch.Tensor:
+    """W quantized and dequantized on any device: ``bits=4`` NF4 with one absmax per ``block`` values
+    (bitsandbytes' ``quant_type="nf4"`` layout, round to the nearest level); ``bits=8`` int8 with one
+    absmax/127 per row (``Int8Params``' vector-wise scheme)."""
+    W = W.float()
+    if bits == 8:
+        scale = W.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        return torch.round(W / scale).clamp(-127, 127) * scale
+    flat = W.reshape(-1)
+    pad = (-flat.numel()) % block
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    code = torch.tensor(NF4_CODE, device=W.device)
+    idx = torch.argmin((blocks / absmax).unsqueeze(-1).sub(code).abs(), dim=-1)
+    return (code[idx] * absmax).reshape(-1)[: flat.numel()].view_as(W)
+
+
+def loftq(W: torch.Tensor, r: int, bits: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ (Li et al. 2023, arXiv:2310.08659, Alg. 1) as PEFT's ``loftq_init`` with a CPU quantizer:
+    Q_t = q(W − L_{t−1} R_{t−1}), (L_t, R_t) = top-r SVD of W − Q_t (L = U√S, R = √S Vᵀ). Returns
+    (Q, A = R, B = L): the new base is the dequantized Q and, as PEFT, the factors are not divided by s."""
+    W = W.float()
+    res = W.clone()
+    for i in range(iters):
+        deq = fake_quantize(res, bits)
+        U, S, Vh = torch.linalg.svd(W - deq, full_matrices=False)
+        L, R = U[:, :r] * S[:r].sqrt(), S[:r].sqrt().unsqueeze(1) * Vh[:r]
+        if i + 1 == iters:
+            break
+        res = W - L @ R
+    return deq, R.contiguous(), L.contiguous()

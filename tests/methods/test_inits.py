@@ -154,7 +154,7 @@ def test_eva_equals_peft_get_eva_state_dict():
     from peft.tuners.lora.eva import get_eva_state_dict
 
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(4, 16, 12, generator=g) for _ in range(30)]
+    data = [torch.randn(4, 16, 12, generator=g) * torch.logspace(1, -1, 12) for _ in range(30)]  # distinct variances
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(SITES), init_lora_weights="eva",
                           eva_config=EvaConfig(rho=1.0))
     ref = get_eva_state_dict(make_mlp(), data, cfg, forward_fn=lambda m, x: m(x), prepare_model_inputs_fn=None,
@@ -184,3 +184,105 @@ def test_eva_stops_at_init_batches_and_mask_selects_token_rows():
     gm = lrc.transform(make_mlp(), SPEC.format(init="eva"), example_inputs=(data[0][0],), data=data,
                        init_batches=2, progress=False)
     assert bool(lrc.adapters(gm)["fc1"].initialized)
+
+
+def token_batches(n: int, batch: int, seq: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Random word-piece ids of random lengths (padded), as input_ids/attention_mask dicts."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        mask = (torch.arange(seq)[None, :] < torch.randint(seq // 2, seq + 1, (batch, 1), generator=g)).long()
+        ids = torch.randint(1000, 29000, (batch, seq), generator=g) * mask
+        ids[:, 0] = 101
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "eva"])
+def test_inits_equal_peft_on_real_minilm(init, minilm_dir):
+    """The real all-MiniLM-L6-v2, query/value of layers 0 and 5: PEFT's factors, offset bases and outputs."""
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
+    from transformers import BertModel
+
+    def load_minilm():
+        return BertModel.from_pretrained(minilm_dir, local_files_only=True).eval()
+
+    data = token_batches(6, batch=1 if init == "corda" else 4)  # PEFT's CorDA hook takes batch 1
+    ref_model = load_minilm()
+    sites = [f"encoder.layer.{i}.attention.self.{p}" for i in (0, 5) for p in ("query", "value")]
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=sites, init_lora_weights=init)
+    if init == "corda":
+        from peft.tuners.lora.corda import preprocess_corda
+        config.corda_config = CordaConfig(corda_method="ipm")
+        preprocess_corda(ref_model, config, run_model=lambda: [ref_model(**b) for b in data])
+    pm = peft.get_peft_model(ref_model, config)
+    if init == "eva":
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+        config.eva_config = EvaConfig(rho=1.0)
+        initialize_lora_eva_weights(pm, data, show_progress_bar=False)
+    b0 = data[0]
+    pm.eval()
+    gm = lrc.transform(load_minilm(), "; ".join(f"{s}:lora(r=8, alpha=16, init='{init}')" for s in sites),
+                       example_inputs=(b0["input_ids"],),
+                       example_kwargs={"attention_mask": b0["attention_mask"]}, data=data, progress=False)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lora_A")}
+    assert len(lrc.adapters(gm)) == len(sites)
+    for site, ad in lrc.adapters(gm).items():
+        lay = peft_layers[site]
+        torch.testing.assert_close(ad.lora_A, lay.lora_A.default.weight.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ad.lora_B, lay.lora_B.default.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gm.get_parameter(f"{site}.weight"), lay.base_layer.weight, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        want = load_minilm()(**b0).last_hidden_state
+        torch.testing.assert_close(gm(**b0).last_hidden_state, pm(**b0).last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gm(**b0).last_hidden_state, want, atol=1e-4, rtol=0)
+
+
+def _nf4_levels() -> torch.Tensor:
+    """QLoRA's NF4 levels from their definition (bitsandbytes ``create_normal_map(0.9677083)``)."""
+    icdf = torch.distributions.Normal(0.0, 1.0).icdf
+    pos = icdf(torch.linspace(0.9677083, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -icdf(torch.linspace(0.9677083, 0.5, 8, dtype=torch.float64)[:-1])
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (v / v.abs().max()).float()
+
+
+def test_nf4_quantizer_matches_its_definition():
+    from lowrank_compiler.methods.lora_inits import NF4_CODE, fake_quantize
+
+    levels = _nf4_levels()
+    torch.testing.assert_close(torch.tensor(NF4_CODE), levels, atol=1e-6, rtol=0)
+    W = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    q = fake_quantize(W, 4)
+    blocks, qb = W.reshape(-1, 64), q.reshape(-1, 64)  # 960 = 15 blocks of 64
+    for b, got in zip(blocks, qb):
+        absmax = b.abs().max()
+        want = levels[(b / absmax).unsqueeze(1).sub(levels).abs().argmin(1)] * absmax
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    q8 = fake_quantize(W, 8)
+    step = W.abs().amax(1, keepdim=True) / 127
+    torch.testing.assert_close(q8, torch.round(W / step) * step, atol=1e-6, rtol=0)
+
+
+def test_loftq_alternates_and_reduces_the_quantization_error():
+    from lowrank_compiler.methods.lora_inits import fake_quantize
+
+    spec = "fc*:lora(r=4, alpha=4, init='loftq', loftq_iter={it})"  # s = 1, as PEFT's LoftQ assumes
+    errs = []
+    for it in (1, 3):
+        gm = lrc.transform(make_mlp(), spec.format(it=it), example_inputs=(x3(),))
+        ad, W = lrc.adapters(gm)["fc1"], make_mlp().fc1.weight.detach()
+        Q = gm.get_parameter("fc1.weight")
+        res = W.clone()  # the paper's Algorithm 1, written out here
+        for _ in range(it):
+            deq = fake_quantize(res, 4)
+            U, S, Vh = torch.linalg.svd(W - deq, full_matrices=False)
+            L, R = U[:, :4] * S[:4].sqrt(), S[:4].sqrt()[:, None] * Vh[:4]
+            res = W - L @ R
+        torch.testing.assert_close(Q, deq, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ad.lora_B @ ad.lora_A, L @ R, atol=1e-5, rtol=0)
+        errs.append(float((W - Q - ad.lora_B @ ad.lora_A).norm()))
+        assert errs[-1] < float((W - fake_quantize(W, 4)).norm())
+        assert ad.base_offset() is None and ad.original_base_factors() is None
+    assert errs[1] <= errs[0] * 1.001
