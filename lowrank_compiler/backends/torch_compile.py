@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError
+from lowrank_compiler.ir import shared_copy
 from lowrank_compiler.lowerings import lower as _lower
 from lowrank_compiler.passes.pipelines import merge_pipeline
 
@@ -41,8 +42,8 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     (dynamo guards on the mode and recompiles once per mode). ``fullgraph=True`` (the default)
     makes any graph break an error: lrc adapters are plain tensor code and add none.
 
-    ``lower=True`` compiles :func:`lower`'s training graph instead (the fast path for training; it
-    takes the traced inputs only). ``optimizer=opt`` also makes ``opt``'s step fused
+    ``lower=True`` compiles :func:`lower`'s training graph instead (the fast path for training; like
+    ``gm`` it serves every call signature, e.g. ``labels=``). ``optimizer=opt`` also makes ``opt``'s step fused
     (:func:`fuse_optimizer`, in place), so one call covers forward, backward and the step.
 
     Raises:
@@ -57,13 +58,17 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         raise ExportError("compile(lower=True) is for training; merge=True is for inference: pick one")
     if optimizer is not None:
         fuse_optimizer(optimizer)
-    target = _lower(gm) if lower else gm
-    face = getattr(gm, "lrc_face", None)
-    if face is not None and not lower:
-        face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
+    target = _lower(gm) if lower else gm  # the lowered graph serves every call gm serves (lowerings/lower.py)
     if merge:
         target = merge_pipeline()(copy.deepcopy(gm)).gm
-    return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+    opts = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+    face = getattr(target, "lrc_face", None)
+    if face is None:
+        return torch.compile(target, **opts)
+    # one kind of model object: the result dispatches like ``target`` (every call signature, generate) and
+    # compiles each signature's graph on its first call; dynamo never traces the dispatcher itself
+    primary = torch.compile(shared_copy(target), **opts)
+    return face.derive(target, shared_copy(target), lambda g: torch.compile(g, **opts), run_primary=primary)
 
 
 def graph_breaks(gm: nn.Module, *inputs: Any, **kwargs: Any) -> list[str]:

@@ -15,7 +15,9 @@ from safetensors.torch import save as st_save
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError
+from lowrank_compiler.formats.rebuild import rebuild_hf_model
 from lowrank_compiler.frontend.capture import export_program, register_cache_pytrees
+from lowrank_compiler.frontend.face import attach
 from lowrank_compiler.ir import (
     META_KEY,
     AdapterMark,
@@ -197,7 +199,13 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     merged = {r["site"]: r["merged"] for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
         mod.merged = merged[site]
-    return gm
+    return with_face(gm, src)
+
+
+def with_face(gm: fx.GraphModule, source: str) -> fx.GraphModule:
+    """``gm`` as the object ``transform`` gives: the recorded HF model rebuilt over its tensors (every call
+    signature, ``generate``, ``.config``), or without a face when the file records no HF model."""
+    return attach(gm, rebuild_hf_model(lrc_meta(gm), gm, source))
 
 
 def _register_output_pytrees() -> None:
