@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError
-from lowrank_compiler.formats.rebuild import rebuild_hf_model
+from lowrank_compiler.formats.rebuild import face_record, rebuild_hf_model
 from lowrank_compiler.frontend.capture import export_program, register_cache_pytrees
 from lowrank_compiler.frontend.face import attach
 from lowrank_compiler.ir import (
@@ -94,6 +94,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
         "full_modules": list(meta.get("full_modules", [])),
         **{k: meta[k] for k in _KEPT_META if meta.get(k) is not None},
+        **face_record(gm),
     }
 
     def write(f: Any) -> None:

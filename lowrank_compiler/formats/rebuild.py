@@ -19,7 +19,9 @@ from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError
 from lowrank_compiler.formats.hf import hf_class
+from lowrank_compiler.frontend.capture import model_record
 from lowrank_compiler.frontend.hierarchy import lookup_attr
+from lowrank_compiler.ir import lrc_meta
 
 _NOT_CONFIG = ("auto_map",)  # remote-code pointers: never followed, not kept
 
@@ -98,3 +100,13 @@ def share_tensors(model: nn.Module, gm: fx.GraphModule) -> None:
         if isinstance(t, torch.Tensor) and t.shape == b.shape:
             owner, _, leaf = name.rpartition(".")
             (model.get_submodule(owner) if owner else model)._buffers[leaf] = t
+
+
+def face_record(gm: fx.GraphModule) -> dict[str, Any]:
+    """What :func:`rebuild_hf_model` needs, as the model is *now* (training may have changed its config:
+    ``problem_type``, ``use_cache``): ``model_class`` and ``hf_config`` from the live model, else the trace's."""
+    face = getattr(gm, "lrc_face", None)
+    meta = lrc_meta(gm)
+    if face is None:
+        return {k: meta[k] for k in ("model_class", "hf_config") if meta.get(k) is not None}
+    return model_record(face.model)
