@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError
+from lowrank_compiler.ir import shared_copy
 from lowrank_compiler.lowerings import lower as _lower
 from lowrank_compiler.passes.pipelines import merge_pipeline
 
@@ -47,7 +48,7 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     inductor's own stream (another draw, same distribution).
 
     ``lower=True`` compiles :func:`lower`'s training graph instead: the fastest path, opt-in because its dropout
-    masks come from another random stream (docs/speed.md; it takes the traced inputs only). ``optimizer=opt``
+    masks come from another random stream (docs/speed.md); like ``gm`` it serves every call signature, e.g. ``labels=``. ``optimizer=opt``
     also makes ``opt``'s step fused (:func:`fuse_optimizer`, in place), so one call covers forward, backward and
     the step.
 
@@ -63,17 +64,21 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         raise ExportError("compile(lower=True) is for training; merge=True is for inference: pick one")
     if optimizer is not None:
         fuse_optimizer(optimizer)
-    target = _lower(gm) if lower else gm
-    face = getattr(gm, "lrc_face", None)
-    if face is not None and not lower:
-        face.sync(gm)  # else the dispatcher's first call changes its state and dynamo recompiles once
+    target = _lower(gm) if lower else gm  # the lowered graph serves every call gm serves (lowerings/lower.py)
     if merge:
         target = merge_pipeline()(copy.deepcopy(gm)).gm
     if exact_dropout and backend == "inductor":  # torch.compile takes mode or options, not both: fold mode in
         modal = torch._inductor.list_mode_options(mode) if mode is not None else {}
         options["options"] = {**modal, "fallback_random": True, **(options.get("options") or {})}
         mode = None
-    return torch.compile(target, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+    opts = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+    face = getattr(target, "lrc_face", None)
+    if face is None:
+        return torch.compile(target, **opts)
+    # one kind of model object: the result dispatches like ``target`` (every call signature, generate) and
+    # compiles each signature's graph on its first call; dynamo never traces the dispatcher itself
+    primary = torch.compile(shared_copy(target), **opts)
+    return face.derive(target, shared_copy(target), lambda g: torch.compile(g, **opts), run_primary=primary)
 
 
 def graph_breaks(gm: nn.Module, *inputs: Any, **kwargs: Any) -> list[str]:

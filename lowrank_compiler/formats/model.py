@@ -15,7 +15,9 @@ from safetensors.torch import save as st_save
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError
+from lowrank_compiler.formats.rebuild import face_record, rebuild_hf_model
 from lowrank_compiler.frontend.capture import export_program, register_cache_pytrees
+from lowrank_compiler.frontend.face import attach
 from lowrank_compiler.ir import (
     META_KEY,
     AdapterMark,
@@ -93,6 +95,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         "specs": list(meta.get("specs", [])), "adapters": adapter_records(gm),
         "full_modules": list(meta.get("full_modules", [])),
         **{k: meta[k] for k in _KEPT_META if meta.get(k) is not None},
+        **face_record(gm),
     }
 
     def write(f: Any) -> None:
@@ -211,7 +214,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     merged = {r["site"]: r["merged"] for r in manifest["adapters"]}
     for site, mod in adapters_of(gm).items():
         mod.merged = merged[site]
-    return safe_names.check_graph(gm, src)
+    return with_face(safe_names.check_graph(gm, src), src)
 
 
 def _check_manifest_names(manifest: dict[str, Any], source: str) -> None:
@@ -223,6 +226,12 @@ def _check_manifest_names(manifest: dict[str, Any], source: str) -> None:
         safe_names.check_path(path, f"{source}: full module")
     for name in manifest.get("input_names") or []:
         safe_names.check_path(name, f"{source}: input name", dotted=False)
+
+
+def with_face(gm: fx.GraphModule, source: str) -> fx.GraphModule:
+    """``gm`` as the object ``transform`` gives: the recorded HF model rebuilt over its tensors (every call
+    signature, ``generate``, ``.config``), or without a face when the file records no HF model."""
+    return attach(gm, rebuild_hf_model(lrc_meta(gm), gm, source))
 
 
 def _register_output_pytrees() -> None:

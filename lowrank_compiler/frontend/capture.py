@@ -147,6 +147,8 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
         short = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
         if lookup_attr(model, short) is not None:  # a model tensor: the root's (a later graph's root may hold a new one)
             obj = lookup_attr(root if root is not None else model, short)
+            if obj is None:  # a tensor the root lacks (a buffer a rebuilt model computed): the model's own
+                obj = lookup_attr(model, short)
         else:  # a constant the export lifted: its name is per-export, so make it unique under the root
             obj = lookup_attr(em, node.target)
             base, i = short, 0

@@ -87,7 +87,7 @@ def _guards(gm: fx.GraphModule, n_leaves: int) -> list[tuple[int, int, int]] | N
 class _Entry:
     """One graph and the calls it serves: input names (graph order) and its specialised dims."""
 
-    def __init__(self, names: list[str], guards: list[tuple[int, int, int]] | None, gm: fx.GraphModule | None):
+    def __init__(self, names: list[str], guards: list[tuple[int, int, int]] | None, gm: nn.Module | None):
         self.names, self.guards, self.gm = names, guards, gm
 
     def fits(self, leaves: list[Any]) -> bool:
@@ -110,11 +110,30 @@ class Face:
         self.variants: dict[tuple, list[_Entry]] = {}
         self.stamp: Any = None
         self.announced: set[tuple] = set()
+        # a derived face (a lowering of another graph): its variants are the parent's, rewritten by ``post``
+        self.parent: tuple[Face, fx.GraphModule] | None = None
+        self.post: Callable[[fx.GraphModule], fx.GraphModule] | None = None
+        self.derived: dict[int, tuple[fx.GraphModule, nn.Module]] = {}
+        self.run_primary: nn.Module | None = None  # runs the primary graph instead of the module (compiled)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Face:
         new = Face(self.model, self.signature)  # the original model is shared, never copied
         new.primary_key, new.primary = self.primary_key, copy.copy(self.primary)
         return new
+
+    def derive(self, parent_gm: fx.GraphModule, gm: fx.GraphModule, post: Callable[[fx.GraphModule], nn.Module],
+               run_primary: nn.Module | None = None) -> LrcGraphModule:
+        """Give ``gm`` (``post`` applied to ``parent_gm``, sharing its parameters) this face: every call
+        ``parent_gm`` serves, each other signature's graph taken from ``parent_gm`` and rewritten by ``post``.
+        ``run_primary`` (e.g. the compiled primary graph) runs ``gm``'s own signature instead of ``gm``."""
+        new = Face(self.model, self.signature)
+        new.primary_key, new.primary = self.primary_key, copy.copy(self.primary)
+        new.parent, new.post, new.run_primary = (self, parent_gm), post, run_primary
+        if not isinstance(gm, LrcGraphModule):
+            gm.__class__ = type("GraphModuleImpl", (LrcGraphModule,), {})
+        gm.__dict__["_lrc_face"] = new
+        gm.recompile()
+        return gm
 
     # -- normalising a call --------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +190,8 @@ class Face:
         entry = self.entry(gm, bound)
         values = [bound[n] for n in entry.names]
         if entry.gm is gm:
+            if self.run_primary is not None:
+                return self._run(gm, _Entry(entry.names, None, self.run_primary), values)
             return nn.Module.__call__(gm, *values)
         return self._run(gm, entry, values)
 
@@ -179,6 +200,7 @@ class Face:
         calls this first, so the dispatcher has no state left to change, and dynamo no guard to fail)."""
         if self.stamp is not gm._code:
             self.variants.clear()
+            self.derived.clear()
             self.stamp = gm._code
 
     def entry(self, gm: fx.GraphModule, bound: dict[str, Any]) -> _Entry:
@@ -192,12 +214,28 @@ class Face:
         for entry in self.variants.get(key, ()):
             if entry.fits([x for n in entry.names for x in by_name[n]]):
                 return entry
+        if self.parent is not None:
+            return self._derived_entry(gm, bound)
         entry = self._trace_variant(gm, bound, key)
         self.variants.setdefault(key, []).append(entry)
         return entry
 
+    def _derived_entry(self, gm: fx.GraphModule, bound: dict[str, Any]) -> _Entry:
+        """The parent's graph for ``bound``, rewritten by ``post`` once per parent graph."""
+        face, parent_gm = self.parent  # type: ignore[misc]
+        pe = face.entry(parent_gm, bound)
+        if pe.gm is parent_gm:
+            return _Entry(pe.names, pe.guards, gm)
+        hit = self.derived.get(id(pe.gm))
+        if hit is None or hit[0] is not pe.gm:
+            post = self.post(pe.gm)  # type: ignore[misc]
+            post.train(gm.training)
+            hit = self.derived[id(pe.gm)] = (pe.gm, post)
+        return _Entry(pe.names, pe.guards, hit[1])
+
     @staticmethod
     def _run(gm: fx.GraphModule, entry: _Entry, values: list[Any]) -> Any:
+        """Run ``entry``'s graph (or compiled module) in ``gm``'s train/eval mode."""
         if entry.gm.training != gm.training:
             entry.gm.train(gm.training)
         return entry.gm(*values)

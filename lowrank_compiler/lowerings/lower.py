@@ -82,7 +82,8 @@ def lower(gm: fx.GraphModule, goal: str = "speed", *, skip: tuple[str, ...] = ()
     different random stream than torch's, so outputs in train mode differ from ``gm``'s draw by draw.
     ``goal="memory"``: outputs and gradients equal ``gm``'s under the same RNG state; saves less for
     backward (options ``attention``, ``mask``, ``dropout``, ``ffn``, ``checkpoint``: :func:`memory_pipeline`).
-    ``goal="both"``: memory, then speed.
+    ``goal="both"``: memory, then speed. The result serves every call ``gm`` serves (``labels=``,
+    ``generate``'s decode steps): a signature ``gm`` traces on first use is lowered the same way.
 
     Raises:
         ExportError: ``gm`` is not a GraphModule, or ``skip`` names an unknown lowering.
@@ -99,4 +100,9 @@ def lower(gm: fx.GraphModule, goal: str = "speed", *, skip: tuple[str, ...] = ()
         out = lowering_pipeline(tuple(skip), fuse_siblings)(shared_copy(out) if out is gm else out).gm
     elif out is gm:
         out = shared_copy(gm)
+    face = getattr(gm, "lrc_face", None)
+    if face is not None:  # every call gm serves: other signatures' graphs are lowered the same way on first use
+        out = face.derive(gm, out, lambda g: lower(g, goal, skip=skip, fuse_siblings=fuse_siblings,
+                                                   attention=attention, mask=mask, dropout=dropout, ffn=ffn,
+                                                   checkpoint=checkpoint))
     return out
