@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from torch import fx, nn
 
@@ -29,7 +30,9 @@ from lowrank_compiler.ir import META_KEY, NAMED_ROOT, adapter_nodes, adapters_of
 from lowrank_compiler.methods.base import AdapterMethod
 from lowrank_compiler.passes.pipelines import adapter_pipeline
 from lowrank_compiler.passes.strip import strip
+from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.spec.language import Spec, parse_spec
+from lowrank_compiler.spec.sites import find_sites
 
 DEFAULT = "default"
 
@@ -235,44 +238,80 @@ def save_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> lis
     return out
 
 
-def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
-    """Add the adapter file ``path`` (from ``save_adapters``) as the inactive set ``name`` (PEFT's ``load_adapter``)."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def _read_set(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(tensors, validated records) of an adapter file written by ``save_adapters``; LoadError otherwise."""
+    src = str(path)
     if not path.is_file():
         raise LoadError(f"{path}: no such file")
+    tensors, meta = validate.safetensors_bytes(path.read_bytes(), src)
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
+    records = validate.adapter_records(validate.json_text(meta.get("adapters", ""), src, "the 'adapters' metadata"),
+                                       src)
+    return tensors, records
+
+
+def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.GraphModule:
+    """Add the adapter file ``path`` (from ``save_adapters``) as the inactive set ``name`` (PEFT's ``load_adapter``)."""
+    path = Path(path)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LrcError(f"adapter name must be an identifier, got {name!r:.80}")
     if name in adapter_names(gm):
         raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r})")
-    records = json.loads(meta["adapters"])
+    tensors, records = _read_set(path)
+    _add_set(gm, name, path, tensors, records)
+    return gm
 
+
+def _add_set(gm: fx.GraphModule, name: str, path: Path, tensors: dict[str, Any], records: list[dict[str, Any]]) -> None:
     def fill(view: fx.GraphModule) -> None:
-        apply_records(view, records)
+        sites = {s.name: s.info() for s in find_sites(view)}
+        validate.adapter_budget(records, sites, sum(t.numel() for t in tensors.values()), str(path))
+        apply_records(view, records, str(path))
         _load_adapter_tensors(view, tensors, str(path))
 
     _put(gm, name, _build(gm, fill))
-    return gm
+
+
+def _read_index(directory: Path) -> tuple[str, list[str]]:
+    """``adapters.json``: ``{"active": name, "adapters": [name, ...]}``; every name is a plain file stem of a
+    regular file directly inside ``directory`` (no path separators, no absolute paths, no links out)."""
+    f = directory / "adapters.json"
+    if not f.is_file():
+        raise LoadError(f"{directory}: not a named-adapters directory (no adapters.json)")
+    if f.stat().st_size > 1 << 20:
+        raise LoadError(f"{f}: larger than 1 MiB; not an adapter index")
+    index = validate.json_text(f.read_bytes(), str(f), "adapters.json")
+    if not isinstance(index, dict) or set(index) - {"active", "adapters"}:
+        raise LoadError(f"{f}: must be an object with only 'active' and 'adapters'")
+    names, active = index.get("adapters"), index.get("active")
+    if not isinstance(names, list) or not names or len(names) > 1000 or len(set(map(repr, names))) != len(names):
+        raise LoadError(f"{f}: 'adapters' must be a non-empty list of distinct adapter names")
+    root = directory.resolve()
+    for n in names:
+        if not (isinstance(n, str) and n.isidentifier() and len(n) <= 200):
+            raise LoadError(f"{f}: adapter name {n!r:.80} is not an identifier (names are file stems in the "
+                            "folder: no path separators, no absolute paths)")
+        target = (directory / f"{n}.safetensors").resolve()
+        if target.parent != root or not target.is_file():
+            raise LoadError(f"{f}: adapter {n!r} has no regular file {n}.safetensors inside {directory}")
+    if active not in names:
+        raise LoadError(f"{f}: 'active' {active!r:.80} is not one of the listed adapters {names[:5]!r:.200}")
+    return active, names
 
 
 def load_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> fx.GraphModule:
     """Load every set of a :func:`save_named_adapters` directory (sets ``gm`` has take the saved tensors,
-    others are added), then activate the saved active one."""
+    others are added), then activate the saved active one. The index and every file are checked before
+    ``gm`` is changed."""
     directory = Path(directory)
-    try:
-        index = json.loads((directory / "adapters.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{directory}: not a named-adapters directory (adapters.json: {e})") from None
-
-    for name in index["adapters"]:
+    active, names = _read_index(directory)
+    sets = {n: _read_set(directory / f"{n}.safetensors") for n in names}
+    for name, (tensors, records) in sets.items():
         if name in adapter_names(gm):  # an existing set takes the saved tensors
             set_adapter(gm, name)
             load_adapters(gm, directory / f"{name}.safetensors")
         else:
-            load_adapter(gm, directory / f"{name}.safetensors", name)
-    set_adapter(gm, index["active"])
+            _add_set(gm, name, directory / f"{name}.safetensors", tensors, records)
+    set_adapter(gm, active)
     return gm
