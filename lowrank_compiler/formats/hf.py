@@ -51,7 +51,11 @@ def _config_and_class(gm: fx.GraphModule, config: Any | None) -> tuple[Any, type
         model_type = d.pop("model_type", None)
         if model_type is None:
             raise ExportError("the recorded HF config has no model_type; pass config= to export")
-        config = transformers.AutoConfig.for_model(model_type, **d)
+        try:
+            config = transformers.AutoConfig.for_model(str(model_type), **d)
+        except Exception as e:  # noqa: BLE001  (transformers raises many types for a bad config)
+            raise ExportError(f"the recorded HF config does not build a transformers config "
+                              f"({_first_line(e)}); pass config= to export") from None
     if config is None or not isinstance(config, transformers.PretrainedConfig):
         raise ExportError("HF layout export needs the model's transformers config: trace an HF model (its config "
                           "is recorded), load an HF directory, or pass config=")

@@ -95,13 +95,14 @@ def manifest(m: Any, source: str, fmt: str, version: int) -> dict[str, Any]:
 
 
 def _kept_fields(m: dict[str, Any], source: str) -> dict[str, Any]:
-    """``model_class`` (a transformers model class name), ``hf_config`` (a bounded JSON object with a
+    """``model_class`` (a public class name; HF layout export only looks it up among transformers' model
+    classes), ``hf_config`` (a bounded JSON object with a
     ``model_type``) and ``base_model_name_or_path`` (a string), each only when present."""
     out: dict[str, Any] = {}
     name = m.get("model_class")
     if name is not None:
-        if not (isinstance(name, str) and name.isidentifier() and len(name) <= 200 and _is_hf_class(name)):
-            raise _fail(source, f"manifest 'model_class' {name!r:.60} is not a transformers model class name")
+        if not (isinstance(name, str) and name.isidentifier() and len(name) <= 200 and not name.startswith("_")):
+            raise _fail(source, f"manifest 'model_class' {name!r:.60} is not a class name (a public identifier)")
         out["model_class"] = name
     base = m.get("base_model_name_or_path")
     if base is not None:
@@ -117,18 +118,6 @@ def _kept_fields(m: dict[str, Any], source: str) -> dict[str, Any]:
             raise _fail(source, f"manifest 'hf_config' is nested deeper than {MAX_JSON_DEPTH} or larger than 1 MiB")
         out["hf_config"] = cfg
     return out
-
-
-def _is_hf_class(name: str) -> bool:
-    try:
-        import transformers
-    except ImportError:
-        return False
-    try:
-        cls = getattr(transformers, name, None)
-    except Exception:  # noqa: BLE001  (a lazy transformers attribute can fail to import)
-        return False
-    return isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
 
 
 def json_depth(x: Any) -> int:

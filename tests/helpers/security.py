@@ -108,3 +108,55 @@ def attack_sympy(marker: Path) -> Callable[[dict[str, bytes]], None]:
 
 
 ATTACKS = {"sample_inputs": attack_sample_inputs, "use_pickle": attack_use_pickle, "sympy": attack_sympy}
+
+
+def one_line_cli(argv: list[str], capsys) -> str:
+    """Run ``lrc argv``; assert exit 2 with exactly one stderr line (no traceback); return that line."""
+    from lowrank_compiler.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith(f"lrc {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in captured.out + err
+    return err
+
+
+def edit_manifest(lrc_file: Path, out: Path, edit: Callable[[dict], None]) -> Path:
+    """Copy ``lrc_file`` to ``out`` with its manifest.json changed by ``edit`` (in place on the parsed dict)."""
+    outer = members(lrc_file.read_bytes())
+    manifest = json.loads(outer["manifest.json"])
+    edit(manifest)
+    outer["manifest.json"] = json.dumps(manifest).encode()
+    out.write_bytes(zip_bytes(outer))
+    return out
+
+
+PEAK_RSS_CODE = """
+import resource, sys, json
+import torch, transformers, transformers.models.bert.modeling_bert  # imported before the baseline
+import lowrank_compiler as lrc
+from lowrank_compiler.cli import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1])
+    outcome = "loaded"
+except lrc.LrcError as e:
+    outcome = "refused: " + str(e)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"outcome": outcome, "grew_kib": after - before}))
+"""
+
+
+def peak_rss_growth(path: Path) -> tuple[str, int]:
+    """(outcome, growth of the peak RSS in bytes) of ``lrc`` loading ``path`` in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE, str(path)], capture_output=True, text=True,
+                       cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    return got["outcome"], got["grew_kib"] * 1024
