@@ -174,8 +174,12 @@ def _held(files: list[Path]) -> dict[str, tuple[int, ...]]:
 def _check_held(p: Path, cls: type, config: Any, held: dict[str, tuple[int, ...]]) -> None:
     """The model the config describes, built on the meta device (nothing allocated), must not need more
     tensor elements than the files hold: a small directory cannot make lrc build a huge model."""
-    with torch.device("meta"), quiet_third_party():
-        model = cls(copy.deepcopy(config))
+    try:
+        with torch.device("meta"), quiet_third_party():
+            build = getattr(cls, "from_config", None) if not hasattr(cls, "_from_config") else None
+            model = (build or cls)(copy.deepcopy(config))
+    except Exception as e:  # noqa: BLE001  (a config transformers cannot build a model from)
+        raise LoadError(f"{p}: config.json does not describe a {cls.__name__} ({_first_line(e)})") from None
     need = {k: tuple(t.shape) for k, t in model.named_parameters()}
     n_need, n_held = sum(math.prod(s) for s in need.values()), sum(math.prod(s) for s in held.values())
     if n_need > n_held:
