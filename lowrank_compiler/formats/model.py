@@ -168,6 +168,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
         return _load_trusted_pickle(path)
     if data[:2] != b"PK":
         raise LoadError(f"{path} is not an lrc model file (expected a zip written by lrc.save)")
+    validate.unencrypted_zip(data, src)
     z = safeload.open_zip(data, src)
     names = set(z.namelist())
     if _MANIFEST not in names:
@@ -176,7 +177,9 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
             return from_exported_program(safeload.load_exported_program(data, src))
         raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
     manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
-    ep = safeload.load_exported_program(safeload.read_member(z, _PROGRAM, src), f"{src}: {_PROGRAM}")
+    program = safeload.read_member(z, _PROGRAM, src)
+    validate.unencrypted_zip(program, f"{src}: {_PROGRAM}")
+    ep = safeload.load_exported_program(program, f"{src}: {_PROGRAM}")
     adapters, _ = validate.safetensors_bytes(safeload.read_member(z, _ADAPTERS, src), f"{src}: {_ADAPTERS}")
     inputs, _ = validate.safetensors_bytes(safeload.read_member(z, _INPUTS, src), f"{src}: {_INPUTS}")
     names_in = manifest["input_names"]

@@ -234,3 +234,18 @@ def adapter_budget(records: list[dict[str, Any]], sites: dict[str, SiteInfo], he
         if want > held:
             raise _fail(source, f"the manifest declares adapters with more than {held} tensor elements "
                                 f"(first past the limit: {r['method']} at {r['site']!r}), but the file holds {held}")
+
+
+def unencrypted_zip(data: bytes, source: str) -> None:
+    """Refuse a zip with an encrypted-flag member (``zipfile`` would raise a bare RuntimeError on reading it;
+    lrc and torch.export never encrypt). Other zip faults are left to the archive reader."""
+    import io
+    import zipfile
+
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except Exception:  # noqa: BLE001  (the archive reader reports a malformed zip in one line)
+        return
+    bad = [i.filename for i in infos if i.flag_bits & 0x1]
+    if bad:
+        raise _fail(source, f"zip member {bad[0]!r:.80} is encrypted (lrc files are never encrypted)")

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import pytest
 import torch
-from helpers.security import Tiny, edit_manifest, fresh_save, members, one_line_cli, zip_bytes
+from helpers.security import Tiny, edit_manifest, encrypt_flag, fresh_save, members, one_line_cli, zip_bytes
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
 
@@ -72,6 +74,24 @@ def test_manifest_fields_are_one_line(saved, tmp_path, capsys, case):
     assert "\n" not in str(ei.value)
     assert needle in one_line_cli(["inspect", str(bad)], capsys)
     lrc.load(saved[which])  # the unedited file loads
+
+
+@pytest.mark.parametrize("where", ["outer", "program"])
+def test_encrypted_flag_member_is_one_line(saved, tmp_path, capsys, where):
+    raw = saved["lora"].read_bytes()
+    if where == "outer":
+        bad = encrypt_flag(raw, "manifest.json")
+        with pytest.raises(RuntimeError, match="encrypted"):  # what zipfile does when it reads the member
+            zipfile.ZipFile(io.BytesIO(bad)).read("manifest.json")
+    else:
+        outer = members(raw)
+        inner = next(n for n in members(outer["program.pt2"]) if n.endswith("models/model.json"))
+        outer["program.pt2"] = encrypt_flag(outer["program.pt2"], inner)
+        bad = zip_bytes(outer)
+    (tmp_path / "enc.lrc").write_bytes(bad)
+    with pytest.raises(LoadError, match="encrypted"):
+        lrc.load(tmp_path / "enc.lrc")
+    assert "encrypted" in one_line_cli(["inspect", str(tmp_path / "enc.lrc")], capsys)
 
 
 def test_declared_adapters_bigger_than_the_file_are_refused_before_allocating(saved, tmp_path):

@@ -160,3 +160,19 @@ def peak_rss_growth(path: Path) -> tuple[str, int]:
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     return got["outcome"], got["grew_kib"] * 1024
+
+
+def encrypt_flag(data: bytes, member: str) -> bytes:
+    """``data`` (a zip) with the encrypted bit set on ``member`` in its local and central headers."""
+    import struct
+
+    b = bytearray(data)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(member)
+    b[info.header_offset + 6] |= 1
+    cd = data.find(b"PK\x01\x02")
+    while cd != -1:
+        n = struct.unpack("<H", data[cd + 28:cd + 30])[0]
+        if data[cd + 46:cd + 46 + n].decode() == member:
+            b[cd + 8] |= 1
+        cd = data.find(b"PK\x01\x02", cd + 4)
+    return bytes(b)
