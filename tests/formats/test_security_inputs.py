@@ -181,6 +181,14 @@ def test_peft_alpha_refused_by_every_reader(peft_dir, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob("*.onnx_adapter"))
 
 
+def test_onnx_adapter_writer_refuses_non_finite(tmp_path):
+    from lowrank_compiler.backends.onnx.adapters import write_onnx_adapter
+
+    with pytest.raises(ExportError, match="NaN/inf"):
+        write_onnx_adapter({"fc1.lora_A.weight": np.array([[np.inf]], np.float32)}, tmp_path / "x.onnx_adapter")
+    assert not list(tmp_path.iterdir())
+
+
 def test_peft_float8_tensor_refused(peft_dir):
     t = load_file(str(peft_dir / "adapter_model.safetensors"))
     key = next(k for k in t if "lora_B" in k)
