@@ -188,8 +188,8 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         extra = " (adapter_model.bin is a pickle and is not loaded; re-save with safe_serialization=True)" \
             if (p / "adapter_model.bin").exists() else ""
         raise LoadError(f"{p}: no {WEIGHTS}{extra}")
+    config = validate.json_text((p / CONFIG).read_bytes(), str(p), CONFIG)
     try:
-        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
         tensors = load_file(str(p / WEIGHTS))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None

@@ -168,6 +168,12 @@ def test_peft_config_field_types(peft_dir, edit):
     assert "\n" not in str(ei.value)
 
 
+def test_peft_config_nested_too_deep(peft_dir):
+    (peft_dir / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LoadError, match="nested"):
+        lrc.load_peft(Tiny(), peft_dir, (torch.randn(4, 6),))
+
+
 def test_peft_alpha_refused_by_every_reader(peft_dir, tmp_path, capsys):
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     (peft_dir / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 1e300}))
