@@ -176,3 +176,15 @@ def encrypt_flag(data: bytes, member: str) -> bytes:
             b[cd + 8] |= 1
         cd = data.find(b"PK\x01\x02", cd + 4)
     return bytes(b)
+
+
+def raw_onnx_adapter(tensors: dict, path: Path) -> None:
+    """Write an ``.onnx_adapter`` with ONNX Runtime directly (no lrc checks): how a hostile file is made."""
+    import numpy as np
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    fmt.export_adapter(str(path))
