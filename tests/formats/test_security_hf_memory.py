@@ -129,3 +129,15 @@ def test_small_lrc_file_declaring_huge_adapters_allocates_little(tmp_path, spec,
     assert grew < _bound(bad), (grew, _bound(bad))
     with pytest.raises(LoadError):
         lrc.load(bad)
+
+
+@pytest.mark.slow
+def test_hf_layout_export_of_a_huge_recorded_config_allocates_little(bert_dir, tmp_path):
+    gm = lrc.transform(cli.load_model(str(bert_dir)), "attention.self.query:lora(r=2)")
+    lrc.save(gm, tmp_path / "m.lrc")
+    bad = edit_manifest(tmp_path / "m.lrc", tmp_path / "bad.lrc",
+                        lambda m: m["hf_config"].update(vocab_size=20_000_000))  # 1.3 GB of embeddings
+    outcome, grew = peak_rss_growth(bad, "hf", str(tmp_path / "out"))
+    print(f"peak RSS growth refusing --format hf: {grew / 2**20:.1f} MiB (bound {_bound(bad) / 2**20:.1f} MiB)")
+    assert outcome.startswith("refused") and "word_embeddings" in outcome, outcome
+    assert grew < _bound(bad) and not (tmp_path / "out").exists()

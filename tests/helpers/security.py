@@ -138,10 +138,14 @@ import resource, sys, json
 import torch, transformers, transformers.models.bert.modeling_bert  # imported before the baseline
 import lowrank_compiler as lrc
 from lowrank_compiler.cli import load_model
+gm = load_model(sys.argv[1]) if len(sys.argv) > 2 else None  # exporting: the measured step is the write
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    load_model(sys.argv[1])
-    outcome = "loaded"
+    if gm is None:
+        load_model(sys.argv[1])
+    else:
+        lrc.export(gm, sys.argv[3], format=sys.argv[2])
+    outcome = "done"
 except lrc.LrcError as e:
     outcome = "refused: " + str(e)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -149,13 +153,14 @@ print(json.dumps({"outcome": outcome, "grew_kib": after - before}))
 """
 
 
-def peak_rss_growth(path: Path) -> tuple[str, int]:
-    """(outcome, growth of the peak RSS in bytes) of ``lrc`` loading ``path`` in a fresh interpreter."""
+def peak_rss_growth(path: Path, *export: str) -> tuple[str, int]:
+    """(outcome, growth of the peak RSS in bytes) of ``lrc`` loading ``path`` (then ``export = (format,
+    out)``: writing it) in a fresh interpreter."""
     import os
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE, str(path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE, str(path), *export], capture_output=True, text=True,
                        cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
