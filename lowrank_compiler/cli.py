@@ -16,63 +16,14 @@ def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     """A GraphModule from an lrc file, a ``.pt2`` torch.export archive, or an HF model directory."""
     from lowrank_compiler.errors import LoadError
     from lowrank_compiler.formats import model as lrc_io
+    from lowrank_compiler.formats.hf import load_hf_dir
 
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise LoadError(f"{p} is a directory without config.json (expected a Hugging Face model directory)")
-        return _load_hf_dir(p, seq)
+        return load_hf_dir(p, seq)
     if not p.exists():
         raise LoadError(f"{p}: no such file or directory")
     return lrc_io.load(p, trust=trust)
-
-
-def hf_model_class(config: Any) -> Any:
-    """The transformers class a config names in ``architectures`` (``BertForSequenceClassification`` ...),
-    so a directory keeps its head; ``AutoModel`` when it names none."""
-    import transformers
-
-    from lowrank_compiler.errors import LoadError
-    from lowrank_compiler.formats.hf import hf_class
-
-    names = list(getattr(config, "architectures", None) or [])
-    cls = hf_class(names)
-    if cls is None and names:
-        raise LoadError(f"config.architectures names {names}, which this transformers {transformers.__version__} "
-                        "does not have")
-    return cls or transformers.AutoModel
-
-
-def _load_hf_dir(p: Path, seq: int) -> Any:
-    import torch
-
-    from lowrank_compiler.errors import LoadError
-    from lowrank_compiler.frontend.trace import trace
-    from lowrank_compiler.ir import lrc_meta
-    from lowrank_compiler.quiet import quiet_third_party
-
-    try:
-        from transformers import AutoConfig
-    except ImportError:
-        raise LoadError("loading a Hugging Face directory needs `transformers` (pip install 'lowrank-compiler[hf]')") from None
-    try:
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-        cls = hf_model_class(config)
-        with quiet_third_party():
-            model = cls.from_pretrained(str(p), local_files_only=True).eval()
-    except LoadError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{p}: could not load as a Hugging Face model offline: {e}") from None
-    vocab = int(getattr(config, "vocab_size", 100) or 100)
-    ids = torch.randint(0, vocab, (2, seq))
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones(2, seq, dtype=torch.long)}
-    if getattr(config, "use_cache", False) or "use_cache" in config.to_dict():
-        kwargs["use_cache"] = False
-    with quiet_third_party():
-        gm = trace(model, (ids,), kwargs)
-    lrc_meta(gm)["base_model_name_or_path"] = str(p)
-    return gm
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:

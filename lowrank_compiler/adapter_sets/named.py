@@ -37,6 +37,7 @@ from lowrank_compiler.passes.pipelines import adapter_pipeline
 from lowrank_compiler.passes.strip import strip
 from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.spec.language import Spec, parse_spec
+from lowrank_compiler.spec.sites import find_sites
 
 DEFAULT = "default"
 
@@ -259,12 +260,13 @@ def _read_set(path: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, to
     tensors, meta = validate.safetensors_bytes(_read_file(path), str(path))
     if meta.get("format") != ADAPTER_FORMAT:
         raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
-    try:
-        records = json.loads(meta.get("adapters", ""))
-        full = json.loads(meta.get("full_modules", "[]"))
-    except ValueError as e:
-        raise LoadError(f"{path}: the adapter metadata is not valid JSON ({e})") from None
-    return records, full if isinstance(full, list) else [], tensors, str(path)
+    src = str(path)
+    records = validate.adapter_records(validate.json_text(meta.get("adapters", ""), src, "the 'adapters' metadata"),
+                                       src)
+    full = validate.json_text(meta.get("full_modules", "[]"), src, "the 'full_modules' metadata")
+    if not isinstance(full, list) or not all(isinstance(m, str) for m in full):
+        raise LoadError(f"{src}: 'full_modules' metadata must be a list of module paths")
+    return records, full, tensors, src
 
 
 def _shared_heads(gm: fx.GraphModule, full: list[str], tensors: dict[str, torch.Tensor], source: str) -> set[str]:
@@ -289,33 +291,66 @@ def load_adapter(gm: fx.GraphModule, path: str | os.PathLike, name: str) -> fx.G
         LoadError: unreadable, or adapters that do not fit ``gm``'s sites; LrcError: ``name`` is taken.
     """
     path = Path(path)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LrcError(f"adapter name must be an identifier, got {name!r:.80}")
     if name in adapter_names(gm):
         raise LrcError(f"an adapter named {name!r} already exists; delete_adapter(gm, {name!r}) first")
     records, full, tensors, src = _read_set(path)
     drop = _shared_heads(gm, [str(m) for m in full], tensors, src)
+    _add_set(gm, name, src, {k: v for k, v in tensors.items() if k not in drop}, records)
+    return gm
 
+
+def _add_set(gm: fx.GraphModule, name: str, src: str | Path, tensors: dict[str, Any],
+             records: list[dict[str, Any]]) -> None:
     def fill(view: fx.GraphModule) -> None:
-        apply_records(view, records, src)
-        _load_adapter_tensors(view, {k: v for k, v in tensors.items() if k not in drop}, src)
+        sites = {s.name: s.info() for s in find_sites(view)}
+        validate.adapter_budget(records, sites, sum(t.numel() for t in tensors.values()), str(src))
+        apply_records(view, records, str(src))
+        _load_adapter_tensors(view, tensors, str(src))
 
     _put(gm, name, _build(gm, fill))
-    return gm
+
+
+def _read_index(directory: Path) -> tuple[str, list[str]]:
+    """``adapters.json``: ``{"active": name, "adapters": [name, ...]}``; every name is a plain file stem of a
+    regular file directly inside ``directory`` (no path separators, no absolute paths, no links out)."""
+    f = directory / "adapters.json"
+    if not f.is_file():
+        raise LoadError(f"{directory}: not a named-adapters directory (no adapters.json)")
+    if f.stat().st_size > 1 << 20:
+        raise LoadError(f"{f}: larger than 1 MiB; not an adapter index")
+    index = validate.json_text(f.read_bytes(), str(f), "adapters.json")
+    if not isinstance(index, dict) or set(index) - {"active", "adapters"}:
+        raise LoadError(f"{f}: must be an object with only 'active' and 'adapters'")
+    names, active = index.get("adapters"), index.get("active")
+    if not isinstance(names, list) or not names or len(names) > 1000 or len(set(map(repr, names))) != len(names):
+        raise LoadError(f"{f}: 'adapters' must be a non-empty list of distinct adapter names")
+    root = directory.resolve()
+    for n in names:
+        if not (isinstance(n, str) and n.isidentifier() and len(n) <= 200):
+            raise LoadError(f"{f}: adapter name {n!r:.80} is not an identifier (names are file stems in the "
+                            "folder: no path separators, no absolute paths)")
+        target = (directory / f"{n}.safetensors").resolve()
+        if target.parent != root or not target.is_file():
+            raise LoadError(f"{f}: adapter {n!r} has no regular file {n}.safetensors inside {directory}")
+    if active not in names:
+        raise LoadError(f"{f}: 'active' {active!r:.80} is not one of the listed adapters {names[:5]!r:.200}")
+    return active, names
 
 
 def load_named_adapters(gm: fx.GraphModule, directory: str | os.PathLike) -> fx.GraphModule:
     """Load every set of a :func:`save_named_adapters` directory (sets ``gm`` has take the saved tensors,
-    others are added), then activate the saved active one."""
+    others are added), then activate the saved active one. The index and every file are checked before
+    ``gm`` is changed."""
     directory = Path(directory)
-    try:
-        index = json.loads((directory / "adapters.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{directory}: not a named-adapters directory (adapters.json: {e})") from None
-
-    for name in index["adapters"]:
+    active, names = _read_index(directory)
+    sets = {n: _read_set(directory / f"{n}.safetensors") for n in names}
+    for name, (records, _full, tensors, _src) in sets.items():
         if name in adapter_names(gm):  # an existing set takes the saved tensors
             set_adapter(gm, name)
             load_adapters(gm, directory / f"{name}.safetensors")
         else:
-            load_adapter(gm, directory / f"{name}.safetensors", name)
-    set_adapter(gm, index["active"])
+            _add_set(gm, name, directory / f"{name}.safetensors", tensors, records)
+    set_adapter(gm, active)
     return gm

@@ -38,6 +38,7 @@ from lowrank_compiler.safety import names as safe_names
 from lowrank_compiler.safety import pt2 as safeload
 from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.safety.atomic import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
+from lowrank_compiler.spec.sites import find_sites
 
 FORMAT = "lrc-model"
 ADAPTER_FORMAT = "lrc-adapters"
@@ -179,6 +180,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
         return _load_trusted_pickle(path)
     if data[:2] != b"PK":
         raise LoadError(f"{path} is not an lrc model file (expected a zip written by lrc.save)")
+    validate.unencrypted_zip(data, src)
     z = safeload.open_zip(data, src)
     names = set(z.namelist())
     if _MANIFEST not in names:
@@ -192,7 +194,9 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
                         f"{_MANIFEST}, {_PROGRAM}, {_ADAPTERS} and {_INPUTS}")
     manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
     _check_manifest_names(manifest, f"{src}: {_MANIFEST}")
-    ep = safeload.load_exported_program(safeload.read_member(z, _PROGRAM, src), f"{src}: {_PROGRAM}")
+    program = safeload.read_member(z, _PROGRAM, src)
+    validate.unencrypted_zip(program, f"{src}: {_PROGRAM}")
+    ep = safeload.load_exported_program(program, f"{src}: {_PROGRAM}")
     adapters, _ = validate.safetensors_bytes(safeload.read_member(z, _ADAPTERS, src), f"{src}: {_ADAPTERS}")
     inputs, _ = validate.safetensors_bytes(safeload.read_member(z, _INPUTS, src), f"{src}: {_INPUTS}")
     names_in = manifest["input_names"]
@@ -206,6 +210,8 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     full = manifest.get("full_modules", [])
     if not isinstance(full, list) or not all(isinstance(x, str) and x for x in full):
         raise LoadError(f"{src}: manifest 'full_modules' must be a list of module paths")
+    sites = {s.name: s.info() for s in find_sites(gm)}
+    validate.adapter_budget(manifest["adapters"], sites, sum(t.numel() for t in adapters.values()), f"{src}: {_MANIFEST}")
     try:
         apply_records(gm, manifest["adapters"], src, full)
     except LoadError as e:
@@ -320,20 +326,14 @@ def load_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> fx.GraphModule
         hint = ("; a plain state dict (e.g. the HF Trainer's model.safetensors) loads with "
                 "gm.load_state_dict(safetensors.torch.load_file(path))") if meta.get("format") == "pt" else ""
         raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60}){hint}")
-    try:
-        records = json.loads(meta.get("adapters", ""))
-    except ValueError as e:
-        raise LoadError(f"{path}: the 'adapters' metadata is not valid JSON ({e})") from None
+    records = validate.json_text(meta.get("adapters", ""), src, "the 'adapters' metadata")
     want = {(r["site"], r["method"]): r["args"] for r in validate.adapter_records(records, src)}
     have = {(r["site"], r["method"]): r["args"] for r in adapter_records(gm)}
     if set(have) != set(want):
         diff = sorted(set(want) ^ set(have))[:5]
         raise LoadError(f"{path}: adapter sites/methods differ from the model's: {diff}")
     full_have = list(lrc_meta(gm).get("full_modules", []))
-    try:
-        full_want = json.loads(meta.get("full_modules", "[]"))
-    except ValueError:
-        full_want = None
+    full_want = validate.json_text(meta.get("full_modules", "[]"), src, "the 'full_modules' metadata")
     if not isinstance(full_want, list) or sorted(map(str, full_want)) != sorted(full_have):
         raise LoadError(f"{path}: fully trained modules {full_want!r:.200} differ from the model's {full_have}; "
                         "transform with the spec the adapters were trained with (its `:full` rules)")

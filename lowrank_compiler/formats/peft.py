@@ -21,6 +21,7 @@ from lowrank_compiler.frontend.trace import trace
 from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
 from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.quiet import quiet
+from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.safety.atomic import atomic_dir
 from lowrank_compiler.safety.regex import pattern_problem, suffix_match
 
@@ -119,21 +120,48 @@ def _pattern_value(patterns: dict[str, Any], site: str, default: Any) -> Any:
     return default
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 100_000 and all(isinstance(x, str) and len(x) <= 1000 for x in v)
+
+
+def _opt_str(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= 4096)
+
+
+# every adapter_config field lrc writes or reads: (valid when, what is valid); unknown fields are ignored
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (_opt_str, "a string or null"),
+    "base_model_name_or_path": (_opt_str, "a string (at most 4096 characters) or null"),
+    "revision": (_opt_str, "a string or null"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "r": (lambda v: type(v) is int and 0 < v <= 1 << 20, "an integer in [1, 2^20]"),
+    "lora_alpha": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an init name"),
+    "target_modules": (lambda v: v is None or _opt_str(v) or _str_list(v), "a list of names, a regex or null"),
+    "modules_to_save": (lambda v: v is None or _str_list(v), "a list of module names or null"),
+    "layers_to_transform": (lambda v: v is None or type(v) is int
+                            or (isinstance(v, list) and all(type(x) is int for x in v)), "an integer list or null"),
+    "layers_pattern": (lambda v: v is None or _opt_str(v) or _str_list(v), "a string, a list of strings or null"),
+}
+
+
 def _check_config(config: Any, p: Path) -> None:
-    """Types and ranges of the adapter_config fields lrc uses; LoadError naming the field."""
+    """Types and ranges of every adapter_config field lrc knows; LoadError naming the field."""
     if not isinstance(config, dict):
         raise LoadError(f"{p}: {CONFIG} is not a JSON object")
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    problems = []
-    if not (number(config.get("lora_alpha", 8)) and config.get("lora_alpha", 8) > 0):
-        problems.append(f"lora_alpha={config.get('lora_alpha')!r:.40} (a finite number > 0)")
-    if not (number(config.get("lora_dropout", 0.0)) and 0 <= config.get("lora_dropout", 0.0) < 1):
-        problems.append(f"lora_dropout={config.get('lora_dropout')!r:.40} (in [0, 1))")
-    if not isinstance(config.get("use_rslora", False), bool):
-        problems.append(f"use_rslora={config.get('use_rslora')!r:.40} (true or false)")
+    problems = [f"{k}={config[k]!r:.40} ({what})" for k, (ok, what) in _FIELDS.items()
+                if k in config and not ok(config[k])]
     for key in ("alpha_pattern", "rank_pattern"):
         pat = {} if config.get(key) is None else config[key]
         if not isinstance(pat, dict):
@@ -143,7 +171,7 @@ def _check_config(config: Any, p: Path) -> None:
             why = pattern_problem(k)
             if why:
                 problems.append(f"{key} key {k!r:.40}: {why}")
-            elif not (number(v) and v > 0):
+            elif not (_number(v) and v > 0):
                 problems.append(f"{key}[{k!r:.40}]={v!r:.40} (a finite number > 0)")
     if problems:
         raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(problems[:4]))
@@ -161,8 +189,8 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         extra = " (adapter_model.bin is a pickle and is not loaded; re-save with safe_serialization=True)" \
             if (p / "adapter_model.bin").exists() else ""
         raise LoadError(f"{p}: no {WEIGHTS}{extra}")
+    config = validate.json_text((p / CONFIG).read_bytes(), str(p), CONFIG)
     try:
-        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
         tensors = load_file(str(p / WEIGHTS))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
@@ -193,38 +221,47 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
             raise LoadError(f"{p}: {site}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not an "
                             "(r × d_in, d_out × r) pair with the same rank r >= 1")
         for w, t in (("lora_A", a), ("lora_B", b)):
-            if not t.is_floating_point():
-                raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be floating point")
+            if t.dtype not in validate.FLOAT_DTYPES:
+                raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be float16, "
+                                "bfloat16, float32 or float64")
             if not bool(torch.isfinite(t).all()):
                 raise LoadError(f"{p}: {site}.{w} has NaN/inf entries")
     config["_modules_to_save"] = heads
+    config["_records"] = _records(config, sites, p)
     return config, sites
+
+
+def _records(config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]], p: Path) -> list[dict[str, Any]]:
+    """The sites as validated ``lora`` records: every reader of a PEFT directory (``load_peft``, ONNX adapter
+    export) goes through the same checks as a spec (``lora``'s own argument ranges, finiteness)."""
+    rslora = bool(config.get("use_rslora", False))
+    records = [{"site": site, "method": "lora",
+                "args": {"r": int(d["lora_A"].shape[0]), "rslora": rslora,
+                         "alpha": float(_pattern_value(config.get("alpha_pattern") or {}, site,
+                                                       config.get("lora_alpha", 8))),
+                         "dropout": float(config.get("lora_dropout", 0.0))}} for site, d in sites.items()]
+    return validate.adapter_records(records, f"{p}: {CONFIG}")
 
 
 def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
     """A PEFT LoRA directory as ONNX Runtime adapter tensors: ``<site>.lora_A.weight`` = Aᵀ, ``lora_B`` = (s·B)ᵀ."""
     config, sites = read_peft(path)
     out: dict[str, Any] = {}
-    for site, d in sites.items():
-        r = int(d["lora_A"].shape[0])
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
-        s = alpha / (r ** 0.5) if config.get("use_rslora", False) else alpha / r
-        out[f"{site}.lora_A.weight"] = d["lora_A"].float().t().contiguous().numpy()
-        out[f"{site}.lora_B.weight"] = (d["lora_B"].float() * s).t().contiguous().numpy()
+    for rec in config["_records"]:
+        site, args = rec["site"], rec["args"]
+        s = args["alpha"] / (args["r"] ** 0.5) if args["rslora"] else args["alpha"] / args["r"]
+        b = sites[site]["lora_B"].float() * s
+        if not bool(torch.isfinite(b).all()):
+            raise LoadError(f"{path}: {site}.lora_B times its scale {s:g} overflows float32")
+        out[f"{site}.lora_A.weight"] = sites[site]["lora_A"].float().t().contiguous().numpy()
+        out[f"{site}.lora_B.weight"] = b.t().contiguous().numpy()
     return out
 
 
 def peft_records(config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
-    """lrc adapter records (``lora`` with PEFT's rank, alpha, dropout, rslora per site) of :func:`read_peft`'s output."""
-    rslora = bool(config.get("use_rslora", False))
-    records = []
-    for site, d in sites.items():
-        r = int(d["lora_A"].shape[0])
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
-        records.append({"site": site, "method": "lora",
-                        "args": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout", 0.0)),
-                                 "rslora": rslora}})
-    return records
+    """The validated lrc adapter records (``lora`` with PEFT's rank, alpha, dropout, rslora per site) of
+    :func:`read_peft`'s output (the same checks as a spec: every reader of a PEFT folder goes through them)."""
+    return config["_records"] if "_records" in config else _records(config, sites, Path("adapter_config"))
 
 
 def peft_tensors(sites: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -265,7 +302,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
 
     config, sites = read_peft(path)
     gm = trace_base(model, example_inputs, example_kwargs)
-    records = peft_records(config, sites)
+    records = config.pop("_records")
     heads = config.pop("_modules_to_save")
     apply_records(gm, records, str(path), list(heads))
     _load_adapter_tensors(gm, peft_tensors(sites), str(path))

@@ -82,6 +82,9 @@ class ALoRA(AdapterMethod):
         if min(cap, r) > min(site.d_in, site.d_out):
             return (f"alora: r={r} is larger than min(d_in, d_out)={min(site.d_in, site.d_out)} "
                     f"of site {site.name!r} ({site.d_out}x{site.d_in})")
+        if cap > 2 * min(site.d_in, site.d_out):  # bounded before anything is allocated
+            return (f"alora: r_max={cap} is larger than 2·min(d_in, d_out)={2 * min(site.d_in, site.d_out)} "
+                    f"of site {site.name!r} ({site.d_out}x{site.d_in})")
         return None
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:

@@ -59,7 +59,16 @@ class FLoRA(AdapterMethod):
 
     @classmethod
     def check_site(cls, args: dict[str, Any], site: SiteInfo) -> str | None:
-        return None  # r is not bounded by the weight's shape (the terms are Hadamard factors)
+        """r ≤ min(d_in, d_out) (a rank-r Hadamard factor has no more freedom past it) and all adapters
+        together at most 64× the weight's elements; checked before anything is allocated."""
+        r, n, d = int(args.get("r", 4)), int(args.get("n_adapters", 1)), min(site.d_in, site.d_out)
+        if r > d:
+            return f"flora: r={r} is larger than min(d_in, d_out)={d} of site {site.name!r} ({site.d_out}x{site.d_in})"
+        if n * r * (site.d_in + site.d_out) > 64 * site.d_in * site.d_out:
+            return (f"flora: n_adapters={n} × r={r} adapters would hold more than 64× the elements of site "
+                    f"{site.name!r} ({site.d_out}x{site.d_in}); at most n_adapters="
+                    f"{max(1, 64 * site.d_in * site.d_out // (r * (site.d_in + site.d_out)))} at this r")
+        return None
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.flora_out)

@@ -126,8 +126,8 @@ def _unlink(tmp: str) -> None:
 def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     """Build a directory with ``fill(tmpdir)`` and swap it in for ``path`` in one step.
 
-    Entries of an existing ``path`` that ``fill`` did not write are carried over, so nothing else in
-    the folder is lost. Two concurrent writers never mix files: each one's folder replaces ``path``
+    Entries of an existing ``path`` that ``fill`` did not write are carried over (symbolic links as
+    links), so nothing else in the folder is lost. Two concurrent writers never mix files: each one's folder replaces ``path``
     whole (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere a rename retry loop).
     """
     p = check_target(path, "dir")
@@ -139,9 +139,7 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         if p.is_dir():
-            for entry in p.iterdir():
-                if not (tmp / entry.name).exists() and not entry.is_symlink():
-                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+            _carry_over(p, tmp)
             os.chmod(tmp, stat.S_IMODE(p.stat().st_mode))
         else:
             os.chmod(tmp, 0o777 & ~_umask())
@@ -150,6 +148,21 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
         raise ExportError(f"cannot write {p}: {_why(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy every entry of ``old`` that ``new`` lacks: files and folders as they are, symbolic links as
+    links (same target, never followed), so the swap loses nothing of the user's."""
+    for entry in old.iterdir():
+        dst = new / entry.name
+        if os.path.lexists(dst):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True)
+        else:
+            shutil.copy2(entry, dst, follow_symlinks=False)
 
 
 def _swap_in(tmp: Path, p: Path) -> None:

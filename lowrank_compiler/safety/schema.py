@@ -6,15 +6,18 @@ normalized values; nothing here trusts a type or a range it has not checked.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import torch
 
 from lowrank_compiler.errors import LoadError, SpecError
-from lowrank_compiler.methods.base import get_method
+from lowrank_compiler.methods.base import SiteInfo, get_method
 
 _SCALARS = (bool, int, float, str, type(None))
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what adapter tensors may be
+MAX_JSON_DEPTH = 32
 
 
 def _fail(source: str, what: str) -> LoadError:
@@ -86,8 +89,76 @@ def manifest(m: Any, source: str, fmt: str, version: int) -> dict[str, Any]:
     specs = m.get("specs", [])
     if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
         raise _fail(source, "manifest 'specs' must be a list of strings")
-    return {**m, "version": v, "input_names": names, "sdpa_dropout": [float(p) for p in sdpa],
+    kept = _kept_fields(m, source)
+    return {**m, **kept, "version": v, "input_names": names, "sdpa_dropout": [float(p) for p in sdpa],
             "const_kwargs": const, "specs": specs, "adapters": adapter_records(m.get("adapters", []), source)}
+
+
+def _kept_fields(m: dict[str, Any], source: str) -> dict[str, Any]:
+    """``model_class`` (a public class name; HF layout export only looks it up among transformers' model
+    classes), ``hf_config`` (a bounded JSON object with a
+    ``model_type``) and ``base_model_name_or_path`` (a string), each only when present."""
+    out: dict[str, Any] = {}
+    name = m.get("model_class")
+    if name is not None:
+        if not (isinstance(name, str) and name.isidentifier() and len(name) <= 200 and not name.startswith("_")):
+            raise _fail(source, f"manifest 'model_class' {name!r:.60} is not a class name (a public identifier)")
+        out["model_class"] = name
+    base = m.get("base_model_name_or_path")
+    if base is not None:
+        if not isinstance(base, str) or len(base) > 4096 or "\x00" in base:
+            raise _fail(source, f"manifest 'base_model_name_or_path' {base!r:.60} is not a path or hub name "
+                                "(a string of at most 4096 characters)")
+        out["base_model_name_or_path"] = base
+    cfg = m.get("hf_config")
+    if cfg is not None:
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str) or len(cfg) > 1000:
+            raise _fail(source, "manifest 'hf_config' must be an object with a string 'model_type' (at most 1000 keys)")
+        if json_depth(cfg) > MAX_JSON_DEPTH or len(json.dumps(cfg)) > 1 << 20:
+            raise _fail(source, f"manifest 'hf_config' is nested deeper than {MAX_JSON_DEPTH} or larger than 1 MiB")
+        out["hf_config"] = cfg
+    return out
+
+
+def json_depth(x: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: a deep value cannot exhaust the stack here)."""
+    depth, stack = 0, [(x, 1)]
+    while stack:
+        v, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(v, dict):
+            stack.extend((c, d + 1) for c in v.values())
+        elif isinstance(v, list):
+            stack.extend((c, d + 1) for c in v)
+    return depth
+
+
+def json_text(text: str | bytes, source: str, what: str) -> Any:
+    """``json.loads(text)`` refusing malformed, non-UTF-8 or deeper-than-MAX_JSON_DEPTH input (the nesting is
+    counted on the raw text before parsing, so a deep document never reaches the recursive parser)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail(source, f"{what} is not UTF-8 text") from None
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:  # brackets inside strings don't count
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise _fail(source, f"{what} is nested {deepest} levels deep (at most {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise _fail(source, f"{what} is not valid JSON ({e})") from None
 
 
 def _finite_number(x: Any) -> bool:
@@ -103,8 +174,8 @@ def tensor_values(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
         if t is None:
             continue
         if v.is_floating_point():
-            if not t.is_floating_point():
-                problems.append(f"{k}: dtype {t.dtype} (expected a floating-point tensor)")
+            if t.dtype not in FLOAT_DTYPES:
+                problems.append(f"{k}: dtype {t.dtype} (expected float16, bfloat16, float32 or float64)")
             elif not bool(torch.isfinite(t).all()):
                 problems.append(f"{k}: has NaN/inf entries")
         elif t.dtype != v.dtype:
@@ -116,8 +187,6 @@ def tensor_values(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
 
 def safetensors_bytes(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors payload; LoadError on anything malformed."""
-    import json
-
     from safetensors.torch import load as st_load
 
     if len(data) < 8:
@@ -134,3 +203,49 @@ def safetensors_bytes(data: bytes, source: str) -> tuple[dict[str, torch.Tensor]
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
         raise _fail(source, f"not a valid safetensors file ({str(e).strip().splitlines()[0][:160] if str(e) else type(e).__name__})") from None
     return tensors, meta
+
+
+def adapter_numel(method: str, args: dict[str, Any], site: SiteInfo) -> int:
+    """Elements of the tensors a ``method`` adapter with ``args`` would hold at ``site``, found by building
+    it on the meta device (nothing is allocated); SpecError when the method refuses the site."""
+    cls = get_method(method)
+    why = cls.check_site(args, site)
+    if why:
+        raise SpecError(why)
+    with torch.device("meta"):
+        mod = cls(site, **args)
+    return sum(t.numel() for t in mod.state_dict().values())
+
+
+def adapter_budget(records: list[dict[str, Any]], sites: dict[str, SiteInfo], held: int, source: str) -> None:
+    """Refuse records whose adapters would hold more tensor elements than the file's ``held`` (checked
+    before anything is allocated, so a small file cannot make lrc allocate gigabytes)."""
+    want = 0
+    for r in records:
+        site = sites.get(r["site"])
+        if site is None:
+            continue  # apply_records names the missing site
+        try:
+            want += adapter_numel(r["method"], r["args"], site)
+        except SpecError as e:
+            raise _fail(source, f"site {r['site']!r}: {e.reason}") from None
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            continue  # a method that cannot be built on meta is sized by its real tensors later
+        if want > held:
+            raise _fail(source, f"the manifest declares adapters with more than {held} tensor elements "
+                                f"(first past the limit: {r['method']} at {r['site']!r}), but the file holds {held}")
+
+
+def unencrypted_zip(data: bytes, source: str) -> None:
+    """Refuse a zip with an encrypted-flag member (``zipfile`` would raise a bare RuntimeError on reading it;
+    lrc and torch.export never encrypt). Other zip faults are left to the archive reader."""
+    import io
+    import zipfile
+
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except Exception:  # noqa: BLE001  (the archive reader reports a malformed zip in one line)
+        return
+    bad = [i.filename for i in infos if i.flag_bits & 0x1]
+    if bad:
+        raise _fail(source, f"zip member {bad[0]!r:.80} is encrypted (lrc files are never encrypted)")

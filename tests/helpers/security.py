@@ -145,3 +145,88 @@ def name_attack_lrc(lrc_file: Path, out: Path, marker: Path) -> Path:
     outer["adapters.safetensors"] = safetensors.torch.save(kept)
     out.write_bytes(zip_bytes(outer))
     return out
+
+
+def one_line_cli(argv: list[str], capsys) -> str:
+    """Run ``lrc argv``; assert exit 2 with exactly one stderr line (no traceback); return that line."""
+    from lowrank_compiler.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith(f"lrc {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in captured.out + err
+    return err
+
+
+def edit_manifest(lrc_file: Path, out: Path, edit: Callable[[dict], None]) -> Path:
+    """Copy ``lrc_file`` to ``out`` with its manifest.json changed by ``edit`` (in place on the parsed dict)."""
+    outer = members(lrc_file.read_bytes())
+    manifest = json.loads(outer["manifest.json"])
+    edit(manifest)
+    outer["manifest.json"] = json.dumps(manifest).encode()
+    out.write_bytes(zip_bytes(outer))
+    return out
+
+
+PEAK_RSS_CODE = """
+import resource, sys, json
+import torch, transformers, transformers.models.bert.modeling_bert  # imported before the baseline
+import lowrank_compiler as lrc
+from lowrank_compiler.cli import load_model
+gm = load_model(sys.argv[1]) if len(sys.argv) > 2 else None  # exporting: the measured step is the write
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    if gm is None:
+        load_model(sys.argv[1])
+    else:
+        lrc.export(gm, sys.argv[3], format=sys.argv[2])
+    outcome = "done"
+except lrc.LrcError as e:
+    outcome = "refused: " + str(e)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"outcome": outcome, "grew_kib": after - before}))
+"""
+
+
+def peak_rss_growth(path: Path, *export: str) -> tuple[str, int]:
+    """(outcome, growth of the peak RSS in bytes) of ``lrc`` loading ``path`` (then ``export = (format,
+    out)``: writing it) in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE, str(path), *export], capture_output=True, text=True,
+                       cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    return got["outcome"], got["grew_kib"] * 1024
+
+
+def encrypt_flag(data: bytes, member: str) -> bytes:
+    """``data`` (a zip) with the encrypted bit set on ``member`` in its local and central headers."""
+    import struct
+
+    b = bytearray(data)
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(member)
+    b[info.header_offset + 6] |= 1
+    cd = data.find(b"PK\x01\x02")
+    while cd != -1:
+        n = struct.unpack("<H", data[cd + 28:cd + 30])[0]
+        if data[cd + 46:cd + 46 + n].decode() == member:
+            b[cd + 8] |= 1
+        cd = data.find(b"PK\x01\x02", cd + 4)
+    return bytes(b)
+
+
+def raw_onnx_adapter(tensors: dict, path: Path) -> None:
+    """Write an ``.onnx_adapter`` with ONNX Runtime directly (no lrc checks): how a hostile file is made."""
+    import numpy as np
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    fmt.export_adapter(str(path))

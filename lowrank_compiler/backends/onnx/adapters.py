@@ -54,8 +54,18 @@ def lora_adapter_tensors(gm: fx.GraphModule, dtype: np.dtype | None = None) -> d
 
 
 def write_onnx_adapter(tensors: dict[str, np.ndarray], path: str | os.PathLike, adapter_version: int = 1) -> None:
-    """Write ``tensors`` as an ONNX Runtime ``.onnx_adapter`` file (atomic: temp file + rename)."""
+    """Write ``tensors`` as an ONNX Runtime ``.onnx_adapter`` file (atomic: temp file + rename).
+
+    Raises:
+        ExportError: a floating tensor with NaN/inf entries (e.g. a scale that overflows float16); nothing
+        is written, so a reader never meets a non-finite adapter lrc wrote.
+    """
     import onnxruntime as ort
+
+    bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+           and not np.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"{path}: adapter tensor(s) {bad[:4]} have NaN/inf entries; not written")
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(adapter_version)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx, session
 from lowrank_compiler.backends.onnx.smoothquant import OUTLIER_PREFIX, smooth
@@ -269,6 +270,11 @@ def export_quantized(gm: Any, path: str | os.PathLike, mode: str, *, force: bool
 
     if mode not in MODES:
         raise ExportError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")
+    bad = [k for k, t in [*gm.named_parameters(), *gm.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(f"cannot quantize: tensor(s) {bad[:5]} have NaN/inf entries (quantization scales "
+                          "would be undefined); fix or merge the model first")
     inputs, names = example_inputs_of(gm)
     feeds = [dict(zip(names, inputs))]
     for s in samples or []:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,31 @@ def check_feeds(sess: Any, given: dict[str, np.ndarray]) -> None:
             raise ExportError(f"--input {name}: shape {list(arr.shape)}, the model takes {dims}")
 
 
+def read_npy(name: str, file: str | Path) -> np.ndarray:
+    """One ``.npy`` array (no pickle, no ``.npz``); its header's shape × itemsize must equal the bytes the
+    file holds, checked before anything is allocated."""
+    try:
+        with open(file, "rb") as f:
+            if f.read(2) == b"PK":
+                raise ExportError(f"--input {name}: {file} is a .npz archive; give one .npy file per input")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            start, size = f.tell(), os.fstat(f.fileno()).st_size
+            if dtype.hasobject or dtype.itemsize == 0:
+                raise ExportError(f"--input {name}: {file} holds dtype {dtype} (numbers or booleans only)")
+            need = math.prod(shape) * dtype.itemsize
+            if need != size - start:
+                raise ExportError(f"--input {name}: {file} declares shape {list(shape)} of {dtype} ({need} bytes) "
+                                  f"but holds {size - start} bytes of data")
+            arr = np.fromfile(f, dtype=dtype, count=math.prod(shape))
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise ExportError(f"--input {name}: {file} is not a .npy array ({str(e).strip().splitlines()[0][:120]})") \
+            from None
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def run_cli(a: argparse.Namespace) -> int:
     """Run the model on sample inputs; print each output's shape and, per adapter, how far it moves the output."""
 
@@ -78,11 +105,7 @@ def run_cli(a: argparse.Namespace) -> int:
         name, sep, file = item.partition("=")
         if not sep or not Path(file).is_file():
             raise ExportError(f"--input must be NAME=FILE.npy with an existing file, got {item!r}")
-        try:
-            given[name] = np.load(file, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ExportError(f"--input {name}: {file} is not a .npy array ({str(e).strip().splitlines()[0][:120]})") \
-                from None
+        given[name] = read_npy(name, file)
     engine = getattr(a, "engine", "auto")
     folder = Path(a.model) if Path(a.model).is_dir() else None
     if folder is not None and not is_genai_folder(folder):
