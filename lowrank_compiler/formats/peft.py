@@ -198,6 +198,27 @@ def _kind(config: dict[str, Any], p: Path) -> str:
     raise LoadError(f"{p}: peft_type={t!r:.40} is not one lrc reads (LORA, LORA with use_dora, ADALORA, VERA)")
 
 
+def _check_kind_config(kind: str, config: dict[str, Any], p: Path) -> None:
+    """Types and ranges of the AdaLoRA / VeRA fields lrc turns into spec arguments (LoadError naming them)."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    rules = {"adalora": {"init_r": (12, lambda v: whole(v) and v > 0, "an integer > 0"),
+                         "beta1": (0.85, lambda v: num(v) and 0 < v < 1, "in (0, 1)"),
+                         "beta2": (0.85, lambda v: num(v) and 0 < v < 1, "in (0, 1)"),
+                         "orth_reg_weight": (0.5, lambda v: num(v) and v >= 0, "a finite number >= 0")},
+             "vera": {"r": (256, lambda v: whole(v) and v > 0, "an integer > 0"),
+                      "projection_prng_key": (0, lambda v: whole(v) and v >= 0, "an integer >= 0"),
+                      "d_initial": (0.1, num, "a finite number"),
+                      "vera_dropout": (0.0, lambda v: num(v) and 0 <= v < 1, "in [0, 1)")}}.get(kind, {})
+    bad = [f"{k}={config.get(k, d)!r:.40} ({want})" for k, (d, ok, want) in rules.items() if not ok(config.get(k, d))]
+    if bad:
+        raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(bad[:4]))
+
+
 def _check_site_tensors(kind: str, site: str, d: dict[str, torch.Tensor], config: dict[str, Any], p: Path) -> None:
     """Shapes of one site's tensors for ``kind`` (LoadError naming the site and what fits)."""
     for w, t in d.items():
@@ -244,6 +265,7 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     _check_config(config, p)
     kind = _kind(config, p)
+    _check_kind_config(kind, config, p)
     problems = [f"{k}={config.get(k)!r}" for k, ok in (("bias", "none"), ("lora_bias", False)) if config.get(k, ok) != ok]
     shared = {k: tensors.pop(k) for k in VERA_SHARED if k in tensors} if kind == "vera" else {}
     sites: dict[str, dict[str, torch.Tensor]] = {}

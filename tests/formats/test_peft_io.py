@@ -222,3 +222,19 @@ def test_decoder_both_directions_same_logits_and_greedy_tokens(kind, tmp_path):
     assert torch.equal(back.generate(**b, max_new_tokens=8, do_sample=False), want)
     with torch.no_grad():
         assert (base(**b).logits - pm(**b).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,edit", [("vera", {"projection_prng_key": "x"}), ("vera", {"r": 3}),
+                                       ("adalora", {"init_r": 0}), ("adalora", {"beta1": 2.0}),
+                                       ("vera", {"peft_type": "IA3"})])
+def test_bad_method_configs_are_one_line_load_errors(kind, edit, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(6, 12, generator=g), torch.randn(6, 10, generator=g)
+    pm = peft_built(kind, loss_mlp(), ["fc1", "fc2"], lambda m: m(x, t).loss)
+    pm.save_pretrained(str(tmp_path / "p"))
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(LoadError) as ei:
+        lrc.load_peft(make_mlp(), tmp_path / "p", (inputs(),))
+    msg = str(ei.value)
+    assert "\n" not in msg and (f"{next(iter(edit))}=" in msg or "peft_type=" in msg)
