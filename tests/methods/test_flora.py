@@ -175,7 +175,7 @@ def test_merge_one_chosen_adapter_and_round_trip(tmp_path, method):
     assert int(next(iter(lrc.adapters(back).values())).active) == 2
 
 
-@pytest.mark.parametrize("method", FORMS)
+@pytest.mark.parametrize("method", ["flora", pytest.param("flora_res", marks=pytest.mark.slow)])
 def test_ort_mixed_batch_each_row(tmp_path, method):
     pytest.importorskip("onnxruntime")
     from lowrank_compiler.backends.onnx.export import session
