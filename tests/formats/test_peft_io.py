@@ -238,3 +238,29 @@ def test_bad_method_configs_are_one_line_load_errors(kind, edit, tmp_path):
         lrc.load_peft(make_mlp(), tmp_path / "p", (inputs(),))
     msg = str(ei.value)
     assert "\n" not in msg and (f"{next(iter(edit))}=" in msg or "peft_type=" in msg)
+
+
+@pytest.mark.slow
+def test_gpt2_conv1d_dora_both_ways(tmp_path):
+    """DoRA on GPT-2's Conv1D layout (PEFT fan_in_fan_out): lrc's export → PeftModel, and back with load_peft."""
+    import copy
+
+    import peft
+
+    model = make_decoder("gpt2")
+    base = copy.deepcopy(model)
+    b = batch(seed=3)
+    gm = lrc.transform(model, "attn.c_attn:dora(r=4, alpha=8, dropout=0.0); mlp.c_fc:dora(r=4, alpha=8, dropout=0.0)")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for a in lrc.adapters(gm).values():
+            a.lora_B.normal_(0, 0.2, generator=g)
+            a.lora_magnitude_vector.mul_(1.2)
+    lrc.export(gm, tmp_path / "p", format="peft")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p")).eval()
+    back = lrc.load_peft(copy.deepcopy(base), tmp_path / "p")
+    with torch.no_grad():
+        ref = pm(**b).logits
+        assert (gm(**b).logits - ref).abs().max() < 1e-5
+        assert (back(**b).logits - ref).abs().max() < 1e-5
+        assert (base(**b).logits - ref).abs().max() > 1e-2
