@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError, LoadError
-from lowrank_compiler.formats.model import _copy_checked, _load_adapter_tensors, apply_records
+from lowrank_compiler.formats.model import _copy_checked, _load_adapter_tensors, adapter_state, apply_records
 from lowrank_compiler.frontend.trace import trace
 from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
 from lowrank_compiler.passes.full import full_parameters
@@ -26,7 +26,34 @@ from lowrank_compiler.safety.atomic import atomic_dir
 from lowrank_compiler.safety.regex import pattern_problem, suffix_match
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-_KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
+_KEY_RE = re.compile(r"^(?P<site>.+)\.(?P<which>lora_A|lora_B|lora_E|lora_magnitude_vector|vera_lambda_b|vera_lambda_d)"
+                     r"(?:\.default)?(?:\.weight)?$")
+#: tensors each kind of PEFT adapter holds per site (PEFT's names, which are also lrc's module attributes)
+KIND_TENSORS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+                "adalora": ("lora_A", "lora_B", "lora_E"), "vera": ("vera_lambda_b", "vera_lambda_d")}
+#: VeRA's shared projections (``save_projection=True``), stored once under these keys
+VERA_SHARED = ("base_model.vera_A", "base_model.vera_B")
+
+
+def _dora_state(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """``{site: (A, B, m)}`` when the model's adapters are DoRA (PEFT ``use_dora``), None when none is.
+
+    Raises:
+        ExportError: DoRA mixed with other methods (``use_dora`` is one switch for the whole directory),
+        or a merged DoRA site (its base is W', not W).
+    """
+    nodes = [(n.meta[META_KEY], gm.get_submodule(n.meta[META_KEY].module_path)) for n in adapter_nodes(gm)]
+    dora = [(mark, m) for mark, m in nodes if mark.method == "dora"]
+    if not dora:
+        return None
+    if len(dora) != len(nodes):
+        other = sorted({mark.method for mark, _ in nodes} - {"dora"})
+        raise ExportError(f"PEFT's use_dora applies to every site of a directory; this model mixes dora with "
+                          f"{other}: export the two kinds separately or in lrc format")
+    merged = [mark.site for mark, m in dora if m.merged]
+    if merged:
+        raise ExportError(f"DoRA sites {merged[:4]} are merged; lrc.unmerge(gm) before a PEFT export")
+    return {mark.site: (m.lora_A.detach(), m.lora_B.detach(), m.lora_magnitude_vector.detach()) for mark, m in dora}
 
 
 def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -36,25 +63,28 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     Modules a ``full`` rule trains go to ``modules_to_save`` (their tensors as ``base_model.model.<path>.<name>``,
     which PEFT loads into its trainable copy).
 
+    DoRA models are written with ``use_dora`` and each site's ``lora_magnitude_vector``.
+
     Raises:
-        ExportError: a method PEFT's plain LoRA cannot express (DoRA, or a method that changed the base
-        weight in a way that is not a known low-rank offset (Delta-LoRA, LoRASC)). LoRA-GA is written as
-        its rank-2r pair against the original base (``original_base_factors``).
+        ExportError: a method PEFT's LoRA cannot express (one that changed the base weight in a way that is
+        not a known low-rank offset (Delta-LoRA, LoRASC), FLoRA), or DoRA mixed with other methods.
+        LoRA-GA is written as its rank-2r pair against the original base (``original_base_factors``).
     """
     sites: list[tuple[str, torch.Tensor, torch.Tensor, float, dict[str, Any], str]] = []
     bad = []
+    dora = _dora_state(gm)
     for node in adapter_nodes(gm):
         mark = node.meta[META_KEY]
         m = gm.get_submodule(mark.module_path)
-        f = m.original_base_factors()
+        f = m.original_base_factors() if dora is None else (dora[mark.site][0], dora[mark.site][1], m.scaling)
         if f is None:
             bad.append((mark.site, mark.method))
             continue
         a, b, s = f
         sites.append((mark.site, a.detach(), b.detach(), float(s), dict(m.config), mark.layout))
     if bad:
-        raise ExportError(f"PEFT format holds plain LoRA only (base weights unchanged, y = Wx + s·B·A·x); "
-                          f"sites {bad[:4]} use other methods; export merged or in lrc format instead")
+        raise ExportError(f"PEFT format holds LoRA-form adapters (base weights unchanged, y = Wx + s·B·A·x) and "
+                          f"DoRA only; sites {bad[:4]} use other methods; export merged or in lrc format instead")
     if not sites:
         raise ExportError("the model has no adapters to write in PEFT format")
     rslora = all(c.get("rslora", False) for *_, c, _ in sites)
@@ -76,6 +106,8 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
     for site, a, b, s, c, _ in sites:
         tensors[f"{PREFIX}{site}.lora_A.weight"] = a.contiguous().clone()
         tensors[f"{PREFIX}{site}.lora_B.weight"] = b.contiguous().clone()
+        if dora is not None:
+            tensors[f"{PREFIX}{site}.lora_magnitude_vector"] = dora[site][2].contiguous().clone()
         if a.shape[0] != r0:
             rank_pattern[site] = int(a.shape[0])
         if alpha_of(a.shape[0], s, c) != alpha0:
@@ -87,7 +119,7 @@ def peft_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, A
         "target_modules": sorted(s[0] for s in sites), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": all(s[5] == "conv1d" for s in sites), "bias": "none",
         "modules_to_save": list(lrc_meta(gm).get("full_modules", [])) or None,
-        "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,
+        "init_lora_weights": True, "use_dora": dora is not None, "lora_bias": False, "layers_to_transform": None,
         "layers_pattern": None,
     }
     for key, t in full_parameters(gm).items():
@@ -162,8 +194,14 @@ def _check_config(config: Any, p: Path) -> None:
         raise LoadError(f"{p}: {CONFIG} is not a JSON object")
     problems = [f"{k}={config[k]!r:.40} ({what})" for k, (ok, what) in _FIELDS.items()
                 if k in config and not ok(config[k])]
+    ada = config.get("peft_type") == "ADALORA"
     for key in ("alpha_pattern", "rank_pattern"):
         pat = {} if config.get(key) is None else config[key]
+        if ada and key == "rank_pattern":  # AdaLoRA's: {module: kept-rank mask}; the tensors hold the kept ranks
+            if not isinstance(pat, dict) or not all(isinstance(v, list) and all(isinstance(b, bool) for b in v)
+                                                    for v in pat.values()):
+                problems.append("rank_pattern is not an object of boolean lists (AdaLoRA's kept-rank masks)")
+            continue
         if not isinstance(pat, dict):
             problems.append(f"{key} is not an object")
             continue
@@ -177,10 +215,69 @@ def _check_config(config: Any, p: Path) -> None:
         raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(problems[:4]))
 
 
-def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """(adapter_config, ``{site: {"lora_A": A, "lora_B": B}}``) of a PEFT LoRA directory (no pickle).
+def _kind(config: dict[str, Any], p: Path) -> str:
+    """Which kind of adapter a PEFT directory holds: lora, dora (LoRA with ``use_dora``), adalora or vera."""
+    t = config.get("peft_type", "LORA")
+    if t == "LORA":
+        return "dora" if config.get("use_dora", False) is True else "lora"
+    if t in ("ADALORA", "VERA"):
+        return t.lower()
+    raise LoadError(f"{p}: peft_type={t!r:.40} is not one lrc reads (LORA, LORA with use_dora, ADALORA, VERA)")
 
-    Tensors of ``modules_to_save`` are returned under ``config["_modules_to_save"]``: ``{module path: {name: t}}``.
+
+def _check_kind_config(kind: str, config: dict[str, Any], p: Path) -> None:
+    """Types and ranges of the AdaLoRA / VeRA fields lrc turns into spec arguments (LoadError naming them)."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    rules = {"adalora": {"init_r": (12, lambda v: whole(v) and v > 0, "an integer > 0"),
+                         "beta1": (0.85, lambda v: num(v) and 0 < v < 1, "in (0, 1)"),
+                         "beta2": (0.85, lambda v: num(v) and 0 < v < 1, "in (0, 1)"),
+                         "orth_reg_weight": (0.5, lambda v: num(v) and v >= 0, "a finite number >= 0")},
+             "vera": {"r": (256, lambda v: whole(v) and v > 0, "an integer > 0"),
+                      "projection_prng_key": (0, lambda v: whole(v) and v >= 0, "an integer >= 0"),
+                      "d_initial": (0.1, num, "a finite number"),
+                      "vera_dropout": (0.0, lambda v: num(v) and 0 <= v < 1, "in [0, 1)")}}.get(kind, {})
+    bad = [f"{k}={config.get(k, d)!r:.40} ({want})" for k, (d, ok, want) in rules.items() if not ok(config.get(k, d))]
+    if bad:
+        raise LoadError(f"{p}: bad {CONFIG}: " + "; ".join(bad[:4]))
+
+
+def _check_site_tensors(kind: str, site: str, d: dict[str, torch.Tensor], config: dict[str, Any], p: Path) -> None:
+    """Shapes of one site's tensors for ``kind`` (LoadError naming the site and what fits)."""
+    for w, t in d.items():
+        if t.dtype not in validate.FLOAT_DTYPES:
+            raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be float16, bfloat16, "
+                            "float32 or float64")
+        if not bool(torch.isfinite(t).all()):
+            raise LoadError(f"{p}: {site}.{w} has NaN/inf entries")
+    if kind == "vera":
+        d_, b = d["vera_lambda_d"], d["vera_lambda_b"]
+        if d_.ndim != 1 or b.ndim != 1 or d_.shape[0] != config.get("r", 256):
+            raise LoadError(f"{p}: {site}: vera_lambda_d {tuple(d_.shape)} and vera_lambda_b {tuple(b.shape)} are "
+                            f"not (r,) with r={config.get('r', 256)} and (d_out,)")
+        return
+    a, b = d["lora_A"], d["lora_B"]
+    low = 0 if kind == "adalora" else 1  # AdaLoRA may keep no rank at a site
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < low:
+        raise LoadError(f"{p}: {site}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not an "
+                        f"(r × d_in, d_out × r) pair with the same rank r >= {low}")
+    if kind == "adalora" and tuple(d["lora_E"].shape) != (a.shape[0], 1):
+        raise LoadError(f"{p}: {site}: lora_E {tuple(d['lora_E'].shape)} is not ({a.shape[0]}, 1)")
+    if kind == "dora" and tuple(d["lora_magnitude_vector"].shape) != (b.shape[0],):
+        raise LoadError(f"{p}: {site}: lora_magnitude_vector {tuple(d['lora_magnitude_vector'].shape)} is not "
+                        f"({b.shape[0]},) (one magnitude per output row)")
+
+
+def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """(adapter_config, ``{site: {PEFT tensor name: tensor}}``) of a PEFT LoRA / DoRA / AdaLoRA / VeRA
+    directory (no pickle); the names per kind are ``KIND_TENSORS[config["_kind"]]``.
+
+    Tensors of ``modules_to_save`` are returned under ``config["_modules_to_save"]``: ``{module path: {name: t}}``;
+    VeRA's saved shared projections under ``config["_shared"]``.
     """
     p = Path(path)
     if not (p / CONFIG).is_file():
@@ -195,8 +292,10 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{p}: unreadable PEFT adapter: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     _check_config(config, p)
-    problems = [f"{k}={config.get(k)!r}" for k, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none"),
-                                                     ("lora_bias", False)) if config.get(k, ok) != ok]
+    kind = _kind(config, p)
+    _check_kind_config(kind, config, p)
+    problems = [f"{k}={config.get(k)!r}" for k, ok in (("bias", "none"), ("lora_bias", False)) if config.get(k, ok) != ok]
+    shared = {k: tensors.pop(k) for k in VERA_SHARED if k in tensors} if kind == "vera" else {}
     sites: dict[str, dict[str, torch.Tensor]] = {}
     saved = [str(n) for n in config.get("modules_to_save") or []]
     heads: dict[str, dict[str, torch.Tensor]] = {}
@@ -204,48 +303,41 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         key = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY_RE.match(key)
         module, _, leaf = key.rpartition(".")
-        if not m and any(module == n or module.endswith("." + n) for n in saved):
+        if not (m and m["which"] in KIND_TENSORS[kind]) and any(module == n or module.endswith("." + n) for n in saved):
             heads.setdefault(module, {})[leaf] = t
             continue
-        if not m:
+        if not m or m["which"] not in KIND_TENSORS[kind]:
             problems.append(f"unsupported tensor {key!r}")
             continue
         sites.setdefault(m["site"], {})[m["which"]] = t
-    problems += [f"{s}: missing {w}" for s, d in sites.items() for w in ("lora_A", "lora_B") if w not in d]
+    problems += [f"{s}: missing {w}" for s, d in sites.items() for w in KIND_TENSORS[kind] if w not in d]
     if problems:
-        raise LoadError(f"{p}: only plain PEFT LoRA (no DoRA, bias, embeddings) with modules_to_save can be read: "
-                        + "; ".join(problems[:5]))
+        raise LoadError(f"{p}: only PEFT LoRA, DoRA, AdaLoRA and VeRA adapters on linear layers (no bias, "
+                        "embeddings) with modules_to_save can be read: " + "; ".join(problems[:5]))
     for site, d in sites.items():
-        a, b = d["lora_A"], d["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-            raise LoadError(f"{p}: {site}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not an "
-                            "(r × d_in, d_out × r) pair with the same rank r >= 1")
-        for w, t in (("lora_A", a), ("lora_B", b)):
-            if t.dtype not in validate.FLOAT_DTYPES:
-                raise LoadError(f"{p}: {site}.{w} has dtype {t.dtype}; adapter tensors must be float16, "
-                                "bfloat16, float32 or float64")
-            if not bool(torch.isfinite(t).all()):
-                raise LoadError(f"{p}: {site}.{w} has NaN/inf entries")
-    config["_modules_to_save"] = heads
+        _check_site_tensors(kind, site, d, config, p)
+    config["_modules_to_save"], config["_kind"], config["_shared"] = heads, kind, shared
     config["_records"] = _records(config, sites, p)
     return config, sites
 
 
 def _records(config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]], p: Path) -> list[dict[str, Any]]:
-    """The sites as validated ``lora`` records: every reader of a PEFT directory (``load_peft``, ONNX adapter
-    export) goes through the same checks as a spec (``lora``'s own argument ranges, finiteness)."""
-    rslora = bool(config.get("use_rslora", False))
-    records = [{"site": site, "method": "lora",
-                "args": {"r": int(d["lora_A"].shape[0]), "rslora": rslora,
-                         "alpha": float(_pattern_value(config.get("alpha_pattern") or {}, site,
-                                                       config.get("lora_alpha", 8))),
-                         "dropout": float(config.get("lora_dropout", 0.0))}} for site, d in sites.items()]
+    """The sites as validated lrc records of the directory's kind: every reader of a PEFT directory
+    (``load_peft``, ``load_adapter``, ONNX adapter export) goes through the same checks as a spec (each method's
+    own argument ranges, finiteness)."""
+    kind = config["_kind"]
+    records = [{"site": site, "method": "lora" if kind == "lora" else kind,
+                "args": _record_args(kind, config, site, d)}
+               for site, d in sites.items() if kind != "adalora" or d["lora_A"].shape[0] > 0]
     return validate.adapter_records(records, f"{p}: {CONFIG}")
 
 
 def peft_onnx_tensors(path: str | os.PathLike) -> dict[str, Any]:
     """A PEFT LoRA directory as ONNX Runtime adapter tensors: ``<site>.lora_A.weight`` = Aᵀ, ``lora_B`` = (s·B)ᵀ."""
     config, sites = read_peft(path)
+    if config["_kind"] != "lora":
+        raise LoadError(f"{path}: ONNX Runtime adapter tensors come from PEFT LoRA directories only, this one is "
+                        f"{config['_kind']}: load it with lrc.load_peft and export the model instead")
     out: dict[str, Any] = {}
     for rec in config["_records"]:
         site, args = rec["site"], rec["args"]
@@ -289,6 +381,41 @@ def trace_base(model: nn.Module, example_inputs: tuple[Any, ...] | None = None,
     return trace(model, example_inputs, example_kwargs)
 
 
+def _record_args(kind: str, config: dict[str, Any], site: str, d: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The lrc spec arguments that give one PEFT site of ``kind`` the same function."""
+    dropout = float(config.get("vera_dropout" if kind == "vera" else "lora_dropout", 0.0))
+    if kind == "vera":
+        return {"r": int(config.get("r", 256)), "d_init": float(config.get("d_initial", 0.1)),
+                "seed": int(config.get("projection_prng_key", 0)), "dropout": dropout}
+    r = int(d["lora_A"].shape[0])
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, site, config.get("lora_alpha", 8)))
+    if kind == "adalora":
+        # PEFT scales by lora_alpha / (ranknum + 1e-5) with ranknum = init_r, also after ranks were pruned;
+        # lrc scales by alpha / init_r with init_r = the ranks kept here (schedule inert: target_r = init_r)
+        init_r = float(config.get("init_r", 12))
+        return {"init_r": r, "target_r": r, "alpha": alpha * r / (init_r + 1e-5), "dropout": dropout,
+                "total_step": 1, "beta1": float(config.get("beta1", 0.85)), "beta2": float(config.get("beta2", 0.85)),
+                "orth_reg": float(config.get("orth_reg_weight", 0.5))}
+    return {"r": r, "alpha": alpha, "dropout": dropout, "rslora": bool(config.get("use_rslora", False))}
+
+
+def _check_vera_projections(gm: fx.GraphModule, shared: dict[str, torch.Tensor], source: str) -> None:
+    """lrc regenerates VeRA's shared pair from ``projection_prng_key``; the saved pair must be that one."""
+    if not shared:
+        return
+    for node in adapter_nodes(gm):
+        m = gm.get_submodule(node.meta[META_KEY].module_path)
+        want_a = shared.get(VERA_SHARED[0])
+        want_b = shared.get(VERA_SHARED[1])
+        ok = (want_a is None or (want_a.shape[0] == m.vera_A.shape[0] and want_a.shape[1] >= m.vera_A.shape[1]
+                                 and torch.equal(want_a[:, :m.vera_A.shape[1]].float(), m.vera_A.float())))
+        ok = ok and (want_b is None or (want_b.shape[1] == m.vera_B.shape[1] and want_b.shape[0] >= m.vera_B.shape[0]
+                                        and torch.equal(want_b[:m.vera_B.shape[0]].float(), m.vera_B.float())))
+        if not ok:
+            raise LoadError(f"{source}: the saved VeRA projections are not the pair projection_prng_key gives for "
+                            f"site {node.meta[META_KEY].site!r}; lrc regenerates them from the key and cannot hold others")
+
+
 @quiet
 def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...] | None = None,
               example_kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
@@ -297,15 +424,21 @@ def load_peft(model: nn.Module, path: str | os.PathLike, example_inputs: tuple[A
     Without example inputs, an HF model gets ``input_ids`` [2, 16] + ``attention_mask``.
 
     Raises:
-        LoadError: not a plain-LoRA PEFT directory, names/shapes that don't fit the model.
+        LoadError: not a PEFT LoRA / DoRA / AdaLoRA / VeRA directory, names/shapes that don't fit the model.
     """
 
     config, sites = read_peft(path)
     gm = trace_base(model, example_inputs, example_kwargs)
+    kind = config["_kind"]
     records = config.pop("_records")
+    sites = {s: d for s, d in sites.items() if kind != "adalora" or d["lora_A"].shape[0] > 0}  # no rank left: no adapter
     heads = config.pop("_modules_to_save")
     apply_records(gm, records, str(path), list(heads))
-    _load_adapter_tensors(gm, peft_tensors(sites), str(path))
+    state = {k: v.detach().clone() for k, v in adapter_state(gm).items()}  # buffers PEFT does not hold keep their init
+    state.update({f"{s}.adapter.{w}": t for s, d in sites.items() for w, t in d.items()})
+    _load_adapter_tensors(gm, state, str(path))
+    if kind == "vera":
+        _check_vera_projections(gm, config["_shared"], str(path))
     _copy_checked({f"{m}.{k}": t for m, d in heads.items() for k, t in d.items()}, full_parameters(gm), str(path))
     lrc_meta(gm).setdefault("base_model_name_or_path", config.get("base_model_name_or_path"))
     return gm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,11 +23,28 @@ from lowrank_compiler.methods.base import (
 )
 
 #: args that define one shared budget pool (adapters agreeing on all of them are allocated together)
-SCHEDULE = ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg", "total_step")
+SCHEDULE = ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg", "total_step", "step_from", "orth_in_loss")
 
 
 def _beta(v: Any) -> str | None:
     return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _zero_or_one(v: Any) -> str | None:
+    return None if v in (0, 1) else "must be 0 (the authors' and PEFT's loops) or 1"
+
+
+def orth_loss(adapters: Iterable[Any]) -> torch.Tensor | None:
+    """The regulariser R of every AdaLoRA pool with ``orth_in_loss=True`` among ``adapters`` (e.g.
+    ``lrc.adapters(gm).values()``), to add to the loss before ``backward()`` — then gradient clipping
+    sees it, as in the authors' trainer and PEFT. Per pool: ``orth_reg · mean over its P and Q matrices
+    of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F``. None when no pool asks for it."""
+    total = None
+    for pool in AdaLoRA._pools(list(adapters)):
+        if pool[0].config["orth_in_loss"] and float(pool[0].config["orth_reg"]) > 0:
+            r = sum(a.loss_terms() for a in pool) / len(pool)
+            total = r if total is None else total + r.to(total.device)
+    return total
 
 
 @register_method
@@ -39,10 +57,11 @@ class AdaLoRA(AdapterMethod):
     (r × 1), ``s = alpha / init_r``; λ = 0, P, Q ~ N(0, 0.02²). The training pass (``lrc.optimizer``)
     owns the whole schedule inside ``opt.step()``; the user's loop is the LoRA loop:
     * orthogonality regulariser ``R = orth_reg · mean over all P, Q matrices of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F``
-      (PEFT's): decided here, its gradient ``orth_reg/(2N) · 2P(PᵀP − I)/‖PᵀP − I‖_F`` (and likewise
-      for Q) is added to ``.grad`` before the base step, which equals adding R to the loss the user
-      backprops (``loss_terms()`` gives R's value for logging). Gradient clipping therefore does not
-      see it.
+      (the authors' ``compute_orth_regu`` and PEFT's). With ``orth_in_loss=False`` (default) its gradient
+      ``orth_reg/(2N) · 2P(PᵀP − I)/‖PᵀP − I‖_F`` (and likewise for Q) is added to ``.grad`` before the
+      base step, which equals adding R to the loss — except that gradient clipping does not see it.
+      With ``orth_in_loss=True`` lrc adds nothing and the user adds ``orth_loss(lrc.adapters(gm).values())``
+      to the loss, as the authors' trainer and PEFT do (clipped, then scored).
     * after the step, while t < total_step − tfinal: sensitivity ``I = |w·∇w|`` for P, λ, Q, EMAs
       ``Ī ← β1 Ī + (1−β1) I``, ``Ū ← β2 Ū + (1−β2)|I − Ī|``, score ``Ī·Ū``; triplet score
       ``S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)``.
@@ -50,15 +69,20 @@ class AdaLoRA(AdapterMethod):
       adapters of the pool (b0 = Σ init_r, bT = Σ target_r); every ``deltaT`` steps after ``tinit``
       the λ_i with ``S_i`` ≤ the (b0 − b)-th smallest score are set to 0 (P, Q kept: ranks may
       revive); at t = T − tfinal the final mask is fixed (``rank_mask``) and re-applied every later step.
-    t counts this pool's optimizer steps (buffer ``steps``); all schedule state is in buffers, so a
-    saved and re-loaded model continues the same schedule. Merge and export drop ranks with λ_i = 0.
+    t numbers this pool's optimizer steps from ``step_from`` (buffer ``steps`` counts them): 0 by default,
+    as the authors' trainer (``update_and_mask(model, self.state.global_step)`` runs before
+    ``global_step += 1``) and PEFT's examples call it, so a config means what it means there; 1 is
+    lrc's numbering before issue 24 (every phase one step earlier). All schedule state is in buffers,
+    so a saved and re-loaded model continues the same schedule. Merge and export drop ranks with λ_i = 0.
 
     Args:
         init_r (int, 12): starting rank per site.  target_r (int, 8): average final rank per site.
         alpha (float, 8): scaling numerator (s = alpha / init_r).  dropout (float, 0.0).
         total_step (int, required): T, the planned number of optimizer steps.
         tinit (int, 0), tfinal (int, 0), deltaT (int, 1): schedule (PEFT's names and defaults).
-        beta1 (float, 0.85), beta2 (float, 0.85): EMA factors.  orth_reg (float, 0.5): γ.
+        beta1 (float, 0.85), beta2 (float, 0.85): EMA factors.  orth_reg (float, 0.5): γ (PEFT's default;
+        the authors' scripts use 0.1).  orth_in_loss (bool, False): the user adds R to the loss.
+        step_from (int, 0): the number t of the first optimizer step (0 or 1).
 
     Raises:
         SpecError: total_step missing, target_r > init_r, or no budgeting phase (tinit ≥ T − tfinal).
@@ -77,6 +101,8 @@ class AdaLoRA(AdapterMethod):
         "beta1": Arg(0.85, (float,), _beta, "EMA factor of the sensitivity"),
         "beta2": Arg(0.85, (float,), _beta, "EMA factor of the uncertainty"),
         "orth_reg": Arg(0.5, (float,), non_negative, "weight of the orthogonality regulariser"),
+        "orth_in_loss": Arg(False, (bool,), None, "the user adds orth_loss(...) to the loss (clipping sees it)"),
+        "step_from": Arg(0, (int,), _zero_or_one, "number of the first step: 0 (authors, PEFT) or 1"),
     }
 
     @classmethod
@@ -221,7 +247,7 @@ class AdaLoRA(AdapterMethod):
     def before_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
         for pool in cls._pools(adapters):
             gamma = float(pool[0].config["orth_reg"])
-            if gamma > 0:
+            if gamma > 0 and not pool[0].config["orth_in_loss"]:
                 for a in pool:
                     a._add_orth_grad(gamma / (2 * len(pool)))
 
@@ -230,9 +256,10 @@ class AdaLoRA(AdapterMethod):
     def after_step_all(cls, adapters: list[AdapterMethod], ctx: StepContext) -> None:
         for pool in cls._pools(adapters):
             head = pool[0]
-            t = int(head.steps) + 1
+            done = int(head.steps) + 1
             for a in pool:
-                a.steps.fill_(t)
+                a.steps.fill_(done)
+            t = done - 1 + int(head.config["step_from"])
             final = int(head.config["total_step"]) - int(head.config["tfinal"])
             if t < final:
                 for a in pool:

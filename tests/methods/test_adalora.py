@@ -1,5 +1,6 @@
 """AdaLoRA against PEFT's AdaLoraModel + RankAllocator (same P, λ, Q; same loop; PEFT calls
-update_and_allocate by hand, ours runs the schedule inside opt.step())."""
+update_and_allocate(global_step from 0) by hand, ours runs the schedule inside opt.step()). The authors'
+own loop, with clipping and the regulariser in the loss, is in test_adalora_authors.py."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def test_schedule_masks_and_budget_match_peft():
     alloc = pm.base_model.rankallocator
     ads = lrc.adapters(gm)
     masked_steps = 0
-    for step in range(1, 11):  # past total_step: the final mask is re-applied
+    for step in range(0, 10):  # PEFT's example loop numbers steps from 0 (lrc's default step_from=0); past
+        # total_step the final mask is re-applied
         x, t = batch(step)
         pm.base_model(x, t).loss.backward()
         ref_opt.step()

@@ -25,6 +25,8 @@ SPECS = {
     "lorasc": "fc*:lorasc(r=4, alpha=8, cascade_every=2, slow_rate=0.5, noise=0.01)",
     "adalora": "fc*:adalora(init_r=4, target_r=2, total_step=3)",
     "alora": "fc*:alora(r=2, r_max=4, alpha=4, rounds=0)",
+    "flora": "fc*:flora(r=2, n_adapters=2)",
+    "flora_res": "fc*:flora_res(r=2, n_adapters=2)",
 }
 
 
