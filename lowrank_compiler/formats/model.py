@@ -186,7 +186,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     if _MANIFEST not in names:
         fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
         if fmt and safeload.read_member(z, fmt[0], src).strip() == b"pt2":  # a .pt2, told by content not name
-            return safe_names.check_graph(from_exported_program(safeload.load_exported_program(data, src)), src)
+            return safe_names.check_graph(_from_file_program(safeload.load_exported_program(data, src), [], src), src)
         raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
     extra = sorted(names - {_MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS})
     if extra:
@@ -203,7 +203,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     missing = [n for n in names_in if n not in inputs]
     if missing:
         raise LoadError(f"{src}: {_INPUTS} lacks the example input(s) {missing[:5]} the manifest names")
-    gm = from_exported_program(ep, manifest["sdpa_dropout"])
+    gm = _from_file_program(ep, manifest["sdpa_dropout"], src)
     lrc_meta(gm).update(trace="export", input_names=names_in, example_inputs=tuple(inputs[n] for n in names_in),
                         example_kwargs={}, const_kwargs=manifest["const_kwargs"], specs=manifest["specs"],
                         **{k: manifest[k] for k in _KEPT_META if k in manifest})
@@ -248,6 +248,19 @@ def _register_output_pytrees() -> None:
         return
 
     register_cache_pytrees()  # a decoder's program returns a DynamicCache
+
+
+def _from_file_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[float], source: str) -> fx.GraphModule:
+    """:func:`from_exported_program` of a program read from a file: torch's unlifting of an inconsistent
+    (validated but self-contradicting) program raises many types; each becomes a one-line LoadError."""
+    try:
+        with safeload.quiet_torch():
+            return from_exported_program(ep, sdpa_dropout)
+    except LoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{source}: the torch.export program is inconsistent ({type(e).__name__}: "
+                        f"{safeload.one_line(str(e))[:160]})") from None
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, sdpa_dropout: list[float] | None = None) -> fx.GraphModule:

@@ -138,3 +138,21 @@ def test_fuzz_every_field_load_and_call(base, data):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
         assert not marker.exists(), f"payload ran: {edits}"
+
+
+@pytest.mark.parametrize("edit", ["signature_none", "fqn_int"])
+def test_fuzzer_findings_are_one_line(base, edit):
+    """Found by the long run: a validated program torch cannot unlift raised AttributeError/AssertionError."""
+    d, outer, inner, docs, _, _ = base
+    name = next(n for n in inner if n.endswith("models/model.json"))
+    prog = json.loads(json.dumps(docs[("inner", name)]))
+    entry = prog["graph_module"]["module_call_graph"][0]
+    if edit == "signature_none":
+        entry["signature"] = None
+    else:
+        entry["fqn"] = 0
+    f = Path(d) / f"{edit}.lrc"
+    f.write_bytes(zip_bytes({**outer, "program.pt2": zip_bytes({**inner, name: json.dumps(prog).encode()})}))
+    with pytest.raises(LrcError) as ei:
+        lrc.load(f)
+    assert "\n" not in str(ei.value)

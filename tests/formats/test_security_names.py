@@ -181,3 +181,23 @@ def test_check_graph_refuses_a_hand_built_graph():
     node.target = 'w")\nimport os\n#'
     with pytest.raises(LoadError, match="hand: get_attr"):
         check_graph(gm, "hand")
+
+
+def test_peft_keys_with_code_select_no_site(tmp_path):
+    """PEFT tensor keys become site names only if the user's model has that site: a key carrying code
+    names none, and load_peft refuses it in one line without building anything from it."""
+    import safetensors.torch as st_torch
+    from helpers.security import Tiny
+
+    marker = tmp_path / "PWNED"
+    torch.manual_seed(0)
+    gm = lrc.transform(Tiny(), "fc*:lora(r=2, alpha=4)", example_inputs=(torch.randn(4, 6),))
+    lrc.export(gm, tmp_path / "peft", format="peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    evil = EVIL_SEGMENT.format(marker=str(marker))
+    tensors = {k.replace("fc2", "fc2." + evil): v for k, v in st_torch.load_file(weights).items()}
+    st_torch.save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(LoadError) as ei:
+        lrc.load_peft(Tiny(), tmp_path / "peft", example_inputs=(torch.randn(4, 6),))
+    assert "\n" not in str(ei.value)
+    assert not marker.exists()
