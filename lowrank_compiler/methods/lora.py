@@ -196,7 +196,8 @@ class OffsetLoRA(DataDependentInit, LoRA):
         W = weight.detach().float()
         niter = lora_inits.PISSA_NITER.fullmatch(init)
         if init == "loftq":  # the base becomes its quantized value: not a low-rank offset (base_offset None)
-            Q, A0, B0 = lora_inits.loftq(W, self.r, int(self.config["loftq_bits"]), int(self.config["loftq_iter"]))
+            Q, A0, B0 = lora_inits.loftq(W, self.r, int(self.config.get("loftq_bits", 4)),
+                                         int(self.config.get("loftq_iter", 1)))
             self._set_factors(A0, B0)
             return Q.to(weight.dtype)
         if init == "olora":

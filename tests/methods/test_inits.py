@@ -286,3 +286,29 @@ def test_loftq_alternates_and_reduces_the_quantization_error():
         assert errs[-1] < float((W - fake_quantize(W, 4)).norm())
         assert ad.base_offset() is None and ad.original_base_factors() is None
     assert errs[1] <= errs[0] * 1.001
+
+
+@pytest.mark.slow
+def test_eva_and_corda_under_two_processes_equal_one(tmp_path):
+    """torchrun, 2 gloo ranks, each its half of every batch: both ranks hold one process's init."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import dist_inits
+
+    here = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(here / "helpers" / "dist_inits.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=here.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"inits_rank{r}.pt") for r in range(2)]
+    for init in ("eva", "corda"):
+        one = dist_inits.run(init)
+        for key, want in one.items():
+            torch.testing.assert_close(ranks[0][init][key], ranks[1][init][key], atol=0, rtol=0)
+            torch.testing.assert_close(ranks[0][init][key], want, atol=1e-5, rtol=0)

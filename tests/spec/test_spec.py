@@ -15,7 +15,8 @@ def test_parse_rules_and_defaults():
     assert len(s.rules) == 3
     a, b, c = s.rules
     assert (a.pattern, a.method, a.args["r"], a.args["alpha"], a.args["dropout"]) == ("attn.*", "lora", 4, 16.0, 0.0)
-    assert b.args == {"r": 8, "alpha": 8.0, "dropout": 0.0, "rslora": False}  # PEFT defaults
+    assert b.args == {"r": 8, "alpha": 8.0, "dropout": 0.0, "rslora": False, "init": "default", "loftq_bits": 4,
+                      "loftq_iter": 1}  # PEFT defaults
     assert c.exclude and c.pattern == "h.1.*" and not c.adapts
 
 
