@@ -81,7 +81,7 @@ def genai_config(model_cfg: Any, gen_cfg: Any, inputs: list[str], shapes: dict[s
 
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     eos = getattr(model_cfg, "eos_token_id", None) if eos is None else eos
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0,
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0, "top_k": 50,
               "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "min_length": 0,
               "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
               "past_present_share_buffer": False, "max_length": context}
@@ -237,7 +237,7 @@ class GenaiRunner:
         return self.og.Tokenizer(self.model)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
         """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
         ids = np.asarray(input_ids, dtype=np.int32)
