@@ -49,7 +49,7 @@ def adapter_set_tensors(mods: dict[str, AdapterMethod],
         f = mod.original_base_factors()
         if f is None:
             raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B form against the original base "
-                              "for an .onnx_adapter; export it merged (`lrc export --merge`, format onnx) instead")
+                              "for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
         a = f.A.detach().float().t()
         b = (f.B.detach().float() * float(f.scale)).t()
         off = (offsets or {}).get(site)
@@ -177,7 +177,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
 
 
 def is_genai_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export --format genai``)."""
+    """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export MODEL --format genai -o DIR``)."""
     return (Path(path) / CONFIG_FILE).is_file()
 
 
@@ -233,7 +233,7 @@ class GenaiRunner:
         """The folder's tokenizer (``og.Tokenizer``); ExportError when the folder has none."""
         if not (self.folder / "tokenizer.json").is_file() and not (self.folder / "tokenizer.model").is_file():
             raise ExportError(f"{self.folder} has no tokenizer files; text prompts need them (export from an HF "
-                              "directory, or pass --tokenizer DIR to `lrc export --format genai`)")
+                              "directory, or `lrc export MODEL --format genai --tokenizer HF_DIR -o DIR`)")
         return self.og.Tokenizer(self.model)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
