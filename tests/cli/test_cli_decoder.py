@@ -86,7 +86,7 @@ def test_saved_causal_lm_exports_decode_graph_and_generates(tmp_path, capsys):
     np.save(tmp_path / "ids.npy", ids.numpy())
     capsys.readouterr()
     assert main(["run", str(tmp_path / "lm.onnx"), "--generate", "5", "--input", f"input_ids={tmp_path / 'ids.npy'}",
-                 "--adapter", str(tmp_path / "m.onnx_adapter")]) == 0
+                 "--adapter", str(tmp_path / "m.onnx_adapter"), "--eos", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     got = [[int(t) for t in line.split()] for line in lines if line.startswith("  ")]
     want_base = model.generate(ids, max_new_tokens=5, do_sample=False)[:, 6:]
