@@ -234,7 +234,12 @@ class GenaiRunner:
         if not (self.folder / "tokenizer.json").is_file() and not (self.folder / "tokenizer.model").is_file():
             raise ExportError(f"{self.folder} has no tokenizer files; text prompts need them (export from an HF "
                               "directory, or `lrc export MODEL --format genai --tokenizer HF_DIR -o DIR`)")
-        return self.og.Tokenizer(self.model)
+        try:
+            return self.og.Tokenizer(self.model)
+        except Exception as e:  # noqa: BLE001  (og raises RuntimeError, e.g. "Unsupported tokenizer class")
+            raise ExportError(f"onnxruntime-genai cannot use the tokenizer in {self.folder}: "
+                              f"{str(e).strip().splitlines()[0][:160]}; pass token ids with --input input_ids=FILE.npy") \
+                from None
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
