@@ -9,7 +9,7 @@ from typing import Any
 
 from lowrank_compiler.errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "genai", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf", "genai")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
