@@ -9,7 +9,7 @@ from typing import Any
 
 from lowrank_compiler.errors import LrcError
 
-EXPORT_FORMATS = ("onnx", "genai", "pt2", "safetensors", "peft", "pt", "hf")  # lowrank_compiler.backends.export.FORMATS
+EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf", "genai")  # lowrank_compiler.backends.export.FORMATS
 
 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --generate on a genai folder that has a tokenizer: a text prompt (repeatable: a batch)")
     p.add_argument("--sample", action="store_true", help="with --generate: sample (HF do_sample) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-k", type=int, default=50, help="with --sample: keep the k likeliest tokens (default 50, as HF; 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass kept (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0, help="with --sample: random seed (default 0)")
     p.add_argument("--engine", choices=("auto", "genai", "ort"), default="auto",

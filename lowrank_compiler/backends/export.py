@@ -30,7 +30,7 @@ from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.quiet import quiet
 
-FORMATS = ("onnx", "genai", "pt2", "safetensors", "peft", "pt", "hf")
+FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf", "genai")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}
 
 

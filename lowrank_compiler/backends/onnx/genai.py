@@ -49,7 +49,7 @@ def adapter_set_tensors(mods: dict[str, AdapterMethod],
         f = mod.original_base_factors()
         if f is None:
             raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B form against the original base "
-                              "for an .onnx_adapter; export it merged (`lrc export --merge`, format onnx) instead")
+                              "for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
         a = f.A.detach().float().t()
         b = (f.B.detach().float() * float(f.scale)).t()
         off = (offsets or {}).get(site)
@@ -81,7 +81,7 @@ def genai_config(model_cfg: Any, gen_cfg: Any, inputs: list[str], shapes: dict[s
 
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     eos = getattr(model_cfg, "eos_token_id", None) if eos is None else eos
-    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0,
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 1.0, "top_k": 50,
               "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "min_length": 0,
               "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
               "past_present_share_buffer": False, "max_length": context}
@@ -177,7 +177,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
 
 
 def is_genai_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export --format genai``)."""
+    """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export MODEL --format genai -o DIR``)."""
     return (Path(path) / CONFIG_FILE).is_file()
 
 
@@ -233,11 +233,16 @@ class GenaiRunner:
         """The folder's tokenizer (``og.Tokenizer``); ExportError when the folder has none."""
         if not (self.folder / "tokenizer.json").is_file() and not (self.folder / "tokenizer.model").is_file():
             raise ExportError(f"{self.folder} has no tokenizer files; text prompts need them (export from an HF "
-                              "directory, or pass --tokenizer DIR to `lrc export --format genai`)")
-        return self.og.Tokenizer(self.model)
+                              "directory, or `lrc export MODEL --format genai --tokenizer HF_DIR -o DIR`)")
+        try:
+            return self.og.Tokenizer(self.model)
+        except Exception as e:  # noqa: BLE001  (og raises RuntimeError, e.g. "Unsupported tokenizer class")
+            raise ExportError(f"onnxruntime-genai cannot use the tokenizer in {self.folder}: "
+                              f"{str(e).strip().splitlines()[0][:160]}; pass token ids with --input input_ids=FILE.npy") \
+                from None
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
         """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
         ids = np.asarray(input_ids, dtype=np.int32)

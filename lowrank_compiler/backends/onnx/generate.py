@@ -235,11 +235,11 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     return report
 
 
-def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> np.ndarray:
     """The next token per row from last-position ``logits`` [batch, vocab]: argmax, or HF ``generate``'s
-    sampling (temperature, then top-k, then top-p, then ``torch.multinomial``; 0 / 1.0 switch a filter off,
-    as transformers 5's unset defaults), so a seeded generator draws the tokens HF draws after
+    sampling (temperature, then top-k, then top-p, then ``torch.multinomial``; HF's defaults top_k=50, top_p=1.0;
+    top_k=0 / top_p=1.0 switch a filter off), so a seeded generator draws the tokens HF draws after
     ``torch.manual_seed`` of the same seed."""
     if not do_sample:
         return logits.argmax(-1).astype(np.int64)
@@ -264,7 +264,7 @@ def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float 
 def ort_generate(sess: Any, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor | None = None,
                  max_new_tokens: int = 16, eos_token_id: int | None = None, pad_token_id: int = 0,
                  adapter: str | os.PathLike | None = None, *, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
+                 top_k: int = 50, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
     """Generation in ONNX Runtime over a model from :func:`export_decoder_onnx` (HF ``generate`` semantics):
     greedy, or sampling (``do_sample``: temperature / top-k / top-p with ``seed``, as :func:`next_tokens`).
 

@@ -1,0 +1,128 @@
+"""lrc's ORT decode loop against onnxruntime-genai on the same ``--format genai`` folder: prefill and decode
+separately, base (no adapter) and with an adapter active, batch 1 and 8.
+
+A Llama- or Qwen2-shaped model from a stock config (random weights; ``--hidden`` x ``--layers``), LoRA r=8 on
+attention + MLP, exported once with ``lrc.export(gm, dir, format="genai")``. Each engine greedy-generates
+``--new`` tokens after a ``--prompt``-token prompt (no eos); prefill = the first token's time, decode =
+the rest, per round; medians over ``--rounds`` rounds, engines round-robin. Torch / PEFT rows:
+``bench_generate.py``. State the machine load (printed) next to any number.
+
+    python benchmarks/bench_decode.py [--kind llama|qwen2] [--rounds 3] [--new 16] [--prompt 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lowrank_compiler
+import lowrank_compiler as lrc  # noqa: E402
+from lowrank_compiler.backends.onnx.export import session  # noqa: E402
+from lowrank_compiler.backends.onnx.generate import next_tokens  # noqa: E402
+
+SPEC = "self_attn.*:lora(r=8, alpha=16); mlp.*:lora(r=8, alpha=16)"
+
+
+def build(kind: str, hidden: int, layers: int) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+    cfg = cfg_cls(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=4, vocab_size=2000, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return model_cls(cfg).eval()
+
+
+def ort_loop(sess, ids: np.ndarray, new: int, adapter) -> tuple[float, float]:
+    """(prefill s, decode s) of lrc's loop (``ort_generate``'s steps, timed apart)."""
+    b = ids.shape[0]
+    pasts = {i.name: i for i in sess.get_inputs() if i.name.startswith("past.")}
+    state = {n: np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32) for n, i in pasts.items()}
+    mask, step, pos = np.ones_like(ids), ids, np.arange(ids.shape[1])[None].repeat(b, 0)
+    t0 = time.perf_counter()
+    prefill = 0.0
+    for k in range(new):
+        res = sess({"input_ids": step, "attention_mask": mask, "position_ids": pos[:, -step.shape[1]:], **state},
+                   adapter=adapter)
+        nxt = next_tokens(res[0][:, -1])
+        state = {n.replace("present.", "past."): v for n, v in zip(sess.output_names[1:], res[1:])}
+        step, mask = nxt[:, None], np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
+        pos = np.concatenate([pos, pos[:, -1:] + 1], 1)
+        if k == 0:
+            prefill = time.perf_counter() - t0
+    return prefill, time.perf_counter() - t0 - prefill
+
+
+def genai_loop(og, model, ads, ids: np.ndarray, new: int, adapter) -> tuple[float, float]:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + new, batch_size=ids.shape[0])
+    g = og.Generator(model, params)
+    if adapter:
+        g.set_active_adapter(ads, adapter)
+    t0 = time.perf_counter()
+    g.append_tokens(ids.astype(np.int32))  # prefill runs here in 0.18
+    g.generate_next_token()
+    prefill = time.perf_counter() - t0
+    while not g.is_done():
+        g.generate_next_token()
+    return prefill, time.perf_counter() - t0 - prefill
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kind", default="llama", choices=("llama", "qwen2"))
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    import onnxruntime_genai as og
+
+    torch.set_num_threads(a.threads)
+    gm = lrc.transform(build(a.kind, a.hidden, a.layers), SPEC)
+    with torch.no_grad():
+        for mod in lrc.adapters(gm).values():
+            mod.lora_B.normal_(0, 0.02)
+    out = Path(tempfile.mkdtemp()) / "genai"
+    lrc.export(gm, out, format="genai", adapter_name="task", validate=False)
+    sess = session(out / "model.onnx", providers="cpu", threads=a.threads)
+    model = og.Model(str(out))
+    ads = og.Adapters(model)
+    ads.load(str(out / "adapters" / "task.onnx_adapter"), "task")
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}; {os.cpu_count()} CPUs; "
+          f"{a.kind} hidden {a.hidden} x {a.layers} layers, prompt {a.prompt}, {a.new} new tokens")
+    print("| engine | batch | prefill ms | decode tok/s |\n|---|---:|---:|---:|")
+    for b in (1, 8):
+        ids = np.random.default_rng(0).integers(3, 2000, (b, a.prompt)).astype(np.int64)
+        runs = {
+            "lrc ORT loop, base": lambda ids=ids: ort_loop(sess, ids, a.new, None),
+            "lrc ORT loop, adapter": lambda ids=ids: ort_loop(sess, ids, a.new, out / "adapters" / "task.onnx_adapter"),
+            "onnxruntime-genai, base": lambda ids=ids: genai_loop(og, model, ads, ids, a.new, None),
+            "onnxruntime-genai, adapter": lambda ids=ids: genai_loop(og, model, ads, ids, a.new, "task"),
+        }
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(a.rounds):
+            for k, fn in runs.items():
+                times[k].append(fn())
+        for k, ts in times.items():
+            pre = statistics.median(t[0] for t in ts)
+            dec = statistics.median(t[1] for t in ts)
+            print(f"| {k} | {b} | {pre * 1e3:.1f} | {b * (a.new - 1) / dec:.0f} |")
+    print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
+
+
+if __name__ == "__main__":
+    main()
