@@ -43,29 +43,26 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = orig  # type: ignore[method-assign]
 
 
-def transformers_class(name: Any, source: str) -> type:
-    """The ``transformers`` model class called ``name``; anything else is a :class:`LoadError`."""
+def transformers_class(name: Any) -> type | None:
+    """The ``transformers`` model class called ``name`` (one transformers itself defines), else None."""
     try:
-        import transformers  # noqa: F401  (hf_class imports it too; here for the message)
-    except ImportError:
-        raise LoadError(f"{source}: rebuilding {name!r} needs `transformers` (pip install 'lowrank-compiler[hf]')") \
-            from None
-    cls = hf_class([name]) if isinstance(name, str) and name.isidentifier() else None
-    if cls is None or not cls.__module__.startswith("transformers."):
-        raise LoadError(f"{source}: model_class {str(name)[:80]!r} is not a model class transformers defines")
-    return cls
+        cls = hf_class([name]) if isinstance(name, str) and name.isidentifier() else None
+    except ImportError:  # no transformers: the model loads without its HF face
+        return None
+    return cls if cls is not None and cls.__module__.startswith("transformers.") else None
 
 
 def rebuild_hf_model(meta: dict[str, Any], gm: fx.GraphModule, source: str) -> nn.Module | None:
-    """The original HF model over ``gm``'s tensors, or None when the file records no HF config.
+    """The original HF model over ``gm``'s tensors, or None when the file records no config of a model class
+    transformers defines (a user's own class is never rebuilt: the model loads without its HF face).
 
     Raises:
-        LoadError: the recorded class is not one transformers defines, or its config does not build.
+        LoadError: the recorded config does not build the recorded transformers class.
     """
     record = meta.get("hf_config")
-    if not isinstance(record, dict) or "model_class" not in meta:
+    cls = transformers_class(meta.get("model_class")) if isinstance(record, dict) else None
+    if cls is None:
         return None
-    cls = transformers_class(meta["model_class"], source)
     try:
         config = cls.config_class.from_dict({k: v for k, v in record.items() if k not in _NOT_CONFIG})
         with _parameters_on_meta():

@@ -137,3 +137,33 @@ def test_lifecycle(method, kind, tmp_path):
         got = ort_generate(sess, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=NEW,
                            eos_token_id=gm.generation_config.eos_token_id)
         assert np.array_equal(got, tokens.numpy()), rep
+
+
+@pytest.mark.slow
+def test_fine_tune_save_then_new_process_loads_and_generates(tmp_path):
+    """Nothing of the session that trained is needed: a fresh interpreter loads the file and generates."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = make_decoder("llama")
+    gm = lrc.transform(model, "self_attn.*:lora(r=4, alpha=8)", progress=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for a in lrc.adapters(gm).values():
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * 0.3)
+    prompt = batch(seed=7)
+    want = gm.eval().generate(**prompt, max_new_tokens=NEW, do_sample=False)
+    lrc.save(gm, tmp_path / "m.lrc")
+    torch.save(prompt, tmp_path / "prompt.pt")
+    code = ("import json, sys, torch, lowrank_compiler as lrc\n"
+            "gm = lrc.load(sys.argv[1]); p = torch.load(sys.argv[2])\n"
+            f"print(json.dumps(gm.generate(**p, max_new_tokens={NEW}, do_sample=False).tolist()))\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.lrc"), str(tmp_path / "prompt.pt")],
+                         capture_output=True, text=True, cwd=root, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want.tolist()

@@ -219,3 +219,28 @@ def test_peft_import_of_modules_to_save(tmp_path):
     assert (logits(gm) - want).abs().max() < 1e-5
     assert ir.lrc_meta(gm)["full_modules"] == ["classifier"]
     assert all(p.requires_grad for p in gm.classifier.parameters())
+
+
+@pytest.mark.parametrize("with_data", [False, True], ids=["example-inputs", "data-no-example-inputs"])
+def test_head_trains_in_every_call_signature(with_data):
+    """A call with ``labels`` (a new signature, traced on first use) gives the head the gradient the
+    unmodified HF model's head gets (adapters at B=0 change nothing), and the count is what trains."""
+    model = bert_cls()
+    ids, mask = batch()
+    labels = torch.tensor([0, 2])
+    ref = copy.deepcopy(model)
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    if with_data:
+        data = [{"input_ids": ids, "attention_mask": mask, "labels": labels}]
+        gm = lrc.transform(model, SPEC.replace("lora(", "loraga("), data=data, loss_fn=lambda o, b: o.loss,
+                           progress=False)
+    else:
+        gm = lrc.transform(model, SPEC)
+    head = gm.get_submodule("classifier")
+    trains = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    gm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert head.weight.requires_grad and head.weight.grad is not None
+    assert f"trainable params: {trains:,} " in gm.print_trainable_parameters()
+    assert trains == sum(p.numel() for p in gm.parameters() if p.requires_grad)  # the new signature froze nothing
+    if not with_data:  # LoRA-GA moves the base weights, so only LoRA's B=0 start equals the plain model
+        torch.testing.assert_close(head.weight.grad, ref.classifier.weight.grad, atol=1e-6, rtol=1e-5)
