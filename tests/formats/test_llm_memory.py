@@ -55,3 +55,23 @@ print(json.dumps({{"F": F, "peak": peak, "diff": float((got - want["ref"]).abs()
     assert loaded["peak"] <= 1.3 * loaded["F"], loaded
     assert W <= loaded["F"] <= 1.05 * W  # the file holds the weights once
     assert loaded["diff"] < 1e-4, loaded  # the reloaded model (base + trained-like adapters) is the saved one
+
+
+@pytest.mark.slow
+def test_decoder_onnx_export_with_external_data_peak_is_bounded(tmp_path):
+    """Decode graph, LoRA pairs as ORT adapter inputs, weights written once to ``model.onnx.data``: ≤ 2.5 W."""
+    out = tmp_path / "onnx" / "model.onnx"
+    rep = run_phase(BUILD + f'''
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+rep, s, peak = measure(lambda: export_decoder_onnx(gm, {str(out)!r}, merge=False, external_data=True,
+                                                   validate=False))
+print(json.dumps({{"W": W, "peak": peak, "external": rep["external_data"]}}))
+''')
+    assert rep["external"] and rep["peak"] <= 2.5 * rep["W"], rep
+    data = out.with_name("model.onnx.data").stat().st_size
+    assert rep["W"] <= data <= 1.05 * rep["W"]  # every weight once (the LoRA pairs' traced values are r x d)
+    import onnx
+
+    proto = onnx.load(str(out), load_external_data=False)
+    lora = [i.name for i in proto.graph.input if i.name.endswith(".lora_A")]
+    assert len(lora) == 8  # q and v of 4 layers are adapter inputs
