@@ -34,6 +34,7 @@ VARIANTS = ("lrc", "peft", "hf")
 SPEC = "self_attn.q_proj:lora(r=16, alpha=32); self_attn.v_proj:lora(r=16, alpha=32)"
 
 BUILD = '''
+from pathlib import Path
 import transformers as tf
 ARGS = {args!r}
 if ARGS["config"]:

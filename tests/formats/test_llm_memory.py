@@ -73,5 +73,5 @@ print(json.dumps({{"W": W, "peak": peak, "external": rep["external_data"]}}))
     import onnx
 
     proto = onnx.load(str(out), load_external_data=False)
-    lora = [i.name for i in proto.graph.input if i.name.endswith(".lora_A")]
+    lora = [i.name for i in proto.graph.input if i.name.endswith(".lora_A.weight")]
     assert len(lora) == 8  # q and v of 4 layers are adapter inputs
