@@ -38,6 +38,8 @@ from lowrank_compiler.safety import names as safe_names
 from lowrank_compiler.safety import pt2 as safeload
 from lowrank_compiler.safety import schema as validate
 from lowrank_compiler.safety.atomic import _umask, atomic_write  # noqa: F401  (re-exported: backends write through it)
+from lowrank_compiler.safety.staging import load_exported_program_staged
+from lowrank_compiler.safety.window import FileWindow, as_file, member_window
 from lowrank_compiler.spec.sites import find_sites
 
 FORMAT = "lrc-model"
@@ -86,8 +88,6 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         ep = export_program(base, inputs)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot save: re-exporting the base graph failed: {type(e).__name__}: {e}") from e
-    prog = io.BytesIO()
-    torch.export.save(ep, prog)
     names = list(meta.get("input_names") or [f"input_{i}" for i in range(len(inputs))])
     manifest = {
         "format": FORMAT, "version": VERSION, "input_names": names, "sdpa_dropout": sdpa_p,
@@ -99,15 +99,58 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         **face_record(gm),
     }
 
+    big = sum(t.nbytes for t in [*ep.state_dict.values(), *ep.constants.values()] if isinstance(t, torch.Tensor)) \
+        > 1 << 30  # zip64 headers only when the member may pass 2 GiB (small files stay byte-for-byte as before)
+
     def write(f: Any) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
             z.writestr(_MANIFEST, json.dumps(manifest, indent=1))
-            z.writestr(_PROGRAM, prog.getvalue())
+            with z.open(_PROGRAM, "w", force_zip64=big) as member:  # streamed: one tensor in memory at a time
+                stream = _Forward(member)
+                torch.export.save(ep, stream)
+                stream.done()
             z.writestr(_ADAPTERS, _tensors(adapter_state(gm)))
             z.writestr(_INPUTS, _tensors(dict(zip(names, inputs))))
 
     atomic_write(path, write)
     gm.train(gm.training)
+
+
+class _Forward(io.RawIOBase):
+    """A write-only stream torch.export.save accepts (it asks for a seekable file and seeks to 0 when done).
+
+    An OSError (disk full, file-size limit) is held and raised by :meth:`done`: raised inside torch's C++
+    writer it would abort the process when the writer is destroyed.
+    """
+
+    def __init__(self, out: Any) -> None:
+        super().__init__()
+        self.out, self.n, self.error = out, 0, None
+
+    def done(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self.error is None:
+            try:
+                self.out.write(b)
+            except OSError as e:
+                self.error = e
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.n  # only the final rewind comes here; nothing is written after it
 
 
 def _node_order(gm: fx.GraphModule, module_path: str) -> int:
@@ -117,7 +160,7 @@ def _node_order(gm: fx.GraphModule, module_path: str) -> int:
     return -1
 
 
-def _is_pickle(data: bytes) -> bool:
+def _is_pickle(data: bytes | FileWindow) -> bool:
     """A raw pickle or a torch.save zip; judged without unpickling.
 
     A torch.save zip holds ``<root>/data.pkl`` and nothing of a torch.export archive (no
@@ -128,7 +171,7 @@ def _is_pickle(data: bytes) -> bool:
         return True
     if data[:2] == b"PK":
         try:
-            members = zipfile.ZipFile(io.BytesIO(data)).namelist()
+            members = zipfile.ZipFile(as_file(data)).namelist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
             return False
         archive = _MANIFEST in members or any(n.endswith("/archive_format") or "/models/" in n for n in members)
@@ -136,11 +179,15 @@ def _is_pickle(data: bytes) -> bool:
     return False
 
 
-def _read_file(path: Path) -> bytes:
+def _check_file(path: Path) -> None:
     if path.is_dir():
         raise LoadError(f"{path} is a directory, not an lrc model file")
     if not path.is_file():
         raise LoadError(f"{path}: no such file" if not path.exists() else f"{path} is not a regular file")
+
+
+def _read_file(path: Path) -> bytes:
+    _check_file(path)
     try:
         return path.read_bytes()
     except (OSError, MemoryError) as e:
@@ -170,8 +217,17 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     from the file by :func:`.safety.names.check_graph`. Every problem is a :class:`LoadError`.
     """
     path = Path(path)
+    _check_file(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed below; tensors are copied out of it, never mapped)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        return _load_window(path, FileWindow(f), trust)
+
+
+def _load_window(path: Path, data: FileWindow, trust: bool) -> fx.GraphModule:
     src = str(path)
-    data = _read_file(path)
     _register_output_pytrees()
     if _is_pickle(data):
         if not trust:
@@ -186,7 +242,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
     if _MANIFEST not in names:
         fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
         if fmt and safeload.read_member(z, fmt[0], src).strip() == b"pt2":  # a .pt2, told by content not name
-            return safe_names.check_graph(_from_file_program(safeload.load_exported_program(data, src), [], src), src)
+            return safe_names.check_graph(_from_file_program(load_exported_program_staged(data, src), [], src), src)
         raise LoadError(f"{path} is a zip but not an lrc model file (no {_MANIFEST})")
     extra = sorted(names - {_MANIFEST, _PROGRAM, _ADAPTERS, _INPUTS})
     if extra:
@@ -194,9 +250,9 @@ def load(path: str | os.PathLike, trust: bool = False) -> fx.GraphModule:
                         f"{_MANIFEST}, {_PROGRAM}, {_ADAPTERS} and {_INPUTS}")
     manifest = validate.manifest(safeload.read_json(z, _MANIFEST, src), src, FORMAT, VERSION)
     _check_manifest_names(manifest, f"{src}: {_MANIFEST}")
-    program = safeload.read_member(z, _PROGRAM, src)
+    program = member_window(z, _PROGRAM, src, crc=True)
     validate.unencrypted_zip(program, f"{src}: {_PROGRAM}")
-    ep = safeload.load_exported_program(program, f"{src}: {_PROGRAM}")
+    ep = load_exported_program_staged(program, f"{src}: {_PROGRAM}")
     adapters, _ = validate.safetensors_bytes(safeload.read_member(z, _ADAPTERS, src), f"{src}: {_ADAPTERS}")
     inputs, _ = validate.safetensors_bytes(safeload.read_member(z, _INPUTS, src), f"{src}: {_INPUTS}")
     names_in = manifest["input_names"]

@@ -33,6 +33,7 @@ from lowrank_compiler.errors import LrcError, TraceError
 from lowrank_compiler.frontend.capture import export_call
 from lowrank_compiler.frontend.checkpoint import called_by_trainer_save, trained_keys
 from lowrank_compiler.frontend.dtypes import baked_dtypes, dtype_change
+from lowrank_compiler.frontend.eager import eager_adapters, eager_ready
 from lowrank_compiler.frontend.hierarchy import share_hierarchy
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import adapter_sites, lrc_meta, verify
@@ -431,12 +432,20 @@ class LrcGraphModule(fx.GraphModule):
         return bool(face and hasattr(face.model, "generate") and getattr(face.model, "can_generate", lambda: False)())
 
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The original model's ``generate`` (greedy, sampling, KV cache ...) running this model's graphs."""
+    def generate(self, *args: Any, lrc_graphs: bool = False, **kwargs: Any) -> Any:
+        """The original model's ``generate`` (greedy, sampling, KV cache ...) with this model's adapters.
+
+        When the graph is the original model plus adapters, the original modules run eagerly with each
+        adapted linear calling its adapter (``frontend/eager.py``: HF's speed, the graph's tokens);
+        otherwise, or with ``lrc_graphs=True``, its forward is routed through this model's graphs.
+        """
         face: Face | None = self.__dict__.get("_lrc_face")
         if face is None or not hasattr(face.model, "generate"):
             raise AttributeError("generate needs the original HF model (transform an HF model with a generate method)")
         names = kwargs.pop("adapter_names", None)  # PEFT's per-row adapters ("__base__": none)
+        if names is None and not lrc_graphs and eager_ready(self, face.model):
+            with eager_adapters(self, face.model) as model:
+                return model.generate(*args, **kwargs)
         rows = contextlib.nullcontext() if names is None else _provided("per_row_adapters")(self, names, kwargs)
         with rows, face.routed(self) as model:
             return model.generate(*args, **kwargs)

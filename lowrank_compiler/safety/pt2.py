@@ -26,6 +26,7 @@ import torch
 from lowrank_compiler.errors import LoadError
 from lowrank_compiler.safety.names import check_path
 from lowrank_compiler.safety.symexpr import ExprRefused, check_expr
+from lowrank_compiler.safety.window import FileWindow, as_file, member_window, weights_on_meta
 
 MAX_MEMBERS = 200_000
 MAX_JSON_BYTES = 1 << 30  # a serialized program / config larger than this is refused
@@ -42,7 +43,7 @@ _TARGETS = frozenset(
     + ["torch.ops.higher_order.wrap_with_set_grad_enabled", "torch.ops.higher_order.wrap_with_autocast"])
 
 # -- bounded zip reading ---------------------------------------------------------------------------
-def open_zip(data: bytes, source: str) -> zipfile.ZipFile:
+def open_zip(data: bytes | FileWindow, source: str) -> zipfile.ZipFile:
     """A ZipFile over ``data`` whose members are all stored (uncompressed) and fit inside ``data``.
 
     lrc and torch.export write every member uncompressed, so a compressed member (which could inflate
@@ -50,7 +51,7 @@ def open_zip(data: bytes, source: str) -> zipfile.ZipFile:
     """
     _check_ends(data, source)
     try:
-        z = zipfile.ZipFile(io.BytesIO(data))
+        z = zipfile.ZipFile(as_file(data))
         infos = z.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError,
             UnicodeDecodeError) as e:
@@ -135,8 +136,13 @@ def _short(e: BaseException) -> str:
 
 
 # -- torch.export archives -------------------------------------------------------------------------
-def sanitize_pt2(data: bytes, source: str) -> bytes:
-    """A rebuilt torch.export archive holding only validated members; LoadError on anything unsafe."""
+def sanitize_pt2(data: bytes | FileWindow, source: str, staged: dict[str, FileWindow] | None = None) -> bytes:
+    """A rebuilt torch.export archive holding only validated members; LoadError on anything unsafe.
+
+    With ``staged`` (a dict to fill), weight payloads are not copied: each becomes an empty member, its
+    weights are declared on the meta device, and ``staged`` maps ``weight_<n>`` to a window on its bytes
+    (see :func:`load_exported_program_staged`).
+    """
     z = open_zip(data, source)
     names = z.namelist()
     if not names:
@@ -190,12 +196,16 @@ def sanitize_pt2(data: bytes, source: str) -> bytes:
                 raise LoadError(f"{source}: {cfg} config names {path!r}, which the archive lacks")
             if z.getinfo(rel[r]).file_size < need:
                 raise LoadError(f"{source}: {cfg} payload {path!r} holds fewer bytes than its tensor needs")
+            if staged is not None and cfg == "weights":
+                staged[path] = member_window(z, rel[r], source)
+                out[r] = b""
+                continue
             out[r] = read_member(z, rel[r], source)
     program = read_json(z, rel[models[0]], source)
     check_program(program, source)
     program["guards_code"] = []  # Python source torch would exec() when guards are checked
     out[models[0]] = json.dumps(program).encode()
-    out[wcfg] = read_member(z, rel[wcfg], source)
+    out[wcfg] = read_member(z, rel[wcfg], source) if staged is None else weights_on_meta(read_json(z, rel[wcfg], source))
     out[ccfg] = read_member(z, rel[ccfg], source)
     out[sample] = b""  # never unpickled: lrc keeps example inputs in safetensors
     buf = io.BytesIO()

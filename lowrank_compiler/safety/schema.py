@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from typing import Any
 
 import torch
 
 from lowrank_compiler.errors import LoadError, SpecError
 from lowrank_compiler.methods.base import SiteInfo, get_method
+from lowrank_compiler.safety.window import FileWindow, as_file
 
 _SCALARS = (bool, int, float, str, type(None))
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what adapter tensors may be
@@ -236,14 +238,11 @@ def adapter_budget(records: list[dict[str, Any]], sites: dict[str, SiteInfo], he
                                 f"(first past the limit: {r['method']} at {r['site']!r}), but the file holds {held}")
 
 
-def unencrypted_zip(data: bytes, source: str) -> None:
+def unencrypted_zip(data: bytes | FileWindow, source: str) -> None:
     """Refuse a zip with an encrypted-flag member (``zipfile`` would raise a bare RuntimeError on reading it;
     lrc and torch.export never encrypt). Other zip faults are left to the archive reader."""
-    import io
-    import zipfile
-
     try:
-        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+        infos = zipfile.ZipFile(as_file(data)).infolist()
     except Exception:  # noqa: BLE001  (the archive reader reports a malformed zip in one line)
         return
     bad = [i.filename for i in infos if i.flag_bits & 0x1]

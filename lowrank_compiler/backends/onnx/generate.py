@@ -197,30 +197,26 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.onnx.export of the decode graph failed: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300]}") from None
-    model = prog.model_proto
-    if renames:
-        model = make_lora_inputs(model, renames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    fusion_report = None
-    if optimize and size < 2_000_000_000:  # the numerics check runs ORT on the in-memory model
-
-        model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
+    size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     external = size > 2_000_000_000 if external_data is None else external_data
-    if external:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        onnx.checker.check_model(str(path), full_check=True)
+    fusion_report = None
+    if external:  # weights streamed from the torch tensors to <path>.data, once; the proto never holds them
+        model = _save_external(prog, path, renames)
     else:
+        model = prog.model_proto
+        if renames:
+            model = make_lora_inputs(model, renames)
+        if optimize:  # the numerics check runs ORT on the in-memory model
+            model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(path))
     report: dict[str, Any] = {"path": str(path), "inputs": in_names, "outputs": out_names, "adapters": [],
                               "external_data": bool(external)}
     if optimize:
         report["optimize"] = fusion_report or {"fusions": {}, "ops": {}, "max_abs_diff": 0.0, "seconds": 0.0,
-                                               "fallback": "not fused: the model is over 2 GB"}
+                                               "fallback": "not fused: the weights are external data"}
     adapter_path = None
     if not merge and adapter_nodes(gm):
         adapter_path = Path(adapters_dir or path.parent) / f"{adapter_name}.onnx_adapter"
@@ -259,6 +255,30 @@ def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float 
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     probs = scores.softmax(-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1).numpy().astype(np.int64)
+
+
+def _save_external(prog: Any, path: Path, renames: dict[str, tuple[str, int]]) -> Any:
+    """Write ``prog`` as ``path`` + ``path.data``; each weight goes from its torch tensor to the file once.
+
+    onnx_ir streams the initializers (one tensor in flight); the proto read back holds only references,
+    so turning the LoRA initializers into adapter inputs (they are loaded alone) never touches the weights.
+    """
+    import onnx
+    import onnx_ir
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    data_name = path.name + ".data"
+    onnx_ir.save(prog.model, str(path), external_data=data_name, size_threshold_bytes=1024, max_workers=1,
+                 max_in_flight_bytes=1 << 26)
+    model = onnx.load(str(path), load_external_data=False)
+    if renames:
+        for init in model.graph.initializer:
+            if init.name in renames and uses_external_data(init):
+                load_external_data_for_tensor(init, str(path.parent))
+        model = make_lora_inputs(model, renames)  # its bytes stay in the data file, unreferenced (r x d each)
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return model
 
 
 def ort_generate(sess: Any, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor | None = None,

@@ -1,0 +1,249 @@
+"""A decoder at the size users fine-tune: lrc vs PEFT vs the bare HF model, phase by phase (issue 22).
+
+Default model: the TinyLlama-1.1B shape (stock ``LlamaConfig``: 22 layers, hidden 2048, 32 heads, 4 kv heads,
+intermediate 5632, vocab 32000, random weights); ``--layers N`` keeps the shape with fewer layers,
+``--config DIR_OR_JSON`` takes any HF causal-LM config. LoRA r=16 on q/v for lrc and PEFT.
+
+Phases (each variant, each phase in its own subprocess so peaks are clean; variants interleaved):
+transform, first call (forward + backward with labels), train step (mean of the next steps),
+generate (greedy tokens/s, batch 1), save, load, export (ONNX decode graph, adapters separate,
+external data). Peak = VmHWM after a reset minus the RSS just before the phase, as a multiple of the
+weights' bytes W (load: of the file's size).
+
+    python benchmarks/bench_llm.py                     # 1.1B, fp32 (≈ 6 GB per process; 24 GB machine)
+    python benchmarks/bench_llm.py --layers 4          # the same shape, 4 layers (development, CI's slow test)
+    python benchmarks/bench_llm.py --dtype bf16 --phases generate save load
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.helpers.memory import run_phase  # noqa: E402  (the subprocess + VmHWM harness the slow test uses)
+
+PHASES = ("transform", "first_call", "train_step", "generate", "save", "load", "export")
+VARIANTS = ("lrc", "peft", "hf")
+SPEC = "self_attn.q_proj:lora(r=16, alpha=32); self_attn.v_proj:lora(r=16, alpha=32)"
+
+BUILD = '''
+from pathlib import Path
+import transformers as tf
+ARGS = {args!r}
+if ARGS["config"]:
+    cfg = tf.AutoConfig.from_pretrained(ARGS["config"]) if os.path.isdir(ARGS["config"]) else \\
+        tf.LlamaConfig.from_json_file(ARGS["config"])
+else:
+    cfg = tf.LlamaConfig(num_hidden_layers=ARGS["layers"], hidden_size=2048, num_attention_heads=32,
+                         num_key_value_heads=4, intermediate_size=5632, vocab_size=32000)
+DT = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[ARGS["dtype"]]
+DEV = ARGS["device"]
+torch.manual_seed(0)
+model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=DT).to(DEV).eval()
+W = sum(p.numel() * p.element_size() for p in model.parameters())
+V = int(cfg.vocab_size)
+ids = torch.randint(3, V, (1, ARGS["seq"]), device=DEV)
+batch = torch.randint(3, V, (ARGS["batch"], ARGS["seq"]), device=DEV)
+
+def make(kind):
+    if kind == "lrc":
+        import lowrank_compiler as lrc
+        return lrc.transform(model, {spec!r}, example_inputs=(ids,))
+    if kind == "peft":
+        import peft
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    return model
+
+def step(m, opt):
+    out = m(input_ids=batch, labels=batch)
+    out.loss.backward()
+    if opt is not None:
+        opt.step(); opt.zero_grad(set_to_none=True)
+
+def optim(kind, m):
+    if kind == "hf":
+        return None  # the bare model: forward + backward of the same loss, no optimizer (nothing to adapt)
+    return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+'''
+
+BODIES = {
+    "transform": '''
+m, s, peak = measure(lambda: make(KIND)) if KIND != "hf" else (model, 0.0, 0)
+print(json.dumps({"s": s, "peak": peak / W, "W": W}))
+''',
+    "first_call": '''
+m = make(KIND); m.train(); opt = optim(KIND, m)
+_, s, peak = measure(lambda: step(m, opt))
+print(json.dumps({"s": s, "peak": peak / W, "W": W}))
+''',
+    "train_step": '''
+m = make(KIND); m.train(); opt = optim(KIND, m)
+step(m, opt)
+def steps():
+    for _ in range(ARGS["steps"]):
+        step(m, opt)
+_, s, peak = measure(steps)
+print(json.dumps({"s": s / ARGS["steps"], "peak": peak / W, "W": W}))
+''',
+    "generate": '''
+m = make(KIND); m.eval()
+with torch.no_grad():
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.02)  # adapters that act (B = 0 would make every variant the base model)
+N = ARGS["tokens"]
+m.generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # warm-up (allocations, first-call costs)
+out, s, peak = measure(lambda: m.generate(input_ids=ids, max_new_tokens=N, min_new_tokens=N, do_sample=False))
+print(json.dumps({"s": s, "tok_s": N / s, "peak": peak / W, "W": W, "tokens": out[0, -N:].tolist()}))
+''',
+    "save": '''
+m = make(KIND)
+path = os.path.join(ARGS["tmp"], KIND + ("_model.lrc" if KIND == "lrc" else "_dir"))
+if KIND == "lrc":
+    import lowrank_compiler as lrc
+    _, s, peak = measure(lambda: lrc.save(m, path))
+elif KIND == "peft":  # PEFT saves the adapter only; the base is the HF checkpoint (the hf row)
+    _, s, peak = measure(lambda: m.save_pretrained(path))
+else:
+    _, s, peak = measure(lambda: m.save_pretrained(path))
+size = os.path.getsize(path) if os.path.isfile(path) else sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+print(json.dumps({"s": s, "peak": peak / W, "W": W, "file": size}))
+''',
+    "load": '''
+del model
+import gc; gc.collect()
+path = os.path.join(ARGS["tmp"], KIND + ("_model.lrc" if KIND == "lrc" else "_dir"))
+if KIND == "lrc":
+    import lowrank_compiler as lrc
+    fn = lambda: lrc.load(path)
+elif KIND == "hf":
+    fn = lambda: tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=DT)
+else:
+    import peft
+    fn = lambda: peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(
+        os.path.join(ARGS["tmp"], "hf_dir"), torch_dtype=DT), path)
+size = os.path.getsize(path) if os.path.isfile(path) else sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+if KIND == "peft":
+    size += sum(p.stat().st_size for p in Path(ARGS["tmp"], "hf_dir").rglob("*") if p.is_file())
+_, s, peak = measure(fn)
+print(json.dumps({"s": s, "peak": peak / W, "over_file": peak / size, "W": W}))
+''',
+    "export": '''
+if KIND != "lrc":
+    print(json.dumps({"s": None, "peak": None, "W": W})); raise SystemExit
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+m = make(KIND)
+out = os.path.join(ARGS["tmp"], "onnx", "model.onnx")  # decode graph, LoRA as ORT adapter inputs, weights external
+rep, s, peak = measure(lambda: export_decoder_onnx(m, out, merge=False, external_data=True, validate=False))
+print(json.dumps({"s": s, "peak": peak / W, "W": W, "external": rep.get("external_data")}))
+''',
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--config", default="", help="an HF config directory or config.json (overrides --layers)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_llm.json"))
+    ap.add_argument("--png", default="", help="write the bar chart here (e.g. docs/bench_llm.png)")
+    a = ap.parse_args()
+    load = open("/proc/loadavg").read().split()[:3]
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
+        args = {**vars(a), "tmp": tmp}
+        for phase in a.phases:
+            variants = list(a.variants)
+            if phase == "load":  # peft loads the hf checkpoint plus its adapter: both must exist
+                _ensure_saved(args, variants, results)
+            for kind in variants:  # interleaved: every phase runs each variant back to back
+                t = time.time()
+                body = BUILD.format(args=args, spec=SPEC) + f"KIND = {kind!r}\n" + BODIES[phase]
+                try:
+                    res = run_phase(body, timeout=3600)
+                except RuntimeError as e:
+                    res = {"error": str(e).strip().splitlines()[-1][:300]}
+                results.setdefault(phase, {})[kind] = res
+                print(f"{phase:11s} {kind:5s} {_fmt(res)}  ({time.time() - t:.0f} s wall)", flush=True)
+    report = {"args": vars(a), "loadavg_before": load, "loadavg_after": open("/proc/loadavg").read().split()[:3],
+              "results": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print(table(results))
+    if a.png:
+        plot(results, a.png, f"{a.layers if not a.config else Path(a.config).name} layers, {a.dtype}")
+
+
+def _ensure_saved(args: dict, variants: list[str], results: dict) -> None:
+    need = ({"hf"} if "peft" in variants else set()) | set(variants)
+    for kind in sorted(need):
+        p = Path(args["tmp"], kind + ("_model.lrc" if kind == "lrc" else "_dir"))
+        if not p.exists():
+            run_phase(BUILD.format(args=args, spec=SPEC) + f"KIND = {kind!r}\n" + BODIES["save"], timeout=3600)
+
+
+def _fmt(res: dict) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"]
+    parts = [f"{res['s']:.2f} s" if res.get("s") is not None else "-"]
+    if res.get("tok_s"):
+        parts.append(f"{res['tok_s']:.2f} tok/s")
+    if res.get("peak") is not None:
+        parts.append(f"peak +{res['peak']:.2f} W")
+    if res.get("over_file") is not None:
+        parts.append(f"({res['over_file']:.2f} x file)")
+    return ", ".join(parts)
+
+
+def table(results: dict) -> str:
+    """A markdown table: one row per phase, one column per variant."""
+    kinds = sorted({k for r in results.values() for k in r}, key=VARIANTS.index)
+    lines = ["| phase | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for phase, row in results.items():
+        lines.append(f"| {phase} | " + " | ".join(_fmt(row[k]) if k in row else "" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in VARIANTS if any(k in r for r in results.values())]
+    phases = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, label in ((axes[0], "s", "seconds (generate: s per token)"), (axes[1], "peak", "peak RSS / W")):
+        for i, k in enumerate(kinds):
+            vals = []
+            for ph in phases:
+                r = results[ph].get(k, {})
+                v = r.get(key)
+                if key == "s" and r.get("tok_s"):
+                    v = 1 / r["tok_s"]
+                vals.append(v or 0.0)
+            ax.bar([j + i * 0.27 for j in range(len(phases))], vals, width=0.27, label=k)
+        ax.set_xticks([j + 0.27 for j in range(len(phases))], phases, rotation=30)
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"bench_llm: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

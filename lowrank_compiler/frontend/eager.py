@@ -1,0 +1,86 @@
+"""Generation without graphs: the original HF modules run eagerly, each adapted linear swapped for its adapter.
+
+A decode step is a few hundred small ops; run as an aten-level fx graph each op pays Python dispatch
+(``GraphModule`` codegen calls ``torch.ops.aten.*`` overload packets one by one, plus cache pytree flattening
+per call), which cost a 1.1B decoder ~36% of its tokens/s. The original model's own forward is what HF
+optimised for this loop, and it already shares every tensor with the transformed graph (``transform`` copies
+nothing). So, while ``generate`` runs, each adapted ``nn.Linear`` / ``Conv1D`` of the original model is
+replaced by an :class:`EagerSite` that calls the very adapter module the graph calls, with the graph's current
+base weight (merged, LoRA-GA offset and Delta-LoRA weights included) and bias. The result is the graph's:
+same adapter code on the same tensors, so greedy tokens are equal; the modules are restored afterwards.
+
+Only when the graph is exactly "the original model + adapters" (:func:`eager_ready`): every call_module is an
+adapter, a mode-switchable dropout or SDPA, every call_function an ATen op or ``operator`` builtin, and every
+other tensor of the original model is the graph's own object. Anything else (lowered kernels, fully trained
+module copies, a file loaded without its model) keeps the graph path.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import fx, nn
+
+from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight
+from lowrank_compiler.methods.base import AdapterMethod
+
+
+class EagerSite(nn.Module):
+    """``forward(x) = adapter(x, W, b)`` with the graph's current base weight and bias."""
+
+    def __init__(self, gm: fx.GraphModule, mark: AdapterMark, adapter: AdapterMethod) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.weight = logical_weight(gm, mark)
+        self.bias = gm.get_parameter(mark.bias_path) if mark.bias_path else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x, self.weight, self.bias)
+
+
+def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
+    """Whether running ``model`` with :func:`eager_adapters` computes what ``gm``'s graph computes."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and not isinstance(gm.get_submodule(node.target),
+                                                       (AdapterMethod, TrainOnlySDPA, nn.Dropout)):
+            return False
+        if node.op == "call_function" and not (isinstance(node.target, torch._ops.OpOverload)
+                                               or getattr(node.target, "__module__", None) == operator.__name__
+                                               or node.target is operator.getitem):
+            return False
+    sites = adapter_sites(gm)
+    if not sites:
+        return False
+    site_tensors = set()
+    for _, mark, _ in sites:
+        try:
+            mod = model.get_submodule(mark.site)
+        except AttributeError:
+            return False
+        if not hasattr(mod, "weight") or mark.layout == "conv1d" and type(mod).__name__ != "Conv1D":
+            return False
+        site_tensors |= {id(t) for t in mod.parameters(recurse=False)}
+    own = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+    return all(id(t) in own or id(t) in site_tensors for t in [*model.parameters(), *model.buffers()])
+
+
+@contextmanager
+def eager_adapters(gm: fx.GraphModule, model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every adapted linear swapped for an :class:`EagerSite` (restored afterwards)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    was = model.training
+    try:
+        for _, mark, adapter in adapter_sites(gm):
+            parent_path, _, leaf = mark.site.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            swapped.append((parent, leaf, getattr(parent, leaf)))
+            setattr(parent, leaf, EagerSite(gm, mark, adapter))
+        model.train(gm.training)
+        yield model
+    finally:
+        for parent, leaf, old in reversed(swapped):
+            setattr(parent, leaf, old)
+        model.train(was)
