@@ -21,7 +21,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +138,34 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
         raise ExportError(f"cannot write {p}: {_why(e)}") from None
     try:
         fill(tmp)
-        if p.is_dir():
-            _carry_over(p, tmp)
-            os.chmod(tmp, stat.S_IMODE(p.stat().st_mode))
-        else:
-            os.chmod(tmp, 0o777 & ~_umask())
-        _swap_in(tmp, p)
+        with _dir_lock(p.parent):  # carry-over reads a folder no other writer is swapping out meanwhile
+            if p.is_dir():
+                _carry_over(p, tmp)
+                os.chmod(tmp, stat.S_IMODE(p.stat().st_mode))
+            else:
+                os.chmod(tmp, 0o777 & ~_umask())
+            _swap_in(tmp, p)
     except OSError as e:
         raise ExportError(f"cannot write {p}: {_why(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _dir_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` itself (flock on its descriptor: no lock file is left behind);
+    a no-op where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the rename retry loop is all there is
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _carry_over(old: Path, new: Path) -> None:
