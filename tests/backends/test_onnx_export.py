@@ -156,7 +156,7 @@ def test_non_lora_method_cannot_be_separate_and_leaves_no_file(tmp_path):
     gm, ids, mask = transformed("bert", spec="attention.self.query:test_twice_lora(r=2)")
     with pytest.raises(ExportError, match="--merge"):
         lrc.export(gm, tmp_path / "s.onnx")
-    with pytest.raises(ExportError, match="PEFT format holds plain LoRA"):
+    with pytest.raises(ExportError, match="PEFT format holds LoRA-form adapters .* and DoRA only"):
         lrc.export(gm, tmp_path / "peft", format="peft")
     assert list(tmp_path.iterdir()) == []
     report = lrc.export(gm, tmp_path / "m.onnx", merge=True)  # merged works for any method
