@@ -1,7 +1,7 @@
 """lowrank-compiler: low-rank adaptation as graph rewriting over torch.fx.
 
 The stable surface is the names in ``__all__`` and the namespaces ``lrc.errors``, ``lrc.adapter_sets`` and
-``lrc.training``. Older top-level names still resolve for one release and warn (:data:`_DEPRECATED`).
+``lrc.training`` (``lrc.backends.onnx`` stays reachable as a module for runtime helpers such as ``session``). Older top-level names still resolve for one release and warn (:data:`_DEPRECATED`).
 docs/DESIGN_NOTES.md maps the package folders and what each may import.
 """
 
@@ -44,7 +44,6 @@ _DEPRECATED: dict[str, tuple[str, str, str]] = {
     "trainer_optimizers": ("lowrank_compiler.training.optimizer", "trainer_optimizers",
                            "lrc.training.trainer_optimizers"),
     "distributed": ("lowrank_compiler.training.distributed", "", "lrc.training.distributed"),
-    "backends": ("lowrank_compiler.backends", "", "lrc.export / lrc.compile"),
     **{n: ("lowrank_compiler.adapter_sets.named", n, f"lrc.adapter_sets.{n}")
        for n in ("add_adapter", "set_adapter", "delete_adapter", "disable_adapters", "active_adapter",
                  "adapter_names", "load_adapter", "save_named_adapters", "load_named_adapters")},
