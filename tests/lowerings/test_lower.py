@@ -26,6 +26,24 @@ def _h(out):
     return out.last_hidden_state
 
 
+def _assert_eval_equal(gm, lowered, ids, mask) -> dict:
+    """In eval mode (dropout off: the same function), ``lowered`` gives ``gm``'s output and the same gradients
+    on ``gm``'s trainable parameters; returns those gradients."""
+    gm.eval()
+    lowered.eval()
+    outs, grads = [], []
+    for g in (gm, lowered):
+        out = _h(g(ids, attention_mask=mask))
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad})
+        gm.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+    return grads[0]
+
+
 def _train(model, owner, ids, mask, steps=3, opt=None):
     opt = opt or lrc.optimizer(owner, torch.optim.AdamW, lr=1e-2)
     target = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))
@@ -47,19 +65,8 @@ def test_lowered_graph_equals_unlowered_forward_and_grads():
     assert len(called) == 15
     assert sum(n.target is ck.linear for n in low.graph.nodes) == 5  # 2 × FFN + pooler
     assert lrc.adapters(gm) and not lrc.adapters(low)  # the adapters stay gm's
-    gm.eval()
-    low.eval()  # dropout off: same function
-    outs, grads = [], []
-    for g in (gm, low):
-        out = _h(g(ids, attention_mask=mask))
-        out.pow(2).mean().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad})
-        gm.zero_grad(set_to_none=True)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    assert len(grads[0]) == 16
-    for k in grads[0]:
-        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+    grads = _assert_eval_equal(gm, low, ids, mask)
+    assert len(grads) == 16
 
 
 def test_training_through_the_lowered_graph_trains_gm():
@@ -194,18 +201,7 @@ def test_lower_both_composes():
     assert called.count(LeanAttention) == 2 and called.count(LeanDropout) == 5  # memory kept
     assert called.count(ck.LoweredLoRA) == 8 and ck.FastAttention not in called  # speed on top, no second attention
     assert sum(n.target is ck.linear for n in both.graph.nodes) == 5
-    gm.eval()
-    both.eval()
-    outs, grads = [], []
-    for g in (gm, both):
-        out = _h(g(ids, attention_mask=mask))
-        out.pow(2).mean().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad.clone() for n, p in gm.named_parameters() if p.requires_grad})
-        gm.zero_grad(set_to_none=True)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
-    for k in grads[0]:
-        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+    _assert_eval_equal(gm, both, ids, mask)
     gm.train()
     both.train()
     before = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
