@@ -14,8 +14,9 @@ from lowrank_compiler.api import adapters, merge, print_trainable_parameters, tr
 from lowrank_compiler.backends.export import export
 from lowrank_compiler.backends.torch_compile import compile
 from lowrank_compiler.errors import LrcError
-from lowrank_compiler.formats.model import load, load_adapters, save, save_adapters
-from lowrank_compiler.formats.peft import load_peft
+from lowrank_compiler.formats.load import load, load_adapters
+from lowrank_compiler.formats.model import save, save_adapters
+from lowrank_compiler.formats.peft_load import load_peft
 from lowrank_compiler.lowerings import lower
 from lowrank_compiler.methods import AdapterMethod, register_method
 from lowrank_compiler.spec.language import Spec

@@ -15,15 +15,15 @@ EXPORT_FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf", "genai")  # 
 def load_model(path: str, trust: bool = False, seq: int = 16) -> Any:
     """A GraphModule from an lrc file, a ``.pt2`` torch.export archive, or an HF model directory."""
     from lowrank_compiler.errors import LoadError
-    from lowrank_compiler.formats import model as lrc_io
     from lowrank_compiler.formats.hf import load_hf_dir
+    from lowrank_compiler.formats.load import load as lrc_load
 
     p = Path(path)
     if p.is_dir():
         return load_hf_dir(p, seq)
     if not p.exists():
         raise LoadError(f"{p}: no such file or directory")
-    return lrc_io.load(p, trust=trust)
+    return lrc_load(p, trust=trust)
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:

@@ -19,23 +19,17 @@ import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import LoadError, LrcError, SpecError
-from lowrank_compiler.formats.model import (
-    ADAPTER_FORMAT,
-    _load_adapter_tensors,
-    _read_file,
-    apply_records,
-    atomic_write,
-    load_adapters,
-    save_adapters,
-)
-from lowrank_compiler.formats.peft import peft_records, peft_tensors, read_peft
+from lowrank_compiler.formats.load import load_adapter_tensors, load_adapters, read_file
+from lowrank_compiler.formats.model import ADAPTER_FORMAT, save_adapters
+from lowrank_compiler.formats.peft_load import peft_records, peft_tensors, read_peft
 from lowrank_compiler.formats.pretrained import LRC_WEIGHTS, layout, read_lrc_dir
 from lowrank_compiler.ir import META_KEY, NAMED_ROOT, adapter_nodes, adapters_of, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
 from lowrank_compiler.passes.full import full_parameters
-from lowrank_compiler.passes.pipelines import adapter_pipeline
+from lowrank_compiler.passes.pipelines import adapter_pipeline, apply_records
 from lowrank_compiler.passes.strip import strip
 from lowrank_compiler.safety import schema as validate
+from lowrank_compiler.safety.atomic import atomic_write
 from lowrank_compiler.spec.language import Spec, parse_spec
 from lowrank_compiler.spec.sites import find_sites
 
@@ -257,7 +251,7 @@ def _read_set(path: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, to
     if not path.is_file():
         raise LoadError(f"{path}: no such file or directory (an lrc adapter file, a PEFT directory or a "
                         "save_pretrained directory)")
-    tensors, meta = validate.safetensors_bytes(_read_file(path), str(path))
+    tensors, meta = validate.safetensors_bytes(read_file(path), str(path))
     if meta.get("format") != ADAPTER_FORMAT:
         raise LoadError(f"{path}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
     src = str(path)
@@ -307,7 +301,7 @@ def _add_set(gm: fx.GraphModule, name: str, src: str | Path, tensors: dict[str, 
         sites = {s.name: s.info() for s in find_sites(view)}
         validate.adapter_budget(records, sites, sum(t.numel() for t in tensors.values()), str(src))
         apply_records(view, records, str(src))
-        _load_adapter_tensors(view, tensors, str(src))
+        load_adapter_tensors(view, tensors, str(src))
 
     _put(gm, name, _build(gm, fill))
 

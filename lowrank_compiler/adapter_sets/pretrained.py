@@ -18,7 +18,7 @@ from lowrank_compiler.errors import LrcError
 from lowrank_compiler.formats.peft import CONFIG as PEFT_CONFIG
 from lowrank_compiler.formats.peft import WEIGHTS as PEFT_WEIGHTS
 from lowrank_compiler.formats.pretrained import LRC_CONFIG, LRC_WEIGHTS, layout, read_pretrained, write_pretrained
-from lowrank_compiler.frontend.face import PROVIDED
+from lowrank_compiler.frontend.module import PROVIDED
 from lowrank_compiler.ir import lrc_meta
 from lowrank_compiler.safety.atomic import atomic_dir
 

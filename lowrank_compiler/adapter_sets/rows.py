@@ -19,7 +19,7 @@ from torch import fx
 
 from lowrank_compiler.adapter_sets.named import _active_modules, adapter_names, named_adapter_modules
 from lowrank_compiler.errors import LrcError
-from lowrank_compiler.frontend.face import PROVIDED
+from lowrank_compiler.frontend.module import PROVIDED
 from lowrank_compiler.ir import adapter_sites, logical_weight
 from lowrank_compiler.passes.mixed import MixedAdapter
 

@@ -24,11 +24,14 @@ from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, with_hf
 from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, export_quantized
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.hf import save_hf
-from lowrank_compiler.formats.model import atomic_write, load_adapters, save, save_adapters
-from lowrank_compiler.formats.peft import peft_onnx_tensors, save_peft
+from lowrank_compiler.formats.load import load_adapters
+from lowrank_compiler.formats.model import save, save_adapters
+from lowrank_compiler.formats.peft import save_peft
+from lowrank_compiler.formats.peft_load import peft_onnx_tensors
 from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.quiet import quiet
+from lowrank_compiler.safety.atomic import atomic_write
 
 FORMATS = ("onnx", "pt2", "safetensors", "peft", "pt", "hf", "genai")
 _SUFFIX = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors", ".pt": "pt", ".lrc": "pt"}

@@ -72,13 +72,12 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         options["options"] = {**modal, "fallback_random": True, **(options.get("options") or {})}
         mode = None
     opts = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
-    face = getattr(target, "lrc_face", None)
-    if face is None:
+    if getattr(target, "lrc_face", None) is None:
         return torch.compile(target, **opts)
     # one kind of model object: the result dispatches like ``target`` (every call signature, generate) and
     # compiles each signature's graph on its first call; dynamo never traces the dispatcher itself
     primary = torch.compile(shared_copy(target), **opts)
-    return face.derive(target, shared_copy(target), lambda g: torch.compile(g, **opts), run_primary=primary)
+    return target.lrc_derive(shared_copy(target), lambda g: torch.compile(g, **opts), run_primary=primary)
 
 
 def graph_breaks(gm: nn.Module, *inputs: Any, **kwargs: Any) -> list[str]:

@@ -105,6 +105,7 @@ def _run(out_dir: str | None, steps: int | None, quick: bool) -> dict[str, Any]:
 
     from lowrank_compiler import api
     from lowrank_compiler.demo.data import LABELS, split
+    from lowrank_compiler.formats import load as lrc_in
     from lowrank_compiler.formats import model as lrc_io
 
     t0 = time.perf_counter()
@@ -168,8 +169,8 @@ def _run(out_dir: str | None, steps: int | None, quick: bool) -> dict[str, Any]:
     lrc_io.save_adapters(gm, files["adapters"])
 
     print("[6/6] reload and check parity")
-    reloaded = lrc_io.load(files["adapted"])
-    reloaded_merged = lrc_io.load(files["merged"])
+    reloaded = lrc_in.load(files["adapted"])
+    reloaded_merged = lrc_in.load(files["merged"])
     logits_reloaded = _logits(reloaded, te_ids, te_mask)
     logits_reloaded_merged = _logits(reloaded_merged, te_ids, te_mask)
 

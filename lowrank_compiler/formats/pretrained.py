@@ -25,19 +25,12 @@ import torch
 from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError, LoadError
-from lowrank_compiler.formats.model import (
-    ADAPTER_FORMAT,
-    VERSION,
-    _copy_checked,
-    _load_adapter_tensors,
-    _read_file,
-    _set_merged,
-    adapter_file_bytes,
-    adapter_records,
-)
+from lowrank_compiler.formats.load import copy_checked, load_adapter_tensors, read_file, set_merged
+from lowrank_compiler.formats.model import ADAPTER_FORMAT, VERSION, adapter_file_bytes, adapter_records
 from lowrank_compiler.formats.peft import CONFIG as PEFT_CONFIG
 from lowrank_compiler.formats.peft import WEIGHTS as PEFT_WEIGHTS
-from lowrank_compiler.formats.peft import load_peft, peft_state, trace_base
+from lowrank_compiler.formats.peft import peft_state
+from lowrank_compiler.formats.peft_load import load_peft, trace_base
 from lowrank_compiler.ir import adapter_sites, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.full import full_parameters
 from lowrank_compiler.passes.pipelines import apply_records
@@ -120,7 +113,7 @@ def read_lrc_dir(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
         raise LoadError(f"{p / LRC_CONFIG}: unreadable ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise LoadError(f"{p / LRC_CONFIG}: not an lrc adapter config (format must be {FORMAT!r})")
-    tensors, meta = validate.safetensors_bytes(_read_file(p / LRC_WEIGHTS), src)
+    tensors, meta = validate.safetensors_bytes(read_file(p / LRC_WEIGHTS), src)
     if meta.get("format") != ADAPTER_FORMAT:
         raise LoadError(f"{src}: not an lrc adapter file (metadata format {meta.get('format')!r:.60})")
     try:
@@ -139,8 +132,8 @@ def put_tensors(gm: fx.GraphModule, records: list[dict[str, Any]], tensors: dict
     moved bases and merged flags."""
     heads = full_parameters(gm)
     bases = {k: v for k, v in tensors.items() if k.startswith(BASE)}
-    _load_adapter_tensors(gm, {k: v for k, v in tensors.items() if k not in heads and k not in bases}, source)
-    _copy_checked({k: v for k, v in tensors.items() if k in heads}, heads, source)
+    load_adapter_tensors(gm, {k: v for k, v in tensors.items() if k not in heads and k not in bases}, source)
+    copy_checked({k: v for k, v in tensors.items() if k in heads}, heads, source)
     used = set()
     with torch.no_grad():
         for _, mark, mod in adapter_sites(gm):
@@ -161,7 +154,7 @@ def put_tensors(gm: fx.GraphModule, records: list[dict[str, Any]], tensors: dict
     if extra:
         raise LoadError(f"{source}: unexpected base tensors {extra[:5]}")
     merged = {r["site"] for r in records if r.get("merged")}
-    _set_merged(gm, [m for _, mark, m in adapter_sites(gm) if mark.site in merged], True)
+    set_merged(gm, [m for _, mark, m in adapter_sites(gm) if mark.site in merged], True)
 
 
 @quiet

@@ -4,7 +4,7 @@ A file saved from a Hugging Face model records its config (JSON) and its class *
 :func:`rebuild_hf_model` looks the name up in ``transformers`` itself (a class transformers defines, never
 code from the file, never ``trust_remote_code``), builds it from the config with its parameters on the
 ``meta`` device (no weights are allocated), then points every parameter at the loaded graph's tensor of
-the same name. The result is what :func:`lowrank_compiler.frontend.face.attach` needs to serve every call
+the same name. The result is what :func:`lowrank_compiler.frontend.module.attach` needs to serve every call
 signature and ``generate`` over the loaded weights and adapters.
 """
 

@@ -1,7 +1,7 @@
 """What training changes, as state-dict keys: the HF ``Trainer``'s checkpoints of an lrc model hold only that.
 
 ``transformers.Trainer`` saves a model that is not a ``PreTrainedModel`` as ``save_file(model.state_dict())`` and
-resumes with ``model.load_state_dict(sd, strict=False)``. :class:`~lowrank_compiler.frontend.face.LrcGraphModule`
+resumes with ``model.load_state_dict(sd, strict=False)``. :class:`~lowrank_compiler.frontend.module.LrcGraphModule`
 answers the Trainer's ``state_dict()`` call (recognised by its caller, ``Trainer._save``) with the keys below only,
 so a checkpoint is megabytes where the base model is gigabytes, like PEFT's; every other ``state_dict()`` call is
 torch's complete one. Loading a dict that holds exactly these keys is complete (strict loading accepts it).

@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from lowrank_compiler.errors import TraceError
 from lowrank_compiler.frontend.capture import default_inputs, export_model, model_record
-from lowrank_compiler.frontend.face import attach
+from lowrank_compiler.frontend.module import attach
 from lowrank_compiler.ir import lrc_meta
 
 
@@ -18,7 +18,7 @@ def trace(
     example_kwargs: dict[str, Any] | None = None,
     strategy: str = "auto",
 ) -> fx.GraphModule:
-    """Trace ``model`` into an :class:`~lowrank_compiler.frontend.face.LrcGraphModule` whose dropout follows train()/eval().
+    """Trace ``model`` into an :class:`~lowrank_compiler.frontend.module.LrcGraphModule` whose dropout follows train()/eval().
 
     Without example inputs, an HF model (one with a ``config``) is traced on ``input_ids`` [2, 16]
     (+ ``attention_mask``); every other call the model accepts is traced on first use (face.py).

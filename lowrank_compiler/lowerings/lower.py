@@ -100,9 +100,8 @@ def lower(gm: fx.GraphModule, goal: str = "speed", *, skip: tuple[str, ...] = ()
         out = lowering_pipeline(tuple(skip), fuse_siblings)(shared_copy(out) if out is gm else out).gm
     elif out is gm:
         out = shared_copy(gm)
-    face = getattr(gm, "lrc_face", None)
-    if face is not None:  # every call gm serves: other signatures' graphs are lowered the same way on first use
-        out = face.derive(gm, out, lambda g: lower(g, goal, skip=skip, fuse_siblings=fuse_siblings,
+    if getattr(gm, "lrc_face", None) is not None:  # every call gm serves: other signatures' graphs lowered on first use
+        out = gm.lrc_derive(out, lambda g: lower(g, goal, skip=skip, fuse_siblings=fuse_siblings,
                                                    attention=attention, mask=mask, dropout=dropout, ffn=ffn,
                                                    checkpoint=checkpoint))
     return out

@@ -17,7 +17,7 @@ from helpers.decoder import batch, make_decoder
 from helpers.trainer import Rows
 
 import lowrank_compiler as lrc
-from lowrank_compiler.frontend.face import LrcGraphModule
+from lowrank_compiler.frontend.module import LrcGraphModule
 
 METHODS = {
     "lora": "lora(r=4, alpha=8)", "loraga": "loraga(r=4)", "dora": "dora(r=4, alpha=8)", "vera": "vera(r=8)",

@@ -11,9 +11,9 @@ import torch
 from torch import fx
 
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.formats.model import atomic_write
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.passes.separate import LORA_A, LORA_B, onnx_lora_tensors
+from lowrank_compiler.safety.atomic import atomic_write
 
 LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...
 

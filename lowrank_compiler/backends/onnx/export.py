@@ -33,10 +33,10 @@ from lowrank_compiler.backends.onnx.adapters import (
 )
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.formats.model import atomic_write
 from lowrank_compiler.frontend.capture import dynamic_dims
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.passes.pipelines import base_pipeline, merge_pipeline, separate_pipeline
+from lowrank_compiler.safety.atomic import atomic_write
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _GPU_HINT = "install the `gpu` extra, which replaces onnxruntime: pip uninstall -y onnxruntime && pip install 'lowrank-compiler[gpu]'"

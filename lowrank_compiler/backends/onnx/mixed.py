@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_flatten
 from lowrank_compiler.adapter_sets.mixed import refresh
 from lowrank_compiler.backends.onnx.export import _to_onnx, example_inputs_of, session
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.formats.model import atomic_write
 from lowrank_compiler.passes.mixed import mixed_nodes
+from lowrank_compiler.safety.atomic import atomic_write
 
 
 def stack_name(site: str, which: str) -> str:

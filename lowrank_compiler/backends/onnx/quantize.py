@@ -33,7 +33,7 @@ import torch
 from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx, session
 from lowrank_compiler.backends.onnx.smoothquant import OUTLIER_PREFIX, smooth
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.formats.model import atomic_write
+from lowrank_compiler.safety.atomic import atomic_write
 
 MODES = ("int8", "int4")
 DEFAULT_MIN_COSINE = 0.999
