@@ -60,7 +60,7 @@ class AdaLoRA(AdapterMethod):
       (the authors' ``compute_orth_regu`` and PEFT's). With ``orth_in_loss=False`` (default) its gradient
       ``orth_reg/(2N) · 2P(PᵀP − I)/‖PᵀP − I‖_F`` (and likewise for Q) is added to ``.grad`` before the
       base step, which equals adding R to the loss — except that gradient clipping does not see it.
-      With ``orth_in_loss=True`` lrc adds nothing and the user adds ``orth_loss(lrc.adapters(gm).values())``
+      With ``orth_in_loss=True`` lrc adds nothing and the user adds ``lrc.training.orth_loss(lrc.adapters(gm).values())``
       to the loss, as the authors' trainer and PEFT do (clipped, then scored).
     * after the step, while t < total_step − tfinal: sensitivity ``I = |w·∇w|`` for P, λ, Q, EMAs
       ``Ī ← β1 Ī + (1−β1) I``, ``Ū ← β2 Ū + (1−β2)|I − Ī|``, score ``Ī·Ū``; triplet score

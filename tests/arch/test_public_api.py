@@ -39,5 +39,6 @@ def test_namespaces_hold_the_moved_functions():
     assert lrc.adapter_sets.mixed_batch is importlib.import_module("lowrank_compiler.adapter_sets.mixed").mixed_batch
     assert lrc.training.trainer_optimizers is importlib.import_module(
         "lowrank_compiler.training.optimizer").trainer_optimizers
+    assert lrc.training.orth_loss is importlib.import_module("lowrank_compiler.methods.adalora").orth_loss
     assert issubclass(lrc.errors.SpecError, lrc.LrcError)
     assert lrc.Spec.parse("fc*:lora(r=2)").rules[0].method == "lora"

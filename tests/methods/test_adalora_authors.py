@@ -8,7 +8,6 @@ from helpers.adalora_authors import Allocator, orth_regu, svd_mlp
 from helpers.mlp import inputs, make_mlp
 
 import lowrank_compiler as lrc
-from lowrank_compiler.methods.adalora import orth_loss
 
 SITES = ("fc1", "fc2", "fc3")
 R, TARGET, ALPHA, GAMMA, CLIP = 6, 3, 4.0, 0.1, 0.005  # the gradient norm is ~0.02: clipping bites
@@ -59,7 +58,7 @@ def run_lrc(gm, steps: int, in_loss: bool = True):
         x, t = batch(step)
         loss = (gm(x) - t).pow(2).mean()
         if in_loss:
-            loss = loss + orth_loss(ads)
+            loss = loss + lrc.training.orth_loss(ads)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in gm.parameters() if p.requires_grad], CLIP)
         opt.step()
