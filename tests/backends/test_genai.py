@@ -1,6 +1,7 @@
 """onnxruntime-genai folders (`lrc.export(gm, dir, format="genai")`): the folder loads in onnxruntime-genai as
 it is, and its greedy tokens equal torch's ``generate`` for the unmodified base and for each adapter set
-(LoRA-GA in its rank-2r form, LoRA, VeRA, AdaLoRA with a pruned rank) switched per generator; lrc's own
+(LoRA-GA in its rank-2r form, LoRA, VeRA, AdaLoRA with a pruned rank, DoRA with its gain) switched per
+generator; lrc's own
 ORT loop samples the tokens HF's seeded ``generate`` samples."""
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ og = pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.slow  # one decoder export (~20 s idle, ~60 s on a loaded 2-core host)
 
 SITES = "self_attn.q_proj|self_attn.v_proj|mlp.down_proj"
-SETS = {"lora": "lora(r=4, alpha=8)", "vera": "vera(r=4)", "adalora": "adalora(init_r=4, target_r=2, alpha=8, total_step=100)"}
+SETS = {"lora": "lora(r=4, alpha=8)", "vera": "vera(r=4)", "adalora": "adalora(init_r=4, target_r=2, alpha=8, total_step=100)",
+        "dora": "dora(r=4, alpha=8)"}
 NEW = 6
 
 
@@ -109,7 +111,7 @@ def test_greedy_tokens_equal_torch_per_adapter(folder):
         assert _until_eos(runner.generate(ids.numpy(), NEW, label)[0]) == _until_eos(want), name
         seen.add(tuple(want))
     lrc.adapter_sets.set_adapter(gm, "default")
-    assert len(seen) >= 4  # the adapters change the tokens, so the comparison can fail
+    assert len(seen) >= 5  # the adapters change the tokens, so the comparison can fail
 
 
 def test_genai_seeded_sampling_is_reproducible(folder):

@@ -4,7 +4,10 @@
 The graph is the decode graph of :mod:`.generate` with the ORIGINAL base weights (a LoRA-GA offset is
 undone) and every LoRA input overridable, so "no adapter" is the base model and each adapter file is
 written against the same base: LoRA, VeRA (Λ_d A, Λ_b B), AdaLoRA (its kept ranks) as they are, LoRA-GA
-in its rank-2r form ([A; A0], [B, −B0]). ``og.Adapters(model).load(file, name)`` then
+in its rank-2r form ([A; A0], [B, −B0]). DoRA and DoRA-FA carry their per-output-channel gain
+g = m / ‖W + s·B A‖ (precomputed: inference weights are fixed) as ``<site>.dora_gain.weight``: every
+site where some set is DoRA computes ``g ⊙ (W x + x A B) + b`` in the graph, with g's default ones, so
+the base graph and the other sets' files are unchanged. ``og.Adapters(model).load(file, name)`` then
 ``generator.set_active_adapter(adapters, name)`` switches between them per generator.
 """
 
@@ -22,10 +25,10 @@ import torch
 from torch import fx
 
 from lowrank_compiler.adapter_sets.named import adapter_names, named_adapter_modules
-from lowrank_compiler.backends.onnx.adapters import LORA_A, LORA_B, input_name, write_onnx_adapter
+from lowrank_compiler.backends.onnx.adapters import GAIN, LORA_A, LORA_B, input_name, write_onnx_adapter
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, unmerged_copy
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import adapter_nodes, lrc_meta
+from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod, LowRank
 from lowrank_compiler.safety.atomic import atomic_dir
 
@@ -34,30 +37,56 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
-def adapter_set_tensors(mods: dict[str, AdapterMethod],
-                        offsets: dict[str, LowRank] | None = None) -> dict[str, np.ndarray]:
-    """``{input name: array}`` of one adapter set against the ORIGINAL base: A' as [d_in, r'], s·B' as [r', d_out].
+def current_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """``{site: the base weight torch runs every adapter set on}`` (the active adapter unmerged; a LoRA-GA
+    offset kept, as torch keeps it)."""
+    out = {}
+    with torch.no_grad():
+        for node in adapter_nodes(gm):
+            mark = node.meta[META_KEY]
+            mod, w = gm.get_submodule(mark.module_path), logical_weight(gm, mark)
+            out[mark.site] = mod.unmerged_weight(w) if mod.merged else w
+    return out
+
+
+def _factors(site: str, mod: AdapterMethod, weight: torch.Tensor | None) -> tuple[LowRank, torch.Tensor | None]:
+    """(``(A', B', s)`` against the original base, DoRA's gain over ``weight`` or None)."""
+    f = mod.original_base_factors()
+    if f is not None:
+        return f, None
+    mixed = mod.mixed_factors(weight) if weight is not None and mod.base_offset() is None else None
+    if mixed is None or mixed.gain is None:
+        raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B (or DoRA) form against the original "
+                          "base for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
+    return LowRank(mixed.A, mixed.B, 1.0), mixed.gain
+
+
+def adapter_set_tensors(mods: dict[str, AdapterMethod], offsets: dict[str, LowRank] | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """``{input name: array}`` of one adapter set against the ORIGINAL base: A' as [d_in, r'], s·B' as [r', d_out],
+    and for DoRA the gain m / ‖W + s·B A‖ [d_out] over ``weights[site]`` (see :func:`current_weights`).
 
     ``offsets``: the low-rank change another set made to a site's shared base (a LoRA-GA set's
-    ``−s·B0 A0``), appended to the sets that did not make it, since torch runs them on the changed base.
+    ``−s·B0 A0``), appended to the sets that did not make it, since torch runs them on the changed base
+    (a DoRA gain multiplies it too, as torch's ``m/‖V‖ ⊙ (W_now x + s·B A x)`` does).
 
     Raises:
-        ExportError: a site whose method has no ``x·A·B`` form against the original base.
+        ExportError: a site whose method has no ``x·A·B`` (or DoRA) form against the original base.
     """
     out: dict[str, np.ndarray] = {}
-    for site, mod in mods.items():
-        f = mod.original_base_factors()
-        if f is None:
-            raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B form against the original base "
-                              "for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
-        a = f.A.detach().float().t()
-        b = (f.B.detach().float() * float(f.scale)).t()
-        off = (offsets or {}).get(site)
-        if off is not None and mod.base_offset() is None:
-            a = torch.cat([a, off.A.detach().float().t()], 1)
-            b = torch.cat([b, -(off.B.detach().float() * float(off.scale)).t()], 0)
-        out[input_name(site, LORA_A)] = a.contiguous().numpy()
-        out[input_name(site, LORA_B)] = b.contiguous().numpy()
+    with torch.no_grad():
+        for site, mod in mods.items():
+            f, gain = _factors(site, mod, (weights or {}).get(site))
+            a = f.A.detach().float().t()
+            b = (f.B.detach().float() * float(f.scale)).t()
+            off = (offsets or {}).get(site)
+            if off is not None and mod.base_offset() is None:
+                a = torch.cat([a, off.A.detach().float().t()], 1)
+                b = torch.cat([b, -(off.B.detach().float() * float(off.scale)).t()], 0)
+            out[input_name(site, LORA_A)] = a.contiguous().numpy()
+            out[input_name(site, LORA_B)] = b.contiguous().numpy()
+            if gain is not None:
+                out[input_name(site, GAIN)] = gain.detach().float().contiguous().numpy()
     return out
 
 
@@ -130,7 +159,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     atomically (``safety/atomic.py``): on error the old folder, if any, is unchanged.
 
     Raises:
-        ExportError: not an HF causal LM, or an adapter with no x·A·B form (DoRA, FLoRA, ...).
+        ExportError: not an HF causal LM, or an adapter with neither an x·A·B nor a DoRA form (FLoRA, ...).
     """
     face = getattr(gm, "lrc_face", None)
     model = getattr(face, "model", None)
@@ -142,9 +171,11 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
         by_set = {name: named_adapter_modules(gm, name) for name in names}
         offsets = {site: off for mods in by_set.values() for site, mod in mods.items()
                    if (off := mod.base_offset()) is not None}
+        weights = current_weights(gm)
         for name, mods in by_set.items():
             label = adapter_name if (name == names[0] and adapter_name) else name
-            sets[label] = adapter_set_tensors(mods, offsets)
+            sets[label] = adapter_set_tensors(mods, offsets, weights)
+    gain_sites = {k.rsplit(".", 2)[0] for t in sets.values() for k in t if k.endswith(f".{GAIN}.weight")}
     tok = tokenizer_source(gm, tokenizer)
     base = unmerged_copy(gm, original=True)
     report: dict[str, Any] = {"path": str(out_dir), "format": "genai", "adapters": []}
@@ -152,7 +183,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:  # the exporter's own adapter file goes here
             rep = export_decoder_onnx(base, tmp / MODEL_FILE, merge=False, adapters_dir=scratch, opset=opset,
-                                      external_data=True, validate=validate)
+                                      external_data=True, validate=validate, gain_sites=gain_sites)
         if "max_abs_diff" in rep:
             report["max_abs_diff"] = rep["max_abs_diff"]
         import onnx
