@@ -212,6 +212,29 @@ def is_genai_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def bos_to_add(folder: str | os.PathLike) -> int | None:
+    """The BOS id the folder's HF tokenizer puts before a text (``add_bos_token`` in ``tokenizer_config.json``,
+    else a ``tokenizer.json`` post-processor that names the BOS token, as transformers 5 saves Llama's), or
+    None (Qwen2, GPT-2: no BOS)."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        model = json.loads((folder / CONFIG_FILE).read_text()).get("model", {})
+    except (OSError, ValueError):
+        return None
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    add = cfg.get("add_bos_token")
+    if add is None and isinstance(bos, str) and bos and (folder / "tokenizer.json").is_file():
+        try:
+            post = json.loads((folder / "tokenizer.json").read_text()).get("post_processor")
+        except (OSError, ValueError):
+            post = None
+        add = post is not None and bos in json.dumps(post)
+    bos_id = model.get("bos_token_id")
+    return int(bos_id) if add and isinstance(bos_id, int) else None
+
+
 def genai_available() -> bool:
     """Whether the ``onnxruntime-genai`` package is installed (the ``genai`` extra)."""
     try:
@@ -271,6 +294,14 @@ class GenaiRunner:
             raise ExportError(f"onnxruntime-genai cannot use the tokenizer in {self.folder}: "
                               f"{str(e).strip().splitlines()[0][:160]}; pass token ids with --input input_ids=FILE.npy") \
                 from None
+
+    def encode(self, tok: Any, text: str) -> list[int]:
+        """``text``'s ids as the HF tokenizer gives them (``tokenizer(text).input_ids``): onnxruntime-genai's
+        ``Tokenizer.encode`` adds no special tokens, so the BOS id is prepended when the HF tokenizer adds
+        one (:func:`bos_to_add`)."""
+        ids = [int(t) for t in tok.encode(text)]
+        bos = bos_to_add(self.folder)
+        return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
