@@ -263,6 +263,7 @@ class GenaiRunner:
                 from None
         self.adapters = og.Adapters(self.model)
         self.loaded: dict[str, str] = {}
+        self.vocab_size = int(json.loads((self.folder / CONFIG_FILE).read_text())["model"]["vocab_size"])
 
     def adapter(self, spec: str | os.PathLike) -> str:
         """Load ``spec`` (an ``.onnx_adapter`` path, or a name under ``<folder>/adapters/``) once; its name."""
@@ -306,15 +307,18 @@ class GenaiRunner:
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
-        """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
+        """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length).
+
+        ``do_sample``: temperature / top-k (0: no top-k filter, as HF) / top-p with ``seed``, as genai's search
+        options. genai draws from its own random generator: the same seed gives the same tokens, but not
+        the tokens torch's seeded ``generate`` samples (lrc's own loop, ``ort_generate``, gives those)."""
         ids = np.asarray(input_ids, dtype=np.int32)
         params = self.og.GeneratorParams(self.model)
         opts: dict[str, Any] = {"max_length": int(ids.shape[1] + max_new_tokens), "do_sample": bool(do_sample),
                                 "batch_size": int(ids.shape[0])}
         if do_sample:
             opts.update(temperature=float(temperature), top_p=float(top_p))
-            if top_k:
-                opts["top_k"] = int(top_k)
+            opts["top_k"] = int(top_k) if top_k else self.vocab_size  # unset, genai keeps the folder's default
             if seed is not None:
                 opts["random_seed"] = int(seed)
         params.set_search_options(**opts)
