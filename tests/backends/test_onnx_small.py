@@ -93,6 +93,9 @@ def test_dora_separate_gain_input_base_and_adapter(tmp_path, method):
     assert np.abs(sess({"x": x.numpy()})[0] - plain.numpy()).max() <= 1e-5
     got = sess({"x": x.numpy()}, adapter=tmp_path / "s.onnx_adapter")[0]
     assert np.abs(got - want.numpy()).max() <= 1e-5 and np.abs(want - plain).max() > 0.1
+    lrc.merge(gm, keep_adapters=True)  # a merged DoRA: its gain is taken over the unmerged base
+    with torch.no_grad():
+        torch.testing.assert_close(separate(gm).gm(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_small_model_merged_and_separate_onnx(mlp, tmp_path):
