@@ -146,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --sample)")
     p.add_argument("--eos", type=int, default=None, help="with --generate: stop a row at this token id")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="with --generate on a genai folder that has a tokenizer: a text prompt (repeatable: a batch)")
+                   help="with --generate on a genai folder that has a tokenizer: a text prompt (repeatable: a batch); "
+                        "prints prompt + continuation as text")
     p.add_argument("--sample", action="store_true", help="with --generate: sample (HF do_sample) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="with --sample: keep the k likeliest tokens (default 50, as HF; 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass kept (default 1.0: all)")
-    p.add_argument("--seed", type=int, default=0, help="with --sample: random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: random seed (default 0; onnxruntime-genai "
+                        "has its own generator: same seed, same tokens, but not torch's tokens)")
     p.add_argument("--engine", choices=("auto", "genai", "ort"), default="auto",
                    help="with --generate: onnxruntime-genai (a genai folder, when installed) or lrc's own ORT loop "
                         "(default auto: genai when it can)")

@@ -1,6 +1,7 @@
 """onnxruntime-genai folders (`lrc.export(gm, dir, format="genai")`): the folder loads in onnxruntime-genai as
 it is, and its greedy tokens equal torch's ``generate`` for the unmodified base and for each adapter set
-(LoRA-GA in its rank-2r form, LoRA, VeRA, AdaLoRA with a pruned rank) switched per generator; lrc's own
+(LoRA-GA in its rank-2r form, LoRA, VeRA, AdaLoRA with a pruned rank, DoRA with its gain) switched per
+generator; lrc's own
 ORT loop samples the tokens HF's seeded ``generate`` samples."""
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import lowrank_compiler as lrc
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.genai import GenaiRunner
 from lowrank_compiler.backends.onnx.generate import ort_generate
+from lowrank_compiler.cli import main
 
 og = pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.slow  # one decoder export (~20 s idle, ~60 s on a loaded 2-core host)
 
 SITES = "self_attn.q_proj|self_attn.v_proj|mlp.down_proj"
-SETS = {"lora": "lora(r=4, alpha=8)", "vera": "vera(r=4)", "adalora": "adalora(init_r=4, target_r=2, alpha=8, total_step=100)"}
+SETS = {"lora": "lora(r=4, alpha=8)", "vera": "vera(r=4)", "adalora": "adalora(init_r=4, target_r=2, alpha=8, total_step=100)",
+        "dora": "dora(r=4, alpha=8)"}
 NEW = 6
 
 
@@ -109,7 +112,7 @@ def test_greedy_tokens_equal_torch_per_adapter(folder):
         assert _until_eos(runner.generate(ids.numpy(), NEW, label)[0]) == _until_eos(want), name
         seen.add(tuple(want))
     lrc.adapter_sets.set_adapter(gm, "default")
-    assert len(seen) >= 4  # the adapters change the tokens, so the comparison can fail
+    assert len(seen) >= 5  # the adapters change the tokens, so the comparison can fail
 
 
 def test_genai_seeded_sampling_is_reproducible(folder):
@@ -133,3 +136,49 @@ def test_ort_loop_sampling_equals_hf_generate(folder, opts):
     got = ort_generate(sess, ids, max_new_tokens=NEW, adapter=adapter, do_sample=True, seed=7, **opts)
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(got, ort_generate(sess, ids, max_new_tokens=NEW, adapter=adapter))
+
+
+def test_ort_loop_cli_runs_the_dora_set(folder, tmp_path, capsys):
+    """`lrc run FOLDER --generate N --engine ort --adapter dora`: lrc's own ORT loop feeds the DoRA gain too."""
+    gm, _, out, _ = folder
+    ids = _prompt()
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    lrc.adapter_sets.set_adapter(gm, "dora")
+    want = gm.generate(ids, max_new_tokens=NEW, do_sample=False)[0, ids.shape[1]:].tolist()
+    lrc.adapter_sets.set_adapter(gm, "default")
+    assert main(["run", str(out), "--generate", str(NEW), "--engine", "ort", "--eos", "2", "--adapter", "dora",
+                 "--input", f"input_ids={tmp_path / 'ids.npy'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "dora.onnx_adapter: generated" in lines[2]
+    assert [int(t) for t in lines[3].split()] == want
+
+
+def test_top_k_1_sampling_is_greedy_in_genai(folder):
+    _, _, out, _ = folder
+    runner = GenaiRunner(out)
+    ids = _prompt().numpy()
+    assert runner.generate(ids, NEW, "dora", do_sample=True, top_k=1, seed=9) == runner.generate(ids, NEW, "dora")
+
+
+def test_dora_fa_as_the_model_adapter_next_to_a_lora_set(tmp_path):
+    """DoRA-FA as the transformed model's own set (its gain file), a LoRA named set in the same folder."""
+    model = make_decoder("llama")
+    base = copy.deepcopy(model)
+    gm = lrc.transform(model, "; ".join(f"{s}:dora_fa(r=4, alpha=8)" for s in SITES.split("|")))
+    _perturb(lrc.adapters(gm).values(), 21)
+    lrc.adapter_sets.add_adapter(gm, "lora", "; ".join(f"{s}:lora(r=2, alpha=4)" for s in SITES.split("|")))
+    lrc.adapter_sets.set_adapter(gm, "lora")
+    _perturb(lrc.adapters(gm).values(), 22)
+    lrc.adapter_sets.set_adapter(gm, "default")
+    report = lrc.export(gm, tmp_path / "g", format="genai", adapter_name="dorafa")
+    assert report["max_abs_diff"] < 1e-4
+    runner, ids = GenaiRunner(tmp_path / "g"), _prompt()
+    seen = set()
+    for name, label in [(None, None), ("default", "dorafa"), ("lora", "lora")]:
+        model = base if name is None else gm
+        if name is not None:
+            lrc.adapter_sets.set_adapter(gm, name)
+        want = model.generate(ids, max_new_tokens=NEW, do_sample=False)[0].tolist()
+        assert _until_eos(runner.generate(ids.numpy(), NEW, label)[0]) == _until_eos(want), name
+        seen.add(tuple(want))
+    assert len(seen) == 3

@@ -61,6 +61,43 @@ def test_separate_pass_unmerges_merged_adapters(mlp):
                                    - lrc.adapters(gm)["up"].delta_weight(None)))
 
 
+def _dora_by_hand(lin, ad, x):
+    """DoRA's output from the paper's formula: m ⊙ (W + s·B A) / ‖W + s·B A‖_row, then x·W'ᵀ + b."""
+    v = lin.weight + ad.scaling * ad.lora_B @ ad.lora_A
+    w = ad.lora_magnitude_vector[:, None] * v / v.norm(dim=1, keepdim=True)
+    return x @ w.T + (lin.bias if lin.bias is not None else 0)
+
+
+@pytest.mark.parametrize("method", ["dora", "dora_fa"])
+def test_dora_separate_gain_input_base_and_adapter(tmp_path, method):
+    """A DoRA site exports as g ⊙ (W x + x A B) + b with the gain an overridable [d_out] input (default ones):
+    no adapter is the base MLP, the .onnx_adapter (A, B, g) is the DoRA model; a LoRA site next to it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    model = MLP().eval()
+    gm = lrc.transform(model, f"up:{method}(r=2, alpha=4, dropout=0.0); down:lora(r=3)", (x,)).eval()
+    with torch.no_grad():
+        for a in lrc.adapters(gm).values():
+            a.lora_B.normal_(std=0.5)
+        lrc.adapters(gm)["up"].lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 16))
+        ad, up, down = lrc.adapters(gm), gm.get_submodule("up"), gm.get_submodule("down")
+        h = torch.relu(_dora_by_hand(up, ad["up"], x))
+        want = h @ down.weight.T + ad["down"].scaling * (h @ ad["down"].lora_A.T) @ ad["down"].lora_B.T
+        torch.testing.assert_close(separate(gm).gm(x), want)
+        torch.testing.assert_close(separate(gm, gain_sites={"down"}).gm(x), want)  # a ones gain changes nothing
+        plain = model.down(torch.relu(model.up(x)))
+    rep = lrc.export(gm, tmp_path / "s.onnx")
+    assert "up.dora_gain.weight" in rep["lora_inputs"] and "down.dora_gain.weight" not in rep["lora_inputs"]
+    sess = lo.session(tmp_path / "s.onnx", "cpu")
+    assert sess.lora_inputs()["up.dora_gain.weight"] == (16,)
+    assert np.abs(sess({"x": x.numpy()})[0] - plain.numpy()).max() <= 1e-5
+    got = sess({"x": x.numpy()}, adapter=tmp_path / "s.onnx_adapter")[0]
+    assert np.abs(got - want.numpy()).max() <= 1e-5 and np.abs(want - plain).max() > 0.1
+    lrc.merge(gm, keep_adapters=True)  # a merged DoRA: its gain is taken over the unmerged base
+    with torch.no_grad():
+        torch.testing.assert_close(separate(gm).gm(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_small_model_merged_and_separate_onnx(mlp, tmp_path):
     gm, x = mlp
     rep = lrc.export(gm, tmp_path / "m.onnx", merge=True)

@@ -1,4 +1,9 @@
-"""ONNX Runtime native LoRA: adapter weights as overridable graph inputs, ``.onnx_adapter`` files."""
+"""ONNX Runtime native LoRA: adapter weights as overridable graph inputs, ``.onnx_adapter`` files.
+
+DoRA (and DoRA-FA) sites also take ``<site>.dora_gain.weight`` [d_out], the per-output-channel
+multiplier m / ‖W + s·B A‖ (fixed once the weights are, so computed at export): the graph computes
+``g ⊙ (W x + (x A) B) + b`` and the input's default is ones, so with no adapter the graph is the base.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import torch
 from torch import fx
 
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import META_KEY, adapter_nodes
-from lowrank_compiler.passes.separate import LORA_A, LORA_B, onnx_lora_tensors
+from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight
+from lowrank_compiler.passes.separate import GAIN, LORA_A, LORA_B, onnx_adapter_tensors
 from lowrank_compiler.safety.atomic import atomic_write
 
 LORA_R = "lora_r"  # the symbolic rank dimension (Olive / onnxruntime-genai name) ...
@@ -29,25 +34,45 @@ def is_rank_dim(d: object) -> bool:
 
 
 def input_name(site: str, which: str) -> str:
-    """The ONNX input that carries one LoRA matrix: ``<site>.lora_A.weight`` (Olive's names, MatMul layout)."""
+    """The ONNX input that carries one LoRA matrix: ``<site>.lora_A.weight`` (Olive's names, MatMul layout),
+    or a DoRA site's gain ``<site>.dora_gain.weight``."""
     return f"{site}.{which}.weight"
 
 
+def adapter_input_renames(gm: fx.GraphModule, separated: fx.GraphModule,
+                          prefix: str = "gm.") -> dict[str, tuple[str, int | None]]:
+    """``{exported initializer name: (input name, rank axis)}`` for :func:`make_lora_inputs`: each adapter
+    site of ``gm`` (before the separate pass) gives ``lora_A`` (axis 1) and ``lora_B`` (axis 0), and a
+    ``dora_gain`` (axis None) where ``separated`` (after it) holds one; ``prefix``: the export wrapper's."""
+    renames: dict[str, tuple[str, int | None]] = {}
+    for node in adapter_nodes(gm):
+        mp, site = node.meta[META_KEY].module_path, node.meta[META_KEY].site
+        for which, axis in ((LORA_A, 1), (LORA_B, 0), (GAIN, None)):
+            if which != GAIN or hasattr(separated.get_submodule(mp), GAIN):
+                renames[f"{prefix}{mp}.{which}"] = (input_name(site, which), axis)
+    return renames
+
+
 def lora_adapter_tensors(gm: fx.GraphModule, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
-    """``{input name: array}`` for every adapter of ``gm``: A as [d_in, r], s·B as [r, d_out].
+    """``{input name: array}`` for every adapter of ``gm``: A as [d_in, r], s·B as [r, d_out] and, for
+    DoRA, the gain m / ‖W + s·B A‖ as [d_out] (over the unmerged base weight).
 
     Raises:
-        ExportError: an adapter is not LoRA-family (its update is not ``x·A·B``).
+        ExportError: an adapter is neither LoRA-family (``x·A·B``) nor DoRA-family.
     """
     out: dict[str, np.ndarray] = {}
     for node in adapter_nodes(gm):
         mark = node.meta[META_KEY]
         method = gm.get_submodule(mark.module_path)
-        pair = onnx_lora_tensors(method)
-        if pair is None:
-            raise ExportError(f"site {mark.site!r} uses {mark.method!r}, which has no x·A·B form for an "
+        with torch.no_grad():
+            w = logical_weight(gm, mark)
+            found = onnx_adapter_tensors(method, method.unmerged_weight(w) if method.merged else w)
+        if found is None:
+            raise ExportError(f"site {mark.site!r} uses {mark.method!r}, which has no x·A·B (or DoRA) form for an "
                               ".onnx_adapter; export it merged (`--merge`) instead")
-        for which, t in zip((LORA_A, LORA_B), pair):
+        for which, t in zip((LORA_A, LORA_B, GAIN), found):
+            if t is None:
+                continue
             arr = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
             out[input_name(mark.site, which)] = np.ascontiguousarray(arr.astype(dtype) if dtype else arr)
     return out
@@ -125,12 +150,13 @@ def check_adapter_fits(shapes: dict[str, tuple[object, ...]], tensors: dict[str,
                           + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "") + hint)
 
 
-def make_lora_inputs(model: object, renames: dict[str, tuple[str, int]]) -> object:
+def make_lora_inputs(model: object, renames: dict[str, tuple[str, int | None]]) -> object:
     """Turn initializers into overridable LoRA inputs with r=0 defaults (ONNX_FACTS §1, approach B).
 
     ``renames``: ``{initializer name: (input name, rank axis)}``. Each initializer becomes a graph
     input ``[d_in, '<site>.lora_r']`` / ``['<site>.lora_r', d_out]`` plus a same-name zero-size initializer, so no
-    adapter means the base output. Only the value_info that carries the traced rank is dropped
+    adapter means the base output; a DoRA gain (rank axis None) becomes an input [d_out] whose default
+    is ones. Only the value_info that carries the traced rank is dropped
     (dropping all of it breaks ORT's SkipLayerNorm fusion).
     """
     from onnx import helper, numpy_helper
@@ -144,11 +170,15 @@ def make_lora_inputs(model: object, renames: dict[str, tuple[str, int]]) -> obje
         new, axis = renames[old]
         arr = numpy_helper.to_array(init)
         dims: list[object] = list(arr.shape)
-        dims[axis] = rank_dim(new.rsplit(".", 2)[0])
-        zshape = list(arr.shape)
-        zshape[axis] = 0
+        if axis is None:  # a gain: fixed shape, default ones
+            default = np.ones(arr.shape, arr.dtype)
+        else:
+            dims[axis] = rank_dim(new.rsplit(".", 2)[0])
+            zshape = list(arr.shape)
+            zshape[axis] = 0
+            default = np.zeros(zshape, arr.dtype)
         g.input.append(helper.make_tensor_value_info(new, init.data_type, dims))
-        init.CopyFrom(numpy_helper.from_array(np.zeros(zshape, arr.dtype), new))
+        init.CopyFrom(numpy_helper.from_array(default, new))
         found.add(old)
     missing = sorted(set(renames) - found)
     if missing:

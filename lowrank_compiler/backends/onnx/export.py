@@ -22,9 +22,9 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from lowrank_compiler import ir
 from lowrank_compiler.backends.onnx.adapters import (
-    LORA_A,
+    GAIN,
+    adapter_input_renames,
     check_adapter_fits,
-    input_name,
     is_rank_dim,
     lora_adapter_tensors,
     make_lora_inputs,
@@ -104,10 +104,10 @@ class OrtSession:
         return [o.name for o in self.session.get_outputs()]
 
     def lora_inputs(self) -> dict[str, tuple[object, ...]]:
-        """``{name: dims}`` of the overridable LoRA inputs (empty for a merged model)."""
+        """``{name: dims}`` of the overridable LoRA inputs and DoRA gains (empty for a merged model)."""
         if self._lora_shapes is None:
             self._lora_shapes = {i.name: tuple(i.shape) for i in self.session.get_overridable_initializers()
-                                 if any(is_rank_dim(d) for d in i.shape)}
+                                 if any(is_rank_dim(d) for d in i.shape) or i.name.endswith(f".{GAIN}.weight")}
         return self._lora_shapes
 
     def run_options(self, adapter: str | os.PathLike | None) -> Any:
@@ -252,15 +252,12 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     if len(inputs) != len(names):
         raise ExportError(f"{len(inputs)} example inputs for {len(names)} graph inputs {names}")
     path = Path(path)
-    renames: dict[str, tuple[str, int]] = {}
+    renames: dict[str, tuple[str, int | None]] = {}
     if merge:
         target = merge_pipeline()(copy.deepcopy(gm)).gm
     else:
         target = separate_pipeline(placeholder_seed=0)(gm).gm  # distinct random values: no initializer dedup (ONNX_FACTS §5)
-        for node in adapter_nodes(gm):
-            mp, site = node.meta[META_KEY].module_path, node.meta[META_KEY].site
-            for which, axis in ((LORA_A, 1), ("lora_B", 0)):
-                renames[f"gm.{mp}.{which}"] = (input_name(site, which), axis)
+        renames = adapter_input_renames(gm, target)
     model = _to_onnx(target, inputs, names, opset)
     if renames:
         model = make_lora_inputs(model, renames)

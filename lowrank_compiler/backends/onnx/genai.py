@@ -4,7 +4,10 @@
 The graph is the decode graph of :mod:`.generate` with the ORIGINAL base weights (a LoRA-GA offset is
 undone) and every LoRA input overridable, so "no adapter" is the base model and each adapter file is
 written against the same base: LoRA, VeRA (Λ_d A, Λ_b B), AdaLoRA (its kept ranks) as they are, LoRA-GA
-in its rank-2r form ([A; A0], [B, −B0]). ``og.Adapters(model).load(file, name)`` then
+in its rank-2r form ([A; A0], [B, −B0]). DoRA and DoRA-FA carry their per-output-channel gain
+g = m / ‖W + s·B A‖ (precomputed: inference weights are fixed) as ``<site>.dora_gain.weight``: every
+site where some set is DoRA computes ``g ⊙ (W x + x A B) + b`` in the graph, with g's default ones, so
+the base graph and the other sets' files are unchanged. ``og.Adapters(model).load(file, name)`` then
 ``generator.set_active_adapter(adapters, name)`` switches between them per generator.
 """
 
@@ -22,10 +25,10 @@ import torch
 from torch import fx
 
 from lowrank_compiler.adapter_sets.named import adapter_names, named_adapter_modules
-from lowrank_compiler.backends.onnx.adapters import LORA_A, LORA_B, input_name, write_onnx_adapter
+from lowrank_compiler.backends.onnx.adapters import GAIN, LORA_A, LORA_B, input_name, write_onnx_adapter
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, unmerged_copy
 from lowrank_compiler.errors import ExportError
-from lowrank_compiler.ir import adapter_nodes, lrc_meta
+from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod, LowRank
 from lowrank_compiler.safety.atomic import atomic_dir
 
@@ -34,30 +37,56 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
-def adapter_set_tensors(mods: dict[str, AdapterMethod],
-                        offsets: dict[str, LowRank] | None = None) -> dict[str, np.ndarray]:
-    """``{input name: array}`` of one adapter set against the ORIGINAL base: A' as [d_in, r'], s·B' as [r', d_out].
+def current_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """``{site: the base weight torch runs every adapter set on}`` (the active adapter unmerged; a LoRA-GA
+    offset kept, as torch keeps it)."""
+    out = {}
+    with torch.no_grad():
+        for node in adapter_nodes(gm):
+            mark = node.meta[META_KEY]
+            mod, w = gm.get_submodule(mark.module_path), logical_weight(gm, mark)
+            out[mark.site] = mod.unmerged_weight(w) if mod.merged else w
+    return out
+
+
+def _factors(site: str, mod: AdapterMethod, weight: torch.Tensor | None) -> tuple[LowRank, torch.Tensor | None]:
+    """(``(A', B', s)`` against the original base, DoRA's gain over ``weight`` or None)."""
+    f = mod.original_base_factors()
+    if f is not None:
+        return f, None
+    mixed = mod.mixed_factors(weight) if weight is not None and mod.base_offset() is None else None
+    if mixed is None or mixed.gain is None:
+        raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B (or DoRA) form against the original "
+                          "base for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
+    return LowRank(mixed.A, mixed.B, 1.0), mixed.gain
+
+
+def adapter_set_tensors(mods: dict[str, AdapterMethod], offsets: dict[str, LowRank] | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """``{input name: array}`` of one adapter set against the ORIGINAL base: A' as [d_in, r'], s·B' as [r', d_out],
+    and for DoRA the gain m / ‖W + s·B A‖ [d_out] over ``weights[site]`` (see :func:`current_weights`).
 
     ``offsets``: the low-rank change another set made to a site's shared base (a LoRA-GA set's
-    ``−s·B0 A0``), appended to the sets that did not make it, since torch runs them on the changed base.
+    ``−s·B0 A0``), appended to the sets that did not make it, since torch runs them on the changed base
+    (a DoRA gain multiplies it too, as torch's ``m/‖V‖ ⊙ (W_now x + s·B A x)`` does).
 
     Raises:
-        ExportError: a site whose method has no ``x·A·B`` form against the original base.
+        ExportError: a site whose method has no ``x·A·B`` (or DoRA) form against the original base.
     """
     out: dict[str, np.ndarray] = {}
-    for site, mod in mods.items():
-        f = mod.original_base_factors()
-        if f is None:
-            raise ExportError(f"site {site!r} uses {mod.name!r}, which has no x·A·B form against the original base "
-                              "for an .onnx_adapter; export it merged instead (`lrc export MODEL --merge -o lm.onnx`)")
-        a = f.A.detach().float().t()
-        b = (f.B.detach().float() * float(f.scale)).t()
-        off = (offsets or {}).get(site)
-        if off is not None and mod.base_offset() is None:
-            a = torch.cat([a, off.A.detach().float().t()], 1)
-            b = torch.cat([b, -(off.B.detach().float() * float(off.scale)).t()], 0)
-        out[input_name(site, LORA_A)] = a.contiguous().numpy()
-        out[input_name(site, LORA_B)] = b.contiguous().numpy()
+    with torch.no_grad():
+        for site, mod in mods.items():
+            f, gain = _factors(site, mod, (weights or {}).get(site))
+            a = f.A.detach().float().t()
+            b = (f.B.detach().float() * float(f.scale)).t()
+            off = (offsets or {}).get(site)
+            if off is not None and mod.base_offset() is None:
+                a = torch.cat([a, off.A.detach().float().t()], 1)
+                b = torch.cat([b, -(off.B.detach().float() * float(off.scale)).t()], 0)
+            out[input_name(site, LORA_A)] = a.contiguous().numpy()
+            out[input_name(site, LORA_B)] = b.contiguous().numpy()
+            if gain is not None:
+                out[input_name(site, GAIN)] = gain.detach().float().contiguous().numpy()
     return out
 
 
@@ -130,7 +159,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     atomically (``safety/atomic.py``): on error the old folder, if any, is unchanged.
 
     Raises:
-        ExportError: not an HF causal LM, or an adapter with no x·A·B form (DoRA, FLoRA, ...).
+        ExportError: not an HF causal LM, or an adapter with neither an x·A·B nor a DoRA form (FLoRA, ...).
     """
     face = getattr(gm, "lrc_face", None)
     model = getattr(face, "model", None)
@@ -142,9 +171,11 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
         by_set = {name: named_adapter_modules(gm, name) for name in names}
         offsets = {site: off for mods in by_set.values() for site, mod in mods.items()
                    if (off := mod.base_offset()) is not None}
+        weights = current_weights(gm)
         for name, mods in by_set.items():
             label = adapter_name if (name == names[0] and adapter_name) else name
-            sets[label] = adapter_set_tensors(mods, offsets)
+            sets[label] = adapter_set_tensors(mods, offsets, weights)
+    gain_sites = {k.rsplit(".", 2)[0] for t in sets.values() for k in t if k.endswith(f".{GAIN}.weight")}
     tok = tokenizer_source(gm, tokenizer)
     base = unmerged_copy(gm, original=True)
     report: dict[str, Any] = {"path": str(out_dir), "format": "genai", "adapters": []}
@@ -152,7 +183,7 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:  # the exporter's own adapter file goes here
             rep = export_decoder_onnx(base, tmp / MODEL_FILE, merge=False, adapters_dir=scratch, opset=opset,
-                                      external_data=True, validate=validate)
+                                      external_data=True, validate=validate, gain_sites=gain_sites)
         if "max_abs_diff" in rep:
             report["max_abs_diff"] = rep["max_abs_diff"]
         import onnx
@@ -179,6 +210,29 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
 def is_genai_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder with a ``genai_config.json`` (written by ``lrc export MODEL --format genai -o DIR``)."""
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+def bos_to_add(folder: str | os.PathLike) -> int | None:
+    """The BOS id the folder's HF tokenizer puts before a text (``add_bos_token`` in ``tokenizer_config.json``,
+    else a ``tokenizer.json`` post-processor that names the BOS token, as transformers 5 saves Llama's), or
+    None (Qwen2, GPT-2: no BOS)."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        model = json.loads((folder / CONFIG_FILE).read_text()).get("model", {})
+    except (OSError, ValueError):
+        return None
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    add = cfg.get("add_bos_token")
+    if add is None and isinstance(bos, str) and bos and (folder / "tokenizer.json").is_file():
+        try:
+            post = json.loads((folder / "tokenizer.json").read_text()).get("post_processor")
+        except (OSError, ValueError):
+            post = None
+        add = post is not None and bos in json.dumps(post)
+    bos_id = model.get("bos_token_id")
+    return int(bos_id) if add and isinstance(bos_id, int) else None
 
 
 def genai_available() -> bool:
@@ -209,6 +263,7 @@ class GenaiRunner:
                 from None
         self.adapters = og.Adapters(self.model)
         self.loaded: dict[str, str] = {}
+        self.vocab_size = int(json.loads((self.folder / CONFIG_FILE).read_text())["model"]["vocab_size"])
 
     def adapter(self, spec: str | os.PathLike) -> str:
         """Load ``spec`` (an ``.onnx_adapter`` path, or a name under ``<folder>/adapters/``) once; its name."""
@@ -241,18 +296,29 @@ class GenaiRunner:
                               f"{str(e).strip().splitlines()[0][:160]}; pass token ids with --input input_ids=FILE.npy") \
                 from None
 
+    def encode(self, tok: Any, text: str) -> list[int]:
+        """``text``'s ids as the HF tokenizer gives them (``tokenizer(text).input_ids``): onnxruntime-genai's
+        ``Tokenizer.encode`` adds no special tokens, so the BOS id is prepended when the HF tokenizer adds
+        one (:func:`bos_to_add`)."""
+        ids = [int(t) for t in tok.encode(text)]
+        bos = bos_to_add(self.folder)
+        return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, adapter: str | os.PathLike | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
                  seed: int | None = None) -> list[list[int]]:
-        """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length)."""
+        """Prompt + new tokens for each row of ``input_ids`` [batch, seq] (rows of equal length).
+
+        ``do_sample``: temperature / top-k (0: no top-k filter, as HF) / top-p with ``seed``, as genai's search
+        options. genai draws from its own random generator: the same seed gives the same tokens, but not
+        the tokens torch's seeded ``generate`` samples (lrc's own loop, ``ort_generate``, gives those)."""
         ids = np.asarray(input_ids, dtype=np.int32)
         params = self.og.GeneratorParams(self.model)
         opts: dict[str, Any] = {"max_length": int(ids.shape[1] + max_new_tokens), "do_sample": bool(do_sample),
                                 "batch_size": int(ids.shape[0])}
         if do_sample:
             opts.update(temperature=float(temperature), top_p=float(top_p))
-            if top_k:
-                opts["top_k"] = int(top_k)
+            opts["top_k"] = int(top_k) if top_k else self.vocab_size  # unset, genai keeps the folder's default
             if seed is not None:
                 opts["random_seed"] = int(seed)
         params.set_search_options(**opts)

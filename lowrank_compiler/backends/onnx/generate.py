@@ -22,8 +22,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowrank_compiler.backends.onnx.adapters import (
-    LORA_A,
-    input_name,
+    adapter_input_renames,
     lora_adapter_tensors,
     make_lora_inputs,
     write_onnx_adapter,
@@ -151,10 +150,13 @@ class _DecoderFlat(nn.Module):
 def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = True,
                         adapters_dir: str | os.PathLike | None = None, adapter_name: str = "default",
                         opset: int | None = None, external_data: bool | None = None,
-                        validate: bool = True, optimize: bool = False) -> dict[str, Any]:
+                        validate: bool = True, optimize: bool = False,
+                        gain_sites: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
     """Write the decode graph with past key values as ONNX; returns ``{path, inputs, outputs, adapters, max_abs_diff}``.
 
-    ``merge=False`` keeps the base weights and takes each LoRA pair as an ORT adapter input; this
+    ``merge=False`` keeps the base weights and takes each LoRA pair as an ORT adapter input (a DoRA
+    site also its gain, default ones; ``gain_sites``: sites that take a gain input whatever this
+    model's method there, so other adapter sets' DoRA files fit the graph); this
     model's adapters go to ``<adapters_dir>/<adapter_name>.onnx_adapter``. ``external_data``: weights
     in ``<path>.data`` beside the model (default: when they exceed 2 GB, protobuf's limit).
     ``optimize``: ONNX Runtime fusions (``backends/onnx/fusions``), checked on the example decode inputs.
@@ -163,15 +165,12 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
 
     var, names, (spec, values) = decode_graph(gm)
     var.eval()
-    renames: dict[str, tuple[str, int]] = {}
+    renames: dict[str, tuple[str, int | None]] = {}
     if merge:
         target = merge_pass(copy.deepcopy(var)).gm
     else:
-        target = separate(var, placeholder_seed=0).gm
-        for node in adapter_nodes(var):
-            mp, site = node.meta[META_KEY].module_path, node.meta[META_KEY].site
-            for which, axis in ((LORA_A, 1), ("lora_B", 0)):
-                renames[f"gm.{mp}.{which}"] = (input_name(site, which), axis)
+        target = separate(var, placeholder_seed=0, gain_sites=gain_sites).gm
+        renames = adapter_input_renames(var, target)
     flat = _DecoderFlat(target.eval(), names, spec).eval()
     cache_leaves = tree_flatten(values[names.index("cache")])[0]
     n_layers = len(cache_leaves) // 2
@@ -257,7 +256,7 @@ def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float 
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1).numpy().astype(np.int64)
 
 
-def _save_external(prog: Any, path: Path, renames: dict[str, tuple[str, int]]) -> Any:
+def _save_external(prog: Any, path: Path, renames: dict[str, tuple[str, int | None]]) -> Any:
     """Write ``prog`` as ``path`` + ``path.data``; each weight goes from its torch tensor to the file once.
 
     onnx_ir streams the initializers (one tensor in flight); the proto read back holds only references,

@@ -157,7 +157,7 @@ def _generate_cli(a: argparse.Namespace, engine: Any, shape: tuple[int, int], gi
             raise ExportError("--prompt needs a genai folder with a tokenizer (`lrc export MODEL --format genai "
                               "-o DIR`) and onnxruntime-genai; with an .onnx file pass --input input_ids=FILE.npy")
         tok = engine.tokenizer()
-        rows = [list(tok.encode(p)) for p in a.prompt]
+        rows = [engine.encode(tok, p) for p in a.prompt]
         if len({len(r) for r in rows}) > 1:
             raise ExportError("--prompt: prompts of different token lengths cannot share a batch yet; "
                               "run them one at a time")
@@ -177,8 +177,8 @@ def _generate_cli(a: argparse.Namespace, engine: Any, shape: tuple[int, int], gi
         label = "base/merged" if ad is None else str(ad)
         print(f"{label}: generated {len(out[0]) - ids.shape[1]} tokens ({'onnxruntime-genai' if genai else 'lrc ORT loop'}"
               f"{', sampled' if a.sample else ', greedy'})")
-        for row in out:
+        for row in out:  # text: the prompt and its continuation, as HF's decode(generate(...)[0], skip_special_tokens=True)
             new = [int(t) for t in row[ids.shape[1]:]]
-            print("  " + (tok.decode(np.asarray(new, dtype=np.int32)) if tok is not None
+            print("  " + (tok.decode(np.asarray([int(t) for t in row], dtype=np.int32)) if tok is not None
                           else " ".join(str(t) for t in new)))
     return 0
