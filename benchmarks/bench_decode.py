@@ -82,14 +82,17 @@ def measure(variants: list[Variant], runners: dict, rounds: int, prompt: int, ne
     return out
 
 
-def judge(res: dict[int, dict[str, dict]]) -> list[tuple[str, int, float, bool]]:
-    """``(goal, batch, ratio, passed)`` for each goal whose rows ran (decode tok/s ratios)."""
+def judge(res: dict[int, dict[str, dict]]) -> list[tuple[str, int, float, float, bool, bool]]:
+    """``(goal, batch, wall ratio, CPU-time ratio, wall pass, CPU pass)`` for each goal whose rows ran: the
+    variant's decode speed over the reference's, from wall-clock tok/s and from CPU ms per token (the CPU
+    ratio is the one to read on a loaded machine, where wall time mostly measures other people's jobs)."""
     rows = []
     for label, var, ref, need in GOALS:
         for b, r in res.items():
             if var in r and ref in r:
-                ratio = r[var]["decode_tok_s"] / r[ref]["decode_tok_s"]
-                rows.append((label, b, ratio, ratio >= need))
+                wall = r[var]["decode_tok_s"] / r[ref]["decode_tok_s"]
+                cpu = r[ref]["decode_cpu_ms_per_tok"] / r[var]["decode_cpu_ms_per_tok"]
+                rows.append((label, b, wall, cpu, wall >= need, cpu >= need))
     return rows
 
 
@@ -103,8 +106,9 @@ def table(res: dict[int, dict[str, dict]], header: str) -> str:
                                               f"{res[b][n]['decode_cpu_ms_per_tok']:.2f}" for b in res) + " |")
     goals = judge(res)
     if goals:
-        lines += ["", "| goal (decode tok/s ratio) | batch | ratio | |", "|---|---:|---:|---|"]
-        lines += [f"| {g} | {b} | {r:.2f} | {'pass' if ok else 'FAIL'} |" for g, b, r, ok in goals]
+        lines += ["", "| goal (decode speed ratio) | batch | wall | CPU time |", "|---|---:|---:|---:|"]
+        lines += [f"| {g} | {b} | {w:.3f} {'pass' if wok else 'FAIL'} | {c:.3f} {'pass' if cok else 'FAIL'} |"
+                  for g, b, w, c, wok, cok in goals]
     return "\n".join(lines)
 
 
