@@ -115,3 +115,24 @@ def test_loop_refuses_a_bare_inference_session(toy):
     raw = ort.InferenceSession(str(d / "toy.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(ExportError, match=r"backends\.onnx\.export\.session\(\)"):
         ort_generate(raw, np.array([[1, 2]], np.int64), max_new_tokens=2)
+
+
+@pytest.mark.slow  # ~30 s on the shared machine: a subprocess importing torch, transformers and lrc
+def test_bench_decode_refuses_cuda_without_a_gpu():
+    """``benchmarks/bench_decode.py --device cuda`` on a machine without CUDA: one line on stderr, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal path does not apply")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_decode.py"), "--device", "cuda"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr[-500:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--device cuda refused" in lines[0] and "--device cpu" in lines[0], p.stderr
