@@ -76,6 +76,8 @@ class _FirstLogits:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.first is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize()
             self.first = (time.perf_counter(), time.process_time())
         return scores
 
