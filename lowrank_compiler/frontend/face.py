@@ -243,7 +243,9 @@ class Face:
             raise TraceError(f"could not trace {type(self.model).__name__} for the call ({', '.join(bound)}): "
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
         share_hierarchy(gm, var)
-        records = [{"site": m.site, "method": m.method, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
+        # the module, not the node's mark, says which method runs there: a named set (lrc.adapter_sets.set_adapter)
+        # may have swapped another method's modules in; the variant's insert then reuses exactly those modules
+        records = [{"site": m.site, "method": mod.name, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
         pmeta = lrc_meta(gm)
         # the primary's fully trained modules (heads) are shared already: the variant's freezing must keep them
         lrc_meta(var).update(trainable_extra=list(pmeta.get("trainable_extra", ())),

@@ -1,0 +1,78 @@
+"""A LoRA-GA default adapter plus a named ``lora`` set: ``generate`` must not depend on which set was active when
+a call signature was first traced (last session's bug: the variant graph re-inserted the primary's *method* with the
+active module's arguments, replacing the shared ``lora`` modules by fresh LoRA-GA ones, or failing).
+
+Reference: the unmodified HF Llama with each set's effective weight written into it by a formula computed here,
+W_eff = W − s·B0·A0 (LoRA-GA's offset, from its ``init_*`` buffers) + s_set·B_set·A_set.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers.decoder import batch, make_decoder
+
+import lowrank_compiler as lrc
+from lowrank_compiler.adapter_sets.named import named_adapter_modules
+
+NEW = 4
+
+
+def _data() -> list[dict[str, torch.Tensor]]:
+    out = []
+    for s in (0, 1):
+        b = batch(seed=s)
+        out.append({**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)})
+    return out
+
+
+def _model():
+    """(LoRA-GA default + named 'lora', both with non-zero trained-looking factors; untouched base copy)."""
+    model = make_decoder("llama")
+    base = copy.deepcopy(model)
+    gm = lrc.transform(model, "self_attn.*:loraga(r=4)", data=_data(), loss_fn=lambda o, b: o.loss, progress=False)
+    lrc.adapter_sets.add_adapter(gm, "lora", "self_attn.*:lora(r=4, alpha=8)")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("lora", "default"):
+            lrc.adapter_sets.set_adapter(gm, name)
+            for m in lrc.adapters(gm).values():
+                m.lora_B.add_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return gm.eval(), base
+
+
+def _reference(gm, base, name: str):
+    """The stock model holding ``name``'s effective weights (computed here, not by lrc)."""
+    offsets = {s: m.scaling * (m.init_B @ m.init_A) for s, m in
+               named_adapter_modules(gm, "default").items()}
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for site, m in named_adapter_modules(gm, name).items():
+            w = ref.get_submodule(site).weight
+            w.copy_(w - offsets[site] + m.scaling * (m.lora_B @ m.lora_A))
+    return ref.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("order", [("lora", "default"), ("default", "lora")], ids=["lora-first", "default-first"])
+def test_generate_does_not_depend_on_call_history(order, graphs):
+    gm, base = _model()
+    p = batch(seed=9)
+    kw = dict(max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    seen = {}
+    for name in order:
+        lrc.adapter_sets.set_adapter(gm, name)
+        want = _reference(gm, base, name).generate(**p, **kw)
+        got = gm.generate(**p, **kw, lrc_graphs=graphs)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4,
+                                   msg=f"{name} after {order}")
+        assert torch.equal(got.sequences, want.sequences), name
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**p).logits, _reference(gm, base, name)(**p).logits, atol=2e-5, rtol=1e-4)
+        seen[name] = torch.stack(got.logits)
+    assert (seen["lora"] - seen["default"]).abs().max() > 1e-2  # the sets differ: switching is observable
+    kinds = {n: {type(m).__name__ for m in named_adapter_modules(gm, n).values()} for n in order}
+    assert kinds == {"lora": {"LoRA"}, "default": {"LoRAGA"}}  # no set's modules were replaced by another's
