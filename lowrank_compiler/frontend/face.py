@@ -115,6 +115,14 @@ class Face:
         new.parent, new.post, new.run_primary = (self, parent_gm), post, run_primary
         return new
 
+    def adapter_root(self, gm: fx.GraphModule) -> tuple[Face, fx.GraphModule]:
+        """``(face, graph)`` whose graphs call the adapter modules: ``gm``'s own, or for a lowering whose kernels
+        read the adapters' tensors directly (no adapter call left to route per row), the graph it was derived from."""
+        face = self
+        while face.parent is not None and not adapter_sites(gm):
+            face, gm = face.parent
+        return face, gm
+
     # -- normalising a call --------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``{name: value}`` of the call, in signature order, without values equal to their default."""
