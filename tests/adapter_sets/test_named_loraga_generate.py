@@ -16,6 +16,7 @@ from helpers.decoder import batch, make_decoder
 
 import lowrank_compiler as lrc
 from lowrank_compiler.adapter_sets.named import named_adapter_modules
+from lowrank_compiler.ir import adapter_sites
 
 NEW = 4
 
@@ -74,5 +75,8 @@ def test_generate_does_not_depend_on_call_history(order, graphs):
             torch.testing.assert_close(gm(**p).logits, _reference(gm, base, name)(**p).logits, atol=2e-5, rtol=1e-4)
         seen[name] = torch.stack(got.logits)
     assert (seen["lora"] - seen["default"]).abs().max() > 1e-2  # the sets differ: switching is observable
+    graphs = [gm, *(e.gm for es in gm.lrc_face.variants.values() for e in es)]
+    active = "lora" if order[-1] == "lora" else "loraga"  # every graph's marks name the method that runs
+    assert {(m.method, mod.name) for g in graphs for _, m, mod in adapter_sites(g)} == {(active, active)}
     kinds = {n: {type(m).__name__ for m in named_adapter_modules(gm, n).values()} for n in order}
     assert kinds == {"lora": {"LoRA"}, "default": {"LoRAGA"}}  # no set's modules were replaced by another's
