@@ -36,6 +36,7 @@ def test_rebuilt_model_shares_the_graph_tensors_and_refuses_a_bad_config():
         torch.testing.assert_close(rebuilt(ids, **kw).logits, model(ids, **kw).logits)
 
 
+@pytest.mark.slow
 def test_loaded_bf16_model_rebuilds_its_buffers_in_the_trained_dtype(tmp_path):
     """A model trained in bf16 (``model.to(torch.bfloat16)``: every floating buffer converted) loads with the same
     buffer dtypes and values, including buffers its graph does not use (RoPE's ``original_inv_freq``)."""
