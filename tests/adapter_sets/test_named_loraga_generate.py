@@ -80,3 +80,21 @@ def test_generate_does_not_depend_on_call_history(order, graphs):
     assert {(m.method, mod.name) for g in graphs for _, m, mod in adapter_sites(g)} == {(active, active)}
     kinds = {n: {type(m).__name__ for m in named_adapter_modules(gm, n).values()} for n in order}
     assert kinds == {"lora": {"LoRA"}, "default": {"LoRAGA"}}  # no set's modules were replaced by another's
+
+
+@pytest.mark.slow
+def test_mixed_batch_generate_with_a_loraga_offset():
+    """The mixed graph's face over the same two sets: row i on slot ids[i], −1 = the original base (offset undone)."""
+    gm, base = _model()
+    mgm = lrc.adapter_sets.mixed_batch(gm, ["default", "lora"]).eval()
+    ids = torch.tensor([0, 1, -1, 1])
+    refs = [_reference(gm, base, "default"), _reference(gm, base, "lora"), base.eval()]
+    p = batch(seed=9)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    want = torch.stack([refs[int(k)].generate(**p, **kw)[i] for i, k in enumerate(ids)])
+    assert torch.equal(mgm.generate(**p, adapter_ids=ids, **kw), want)
+    labels = p["input_ids"].masked_fill(p["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        got = mgm(**p, labels=labels, adapter_ids=ids).logits
+        ref = torch.stack([refs[int(k)](**p).logits[i] for i, k in enumerate(ids)])
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
