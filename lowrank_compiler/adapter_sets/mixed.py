@@ -3,7 +3,9 @@
 ``mgm = lrc.adapter_sets.mixed_batch(gm, ["a", "b"])`` returns a graph that takes one more input, ``adapter_ids``
 (one int per row: k = the k-th named adapter, −1 = the base model). It shares the base weights and the
 named adapters' modules with ``gm``, so training ``mgm`` trains those adapters, and ``set_adapter(gm, "a")``
-then serves what was trained. FLoRA models route the ids to their own per-row adapters.
+then serves what was trained. FLoRA models route the ids to their own per-row adapters. For a model transformed
+from an HF model the result has its face (``mixed_face.py``): every other call with ``adapter_ids=`` and
+``generate(..., adapter_ids=... | adapter_names=...)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
+from lowrank_compiler.adapter_sets.mixed_face import give_face
 from lowrank_compiler.adapter_sets.named import _thaw, adapter_names, named_adapter_modules
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta
@@ -68,7 +71,7 @@ def mixed_batch(gm: fx.GraphModule, adapters: Sequence[str] | None = None, *, ca
         n = inputs[0].shape[0]
         meta["example_inputs"] = inputs + (torch.arange(n) % (len(names) + 1) - 1,)
         meta["input_names"] = list(meta.get("input_names") or []) + [IDS]
-    return out
+    return give_face(out, gm)
 
 
 def _rank(m: object, w: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ modules in and out of ``<site>.adapter`` without touching the graph. Every set c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -181,7 +182,21 @@ def set_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     del store[name]
     store[current] = outgoing
     lrc_meta(gm)["active_adapter"] = name
+    _retag(gm)
     return gm
+
+
+def _retag(gm: fx.GraphModule) -> None:
+    """Each adapter node's mark, in ``gm`` and its face's traced variants (one shared hierarchy), names the method
+    of the module now at its path (sets may differ in method: save, reports and exports read the mark)."""
+    face = getattr(gm, "lrc_face", None)
+    variants = [e.gm for es in face.variants.values() for e in es] if face is not None else []
+    for g in [gm, *(v for v in variants if isinstance(v, fx.GraphModule))]:
+        for n in adapter_nodes(g):
+            mark = n.meta[META_KEY]
+            method = g.get_submodule(mark.module_path).name
+            if mark.method != method:
+                n.meta[META_KEY] = dataclasses.replace(mark, method=method)
 
 
 def delete_adapter(gm: fx.GraphModule, name: str) -> fx.GraphModule:

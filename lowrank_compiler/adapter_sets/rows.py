@@ -26,7 +26,7 @@ from lowrank_compiler.passes.mixed import MixedAdapter
 BASE_NAMES = ("__base__",)
 
 
-def _expand(gm: fx.GraphModule, generate_kwargs: dict[str, Any] | None) -> int:
+def expand_factor(gm: fx.GraphModule, generate_kwargs: dict[str, Any] | None) -> int:
     """How many rows ``generate`` makes of each input row: max(num_beams, num_return_sequences), as HF does."""
     if generate_kwargs is None:
         return 1
@@ -59,7 +59,7 @@ def per_row_adapters(gm: fx.GraphModule, names: Sequence[str], generate_kwargs: 
         raise LrcError(f"the batch has {rows.shape[0]} rows but adapter_names names {len(names)}; give one name per row")
     slots = list(dict.fromkeys(n for n in names if n not in BASE_NAMES))
     ids = torch.tensor([-1 if n in BASE_NAMES else slots.index(n) for n in names], dtype=torch.long)
-    ids = ids.repeat_interleave(_expand(gm, generate_kwargs))
+    ids = ids.repeat_interleave(expand_factor(gm, generate_kwargs))
     sets = {n: named_adapter_modules(gm, n) for n in slots}
     _active_modules(gm)  # LrcError when the model has no adapters
     routed = []

@@ -60,7 +60,11 @@ def rebuild_hf_model(meta: dict[str, Any], gm: fx.GraphModule, source: str) -> n
         LoadError: the recorded config does not build the recorded transformers class.
     """
     record = meta.get("hf_config")
-    cls = transformers_class(meta.get("model_class")) if isinstance(record, dict) else None
+    cls = None
+    if isinstance(record, dict):  # the recorded class, else the config's own architectures (files without one)
+        archs = record.get("architectures")
+        names = [meta.get("model_class"), *(archs if isinstance(archs, list) else [])]
+        cls = next((c for c in map(transformers_class, names) if c is not None), None)
     if cls is None:
         return None
     try:
@@ -92,11 +96,16 @@ def share_tensors(model: nn.Module, gm: fx.GraphModule) -> None:
         owner, _, leaf = name.rpartition(".")
         mod = model.get_submodule(owner) if owner else model
         mod._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()), None)
     for name, b in list(model.named_buffers()):
         t = lookup_attr(gm, name)
+        owner, _, leaf = name.rpartition(".")
         if isinstance(t, torch.Tensor) and t.shape == b.shape:
-            owner, _, leaf = name.rpartition(".")
             (model.get_submodule(owner) if owner else model)._buffers[leaf] = t
+        elif dtype is not None and b.is_floating_point() and b.dtype != dtype:
+            # a buffer the graph does not hold (RoPE's original_inv_freq ...) was built in the default dtype: the
+            # saved model ran in the graph's (``model.to(torch.bfloat16)`` converts every floating buffer)
+            (model.get_submodule(owner) if owner else model)._buffers[leaf] = b.to(dtype)
 
 
 def face_record(gm: fx.GraphModule) -> dict[str, Any]:

@@ -115,6 +115,14 @@ class Face:
         new.parent, new.post, new.run_primary = (self, parent_gm), post, run_primary
         return new
 
+    def adapter_root(self, gm: fx.GraphModule) -> tuple[Face, fx.GraphModule]:
+        """``(face, graph)`` whose graphs call the adapter modules: ``gm``'s own, or for a lowering whose kernels
+        read the adapters' tensors directly (no adapter call left to route per row), the graph it was derived from."""
+        face = self
+        while face.parent is not None and not adapter_sites(gm):
+            face, gm = face.parent
+        return face, gm
+
     # -- normalising a call --------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``{name: value}`` of the call, in signature order, without values equal to their default."""
@@ -243,7 +251,9 @@ class Face:
             raise TraceError(f"could not trace {type(self.model).__name__} for the call ({', '.join(bound)}): "
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from e
         share_hierarchy(gm, var)
-        records = [{"site": m.site, "method": m.method, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
+        # the module, not the node's mark, says which method runs there: a named set (lrc.adapter_sets.set_adapter)
+        # may have swapped another method's modules in; the variant's insert then reuses exactly those modules
+        records = [{"site": m.site, "method": mod.name, "args": dict(mod.config)} for _, m, mod in adapter_sites(gm)]
         pmeta = lrc_meta(gm)
         # the primary's fully trained modules (heads) are shared already: the variant's freezing must keep them
         lrc_meta(var).update(trainable_extra=list(pmeta.get("trainable_extra", ())),

@@ -185,8 +185,11 @@ class LrcGraphModule(fx.GraphModule):
         if names is None and not lrc_graphs and eager_ready(self, face.model):
             with eager_adapters(self, face.model) as model:
                 return model.generate(*args, **kwargs)
-        rows = contextlib.nullcontext() if names is None else _provided("per_row_adapters")(self, names, kwargs)
-        with rows, face.routed(self) as model:
+        gm: fx.GraphModule = self
+        if names is not None:  # per-row routing needs graphs that call the adapter modules
+            face, gm = face.adapter_root(self)
+        rows = contextlib.nullcontext() if names is None else _provided("per_row_adapters")(gm, names, kwargs)
+        with rows, face.routed(gm) as model:
             return model.generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:

@@ -30,12 +30,9 @@ from lowrank_compiler.backends.onnx.adapters import (
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 from lowrank_compiler.errors import ExportError, LoadError
-from lowrank_compiler.formats.hf import config_and_class
-from lowrank_compiler.formats.model import adapter_records
-from lowrank_compiler.frontend.trace import trace
-from lowrank_compiler.ir import META_KEY, adapter_nodes, adapters_of, logical_weight, lrc_meta, set_logical_weight
+from lowrank_compiler.formats.load import with_face
+from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.merge import merge as merge_pass
-from lowrank_compiler.passes.pipelines import apply_records
 from lowrank_compiler.passes.separate import separate
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
@@ -63,45 +60,21 @@ def unmerged_copy(gm: fx.GraphModule, original: bool = False) -> fx.GraphModule:
 
 
 def with_hf_face(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` if it has a face (``generate``, every call); else, for a loaded lrc file of an HF model, the
-    same model rebuilt: the transformers class its recorded config names (a registry name, never code
-    from the file), the base weights from ``gm``, the same adapters with their state (unmerged).
+    """``gm`` if it has a face (``generate``, every call); else, for a graph of an HF model (its config recorded),
+    a copy with the face ``lrc.load`` gives (``formats/rebuild.py``: the transformers class by registry name,
+    never code from the file, over the copy's own tensors and adapters).
 
     Raises:
-        LoadError: the recorded config/class cannot be rebuilt, or ``gm``'s tensors do not fit it.
+        LoadError: the recorded config/class cannot be rebuilt, or the graph cannot serve other calls.
     """
     if getattr(gm, "lrc_face", None) is not None or not lrc_meta(gm).get("hf_config"):
         return gm
-    try:
-        config, cls = config_and_class(gm, None)
-    except ExportError as e:
-        raise LoadError(f"cannot rebuild the recorded Hugging Face model: {e}") from None
-    src = unmerged_copy(gm)
-    have = {**dict(src.named_buffers()), **dict(src.named_parameters())}
-    model = cls(config).eval()
-    dtype = next((p.dtype for p in have.values() if p.is_floating_point()), torch.float32)
-    model.to(dtype)
-    twins: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        twins.setdefault(id(p), []).append(name)
-    state, missing = {}, []
-    for key, ref in model.state_dict(keep_vars=True).items():
-        name = next((n for n in [key, *twins.get(id(ref), [])] if n in have and have[n].shape == ref.shape), None)
-        if name is None:
-            missing.append(key)
-        else:
-            state[key] = have[name].detach()
-    persistent = {k for k, _ in model.named_parameters()}
-    if any(k in persistent for k in missing):
-        raise LoadError(f"the saved graph lacks {type(model).__name__}'s tensors {[k for k in missing if k in persistent][:4]}")
-    model.load_state_dict(state, strict=False)
-    new = trace(model)
-    apply_records(new, [{**r, "merged": False} for r in adapter_records(src)], "the saved adapters")
-    theirs = adapters_of(new)
-    for site, mod in adapters_of(src).items():
-        theirs[site].load_state_dict(mod.state_dict())
-    lrc_meta(new).update({k: v for k, v in lrc_meta(gm).items() if k == "base_model_name_or_path"})
-    return new.eval()
+    out = with_face(copy.deepcopy(gm), "the recorded Hugging Face model")
+    if getattr(out, "lrc_face", None) is None:
+        raise LoadError("cannot rebuild the recorded Hugging Face model: the graph records no transformers class "
+                        "or no traced call (transform the HF model again, or export with format='onnx' and "
+                        "no decoder)")
+    return out
 
 
 def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:
