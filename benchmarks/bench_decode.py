@@ -8,6 +8,7 @@ the rest, per round; medians over ``--rounds`` rounds, engines round-robin. Torc
 ``bench_generate.py``. State the machine load (printed) next to any number.
 
     python benchmarks/bench_decode.py [--kind llama|qwen2] [--rounds 3] [--new 16] [--prompt 16]
+    python benchmarks/bench_decode.py --quantized [--hidden 512 --layers 4]   # fp32 vs int8 vs int4 (issue 23)
 """
 
 from __future__ import annotations
@@ -124,5 +125,66 @@ def main() -> None:
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
 
 
+def main_quantized() -> None:
+    """``--quantized``: fp32 vs int8 vs int4 genai folders of one model (issue 23): folder size, decode tokens/s at
+    batch 1 in lrc's ORT loop and in onnxruntime-genai, base and with the fp32 adapter active, and each
+    quantized folder's gate (logits cosine, greedy agreement on held-out prompts vs the fp32 graph)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantized", action="store_true")
+    ap.add_argument("--kind", default="llama", choices=("llama", "qwen2"))
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    import onnxruntime_genai as og
+
+    torch.set_num_threads(a.threads)
+    gm = lrc.transform(build(a.kind, a.hidden, a.layers), SPEC)
+    with torch.no_grad():
+        for mod in lrc.adapters(gm).values():
+            mod.lora_B.normal_(0, 0.02)
+    root = Path(tempfile.mkdtemp())
+    folders, gates = {}, {}
+    for mode in ("fp32", "int8", "int4"):
+        folders[mode] = root / mode
+        rep = lrc.export(gm, folders[mode], format="genai", adapter_name="task", validate=False,
+                         quantize=None if mode == "fp32" else mode, force=True)
+        gates[mode] = rep.get("gate")
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}; {os.cpu_count()} CPUs; {a.kind} hidden "
+          f"{a.hidden} x {a.layers} layers (random weights), prompt {a.prompt}, {a.new} new tokens, batch 1, "
+          f"{a.threads} thread(s)")
+    ids = np.random.default_rng(0).integers(3, 2000, (1, a.prompt)).astype(np.int64)
+    runs, sizes = {}, {}
+    for mode, out in folders.items():
+        sizes[mode] = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+        sess = session(out / "model.onnx", providers="cpu", threads=a.threads)
+        model = og.Model(str(out))
+        ads = og.Adapters(model)
+        ads.load(str(out / "adapters" / "task.onnx_adapter"), "task")
+        ad = out / "adapters" / "task.onnx_adapter"
+        runs[(mode, "lrc ORT loop", "base")] = lambda s=sess: ort_loop(s, ids, a.new, None)
+        runs[(mode, "lrc ORT loop", "adapter")] = lambda s=sess, ad=ad: ort_loop(s, ids, a.new, ad)
+        runs[(mode, "onnxruntime-genai", "base")] = lambda m=model, x=ads: genai_loop(og, m, x, ids, a.new, None)
+        runs[(mode, "onnxruntime-genai", "adapter")] = lambda m=model, x=ads: genai_loop(og, m, x, ids, a.new, "task")
+    times: dict[tuple[str, str, str], list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(a.rounds):
+        for k, fn in runs.items():
+            times[k].append(fn()[1])
+    print("| weights | model.onnx + data MB | engine | adapter | decode tok/s | vs fp32 | gate: logits cos / agreement |")
+    print("|---|---:|---|---|---:|---:|---|")
+    for (mode, engine, which), ts in times.items():
+        tps = (a.new - 1) / statistics.median(ts)
+        ref = (a.new - 1) / statistics.median(times[("fp32", engine, which)])
+        g = gates[mode]
+        gate = "" if g is None else f"{g['cosine']:.5f} / {g['agreement']:.2f}"
+        print(f"| {mode} | {sizes[mode] / 1e6:.1f} | {engine} | {which} | {tps:.0f} | {tps / ref:.2f}x | {gate} |")
+    print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
+
+
 if __name__ == "__main__":
-    main()
+    main_quantized() if "--quantized" in sys.argv else main()
