@@ -16,12 +16,18 @@ from helpers.decoder import SPECS, make_decoder
 import lowrank_compiler as lrc
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.generate import ort_generate
-from lowrank_compiler.backends.onnx.quantize_decoder import GATE_SEED, held_out_prompts, quantize_decoder
+from lowrank_compiler.backends.onnx.quantize_decoder import (
+    GATE_SEED,
+    held_out_prompts,
+    lm_head,
+    quantize_decoder,
+    quantize_decoder_model,
+)
 from lowrank_compiler.cli import main
 from lowrank_compiler.errors import ExportError
 
-pytestmark = pytest.mark.slow  # each fixture exports a decode graph (~20 s idle, ~60 s on a loaded 2-core host)
 NEW = 8
+slow = pytest.mark.slow  # the `lm` fixture exports a decode graph (~20 s idle, minutes on a loaded 2-core host)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,7 @@ def _torch_tokens(model, prompt: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+@slow
 def test_int8_passes_gate_on_held_out_prompts_and_matches_torch(lm):
     gm, base, d, rep = lm
     adapter = rep["adapters"][0]
@@ -70,6 +77,7 @@ def test_int8_passes_gate_on_held_out_prompts_and_matches_torch(lm):
         np.testing.assert_array_equal(got_ad, want_ad)
 
 
+@slow
 def test_gate_failure_refuses_and_writes_nothing_no_gate_writes(lm):
     _, _, d, rep = lm
     with pytest.raises(ExportError, match="held-out prompt.*nothing written"):
@@ -79,6 +87,7 @@ def test_gate_failure_refuses_and_writes_nothing_no_gate_writes(lm):
     assert q["gate"] is None and (d / "strict.onnx").is_file()
 
 
+@slow
 def test_cli_quantize_refusal_is_one_line_and_leaves_no_file(lm, tmp_path, capsys):
     """Through the CLI (a saved lrc file rebuilt with its HF face): exit 2, one error line, an empty folder."""
     gm, _, _, _ = lm
@@ -93,6 +102,7 @@ def test_cli_quantize_refusal_is_one_line_and_leaves_no_file(lm, tmp_path, capsy
     assert list(out.iterdir()) == []  # neither the graph nor the adapter file
 
 
+@slow
 def test_int4_genai_folder_loads_and_switches_adapters(lm, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     gm, _, _, _ = lm
@@ -122,3 +132,45 @@ def test_int4_genai_folder_loads_and_switches_adapters(lm, tmp_path):
     assert with_ad != without
     assert with_ad == ort_generate(sess, prompt, max_new_tokens=NEW, adapter=out / "adapters" / "task.onnx_adapter")[0].tolist()
     assert without == ort_generate(sess, prompt, max_new_tokens=NEW)[0].tolist()
+
+
+
+def _toy_decoder() -> onnx.ModelProto:
+    """Gather (embedding) -> MatMul W1 -> LoRA (x·A·B, overridable A/B inputs) added -> MatMul head -> logits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = {"emb": rng.standard_normal((50, 64)), "w1": rng.standard_normal((64, 64)),
+             "head": rng.standard_normal((64, 50)), "a": rng.standard_normal((64, 4)), "b": rng.standard_normal((4, 64))}
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="gather"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="w1"),
+             helper.make_node("MatMul", ["h", "a"], ["ha"], name="xa"),
+             helper.make_node("MatMul", ["ha", "b"], ["hab"], name="xab"),
+             helper.make_node("Add", ["y", "hab"], ["z"], name="add"),
+             helper.make_node("MatMul", ["z", "head"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"]),
+                       helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, "r"]),
+                       helper.make_tensor_value_info("b", TensorProto.FLOAT, ["r", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 50])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])
+def test_only_base_weights_are_quantized(mode, bits):
+    model = _toy_decoder()
+    head = lm_head(model)
+    assert head == "head"
+    q, rep = quantize_decoder_model(model, mode)
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert rep == {"quantized": 1, "lora_fp32": 2, "kept_fp32": [head]}
+    assert len(nbits) == 1 and nbits[0].input[0] == "h"  # W1 only: not the LoRA pair, the head or the Gather
+    assert {a.name: a.i for a in nbits[0].attribute}["bits"] == bits
+    assert [n.op_type for n in q.graph.node].count("MatMul") == 3 and "Gather" in [n.op_type for n in q.graph.node]
+    assert {i.name for i in q.graph.input} >= {"a", "b"}  # the adapter inputs stay overridable
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ExportError, match="unknown quantization 'int2'; valid: int8, int4"):
+        quantize_decoder_model(_toy_decoder(), "int2")
