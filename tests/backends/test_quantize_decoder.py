@@ -89,7 +89,8 @@ def test_gate_failure_refuses_and_writes_nothing_no_gate_writes(lm):
 
 @slow
 def test_cli_quantize_refusal_is_one_line_and_leaves_no_file(lm, tmp_path, capsys):
-    """Through the CLI (a saved lrc file rebuilt with its HF face): exit 2, one error line, an empty folder."""
+    """Through the CLI (a saved lrc file rebuilt with its HF face): exit 2, one error line, an empty folder;
+    then int8 passes, prints the gate's line and writes the graph and the fp32 adapter."""
     gm, _, _, _ = lm
     lrc.save(gm, tmp_path / "lm.lrc")
     out = tmp_path / "out"
@@ -100,6 +101,11 @@ def test_cli_quantize_refusal_is_one_line_and_leaves_no_file(lm, tmp_path, capsy
     assert code == 2 and err[-1].startswith("lrc export: error: int4 decoder is too inaccurate")
     assert sum(line.startswith("lrc export: error") for line in err) == 1 and not err[-1].startswith(" ")
     assert list(out.iterdir()) == []  # neither the graph nor the adapter file
+    assert main(["export", str(tmp_path / "lm.lrc"), "--quantize", "int8", "-o", str(out / "q.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 decoder: 14 MatMul(s) quantized, 28 LoRA-branch and 1 other (LM head) fp32" in printed
+    assert "greedy agreement" in printed and "PASSED" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["lm.onnx_adapter", "q.onnx"]
 
 
 @slow

@@ -83,7 +83,7 @@ def quantize_decoder_model(model: Any, mode: str, exclude: list[str] | None = No
     logging.disable(logging.WARNING)  # ORT logs every node it quantizes
     try:
         q = nbits_quantizer()(model, bits=4 if mode == "int4" else 8, block_size=32, is_symmetric=mode == "int8",
-                                 accuracy_level=4, nodes_to_exclude=sorted(skip))
+                              accuracy_level=4, nodes_to_exclude=sorted(skip))
         q.process()
     finally:
         logging.disable(logging.NOTSET)
