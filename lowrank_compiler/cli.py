@@ -55,11 +55,15 @@ def _cmd_export(a: argparse.Namespace) -> int:
     report = export(gm, a.output, fmt, merge=a.merge, adapters_dir=a.adapters_dir, adapter_name=name,
                     extra_adapters=a.adapter, opset=a.opset, validate=not a.no_validate,
                     quantize=a.quantize, force=a.force, min_cosine=a.min_cosine, optimize=a.optimize,
-                    tokenizer=a.tokenizer)
+                    tokenizer=a.tokenizer, gate=not a.no_gate)
     print(f"wrote {report['path']} ({fmt}{', merged' if a.merge or fmt == 'hf' else ''})")
     for p in report.get("adapters", []):
         print(f"wrote {p}")
-    if "quantize" in report:
+    if "min_agreement" in report:  # a causal LM's decoder gate
+        from lowrank_compiler.backends.onnx.quantize_decoder import format_decoder_report
+
+        print(format_decoder_report(report))
+    elif "quantize" in report:
         from lowrank_compiler.backends.onnx.quantize import format_report
 
         print(format_report(report))
@@ -124,12 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX: fuse attention/LayerNorm/GELU for ONNX Runtime, kept only if it matches the unfused "
                         "graph (default: on for fp32 encoders, off for decoders and --quantize)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="ONNX: quantize the base weights (int8 dynamic per-channel, or ORT 4-bit MatMulNBits); "
-                        "adapters stay fp32; refused if the output cosine vs fp32 is below --min-cosine")
+                   help="ONNX / genai: quantize the base weights (encoders: int8 dynamic per-channel or ORT 4-bit "
+                        "MatMulNBits; causal LMs: MatMulNBits 8/4-bit); adapters stay fp32 and switchable; refused "
+                        "below the accuracy gate (encoders: output cosine; causal LMs: logits cosine and greedy-token "
+                        "agreement on held-out prompts, base and each adapter)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="--format genai: copy the tokenizer files from this HF folder (default: the model's own "
                         "HF directory, when it came from one)")
-    p.add_argument("--min-cosine", type=float, default=None, help="quantization accuracy gate (default 0.999)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="quantization accuracy gate (default: 0.999; causal LMs: 0.999 int8, 0.98 int4 logits cosine)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="--quantize: skip the decoder accuracy gate (encoders: write even when it fails)")
     p.add_argument("--force", action="store_true", help="write a quantized model even if it fails the gate")
     p.add_argument("--trust", action="store_true", help="allow loading a legacy pickle")
     p.set_defaults(fn=_cmd_export)

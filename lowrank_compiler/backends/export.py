@@ -21,7 +21,9 @@ from lowrank_compiler.backends.onnx.adapters import (
 from lowrank_compiler.backends.onnx.export import example_inputs_of, export_onnx
 from lowrank_compiler.backends.onnx.genai import export_genai
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, with_hf_face
-from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, export_quantized
+from lowrank_compiler.backends.onnx.quantize import DEFAULT_MIN_COSINE, check_finite, export_quantized
+from lowrank_compiler.backends.onnx.quantize import MODES as QUANT_MODES
+from lowrank_compiler.backends.onnx.quantize_decoder import export_quantized_decoder
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.hf import save_hf
 from lowrank_compiler.formats.load import load_adapters
@@ -57,7 +59,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
            adapters_dir: str | os.PathLike | None = None, adapter_name: str | None = None,
            extra_adapters: list[str] | None = None, opset: int | None = None, validate: bool = True,
            quantize: str | None = None, force: bool = False, min_cosine: float | None = None,
-           optimize: bool | None = None, tokenizer: str | os.PathLike | None = None) -> dict[str, Any]:
+           optimize: bool | None = None, tokenizer: str | os.PathLike | None = None,
+           gate: bool = True) -> dict[str, Any]:
     """Write ``gm`` for deployment; returns a report dict (``path``, and for ONNX ``max_abs_diff`` ...).
 
     - ``onnx``: ``merge=True`` folds every adapter in (any method). A causal LM is exported as its
@@ -77,8 +80,12 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
       ``AutoModel*.from_pretrained`` loads strictly; always merged. Never inferred from a suffix.
     Every file is written atomically: on error nothing is left behind.
 
-    ``quantize`` (ONNX only): ``"int8"`` or ``"int4"``, the base weights only; refused below
-    ``min_cosine`` (default 0.999) output cosine vs fp32 unless ``force`` (``backends/onnx/quantize.py``).
+    ``quantize`` (``onnx`` and ``genai``): ``"int8"`` or ``"int4"``, the base weights only (adapters stay
+    fp32 and switchable). Encoders: refused below ``min_cosine`` (default 0.999) output cosine vs fp32
+    unless ``force`` (``backends/onnx/quantize.py``). Causal LMs: refused when greedy decoding on held-out
+    prompts (base and each adapter) falls below the mode's logits cosine (``min_cosine``) or token agreement
+    vs the fp32 graph (``backends/onnx/quantize_decoder.py``); nothing is written. ``gate=False`` skips
+    the decoder gate (encoders: writes even when it fails, as ``force``).
 
     ``optimize`` (ONNX only): ONNX Runtime graph fusions (``backends/onnx/fusions``: Attention /
     MultiHeadAttention, SkipLayerNorm, BiasGelu), kept only if they match the unfused graph on the
@@ -98,12 +105,16 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         if not is_causal_lm(gm):
             raise ExportError("format 'genai' needs a causal LM from Hugging Face (a *ForCausalLM model, its "
                               "lrc file or HF directory); use format 'onnx' for other models")
-        if merge or quantize is not None or optimize:
-            raise ExportError("format 'genai' writes the fp32 base and its adapters; drop --merge/--quantize/"
-                              "--optimize (or use format 'onnx')")
+        if quantize is not None and quantize not in QUANT_MODES:
+            raise ExportError(f"unknown quantization {quantize!r}; valid: {', '.join(QUANT_MODES)}")
+        if merge or optimize:
+            raise ExportError("format 'genai' writes the base and its separate adapters; drop --merge/--optimize "
+                              "(or use format 'onnx')")
+        if quantize is not None:
+            check_finite(gm)
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]
         report = export_genai(gm, path, adapter_name=adapter_name, tokenizer=tokenizer, opset=opset,
-                              validate=validate)
+                              validate=validate, quantize=quantize, gate=gate, force=force, min_cosine=min_cosine)
         for stem, tensors in extra:
             write_onnx_adapter(tensors, path / "adapters" / f"{stem}.onnx_adapter")
             report["adapters"].append(str(path / "adapters" / f"{stem}.onnx_adapter"))
@@ -114,17 +125,19 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str | None = Non
         extra = [(Path(src).stem, adapter_tensors_from(gm, src)) for src in extra_adapters or []]  # fail early
         kw = dict(merge=merge, adapters_dir=adir, adapter_name=name, opset=opset, validate=validate)
         if is_causal_lm(gm):  # the decode graph with past key values (backends/onnx/generate.py)
-
             if quantize is not None:
-                raise ExportError("quantize= is not supported for causal-LM decode graphs yet (their inputs "
-                                  "include past key values the accuracy gate cannot sample); export fp32")
-            report = export_decoder_onnx(gm, path, **kw, optimize=bool(optimize))
+                if optimize:
+                    raise ExportError("optimize=True with quantize= is not supported for decoders: drop one of them")
+                report = export_quantized_decoder(gm, path, quantize, **kw, gate=gate, force=force,
+                                                  min_cosine=min_cosine)
+            else:
+                report = export_decoder_onnx(gm, path, **kw, optimize=bool(optimize))
         elif quantize is not None:
             if optimize:
                 raise ExportError("optimize=True with quantize= is not supported yet: quantization runs on the "
                                   "unfused fp32 graph; drop one of them")
 
-            report = export_quantized(gm, path, quantize, force=force, **kw,
+            report = export_quantized(gm, path, quantize, force=force or not gate, **kw,
                                       min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
         else:
             report = export_onnx(gm, path, **kw, optimize=optimize)

@@ -97,15 +97,19 @@ def share_tensors(model: nn.Module, gm: fx.GraphModule) -> None:
         mod = model.get_submodule(owner) if owner else model
         mod._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
     dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()), None)
+    from_config = []
     for name, b in list(model.named_buffers()):
         t = lookup_attr(gm, name)
         owner, _, leaf = name.rpartition(".")
         if isinstance(t, torch.Tensor) and t.shape == b.shape:
             (model.get_submodule(owner) if owner else model)._buffers[leaf] = t
-        elif dtype is not None and b.is_floating_point() and b.dtype != dtype:
+            continue
+        from_config.append(name)  # built from the config alone: frontend/eager.py may run the model with it
+        if dtype is not None and b.is_floating_point() and b.dtype != dtype:
             # a buffer the graph does not hold (RoPE's original_inv_freq ...) was built in the default dtype: the
             # saved model ran in the graph's (``model.to(torch.bfloat16)`` converts every floating buffer)
             (model.get_submodule(owner) if owner else model)._buffers[leaf] = b.to(dtype)
+    lrc_meta(gm)["config_buffers"] = from_config
 
 
 def face_record(gm: fx.GraphModule) -> dict[str, Any]:

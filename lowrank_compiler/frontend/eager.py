@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
-from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight
+from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
 
 
@@ -64,6 +64,13 @@ def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
             return False
         site_tensors |= {id(t) for t in mod.parameters(recurse=False)}
     own = {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+    # buffers a loaded model rebuilt from its config alone (RoPE's original_inv_freq ...; formats/rebuild.py):
+    # the same values the traced model had, so the original modules may read them
+    for name in lrc_meta(gm).get("config_buffers", ()):
+        try:
+            own.add(id(model.get_buffer(name)))
+        except AttributeError:
+            return False
     return all(id(t) in own or id(t) in site_tensors for t in [*model.parameters(), *model.buffers()])
 
 

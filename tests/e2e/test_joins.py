@@ -151,9 +151,14 @@ def test_method_through_onnx_serving(method, tmp_path):
     assert torch.equal(_tokens(gm), tokens)
     lrc.export(gm, tmp_path / "merged.onnx", merge=True)
     assert np.array_equal(_ort_tokens(tmp_path / "merged.onnx"), tokens.numpy()), "ONNX merged"
-    # no x·A·B form: swappable adapter files are refused in one line that names what works (issue 23 leaves open)
-    with pytest.raises(lrc.errors.ExportError, match=r"merge=True"):
-        lrc.export(gm, tmp_path / "sep" / "m.onnx", merge=False)
+    if method.startswith("dora_fa"):  # DoRA's gain g = m/||W + sBA|| travels in the adapter file (issue 23)
+        rep = lrc.export(gm, tmp_path / "sep" / "m.onnx", merge=False)
+        assert np.array_equal(_ort_tokens(tmp_path / "sep" / "m.onnx", rep["adapters"][0]), tokens.numpy()), \
+            "ONNX with the DoRA-FA adapter file"
+        assert not np.array_equal(_ort_tokens(tmp_path / "sep" / "m.onnx"), tokens.numpy()), "the file acts"
+    else:  # FLoRA's elementwise W∘M has no x·A·B form: refused in one line that names what works
+        with pytest.raises(lrc.errors.ExportError, match=r"merge=True"):
+            lrc.export(gm, tmp_path / "sep" / "m.onnx", merge=False)
 
 
 def _until_eos(seq: list[int], eos: int = 2) -> list[int]:

@@ -49,3 +49,16 @@ def test_not_eager_when_a_tensor_is_not_shared():
     model, gm = _transformed("llama")
     other = copy.deepcopy(model)  # same structure, different tensor objects: the graph is not this model
     assert not eager_ready(gm, other)
+
+
+def test_loaded_model_takes_the_eager_path(tmp_path):
+    """A loaded Llama's face rebuilds RoPE's original_inv_freq from the config (the graph does not hold it): it
+    still generates eagerly, with the tokens of the graph path and of the model before saving."""
+    _, gm = _transformed("llama")
+    b = batch(2, 10)
+    want = gm.generate(**b, max_new_tokens=6, do_sample=False)
+    lrc.save(gm, tmp_path / "m.lrc")
+    loaded = lrc.load(tmp_path / "m.lrc")
+    assert eager_ready(loaded, loaded.lrc_face.model)
+    assert torch.equal(loaded.generate(**b, max_new_tokens=6, do_sample=False), want)
+    assert torch.equal(loaded.generate(**b, max_new_tokens=6, do_sample=False, lrc_graphs=True), want)

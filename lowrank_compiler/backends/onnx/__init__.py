@@ -1,5 +1,6 @@
 """ONNX and ONNX Runtime: export (export), adapter files (adapters), KV-cache decoding (generate), per-row adapter
-graphs (mixed), running a graph (run), int8/int4 quantization (quantize, smoothquant) and ORT graph fusions (fusions/).
+graphs (mixed), running a graph (run), onnxruntime-genai folders (genai), int8/int4 quantization (quantize,
+smoothquant; causal-LM decode graphs: quantize_decoder) and ORT graph fusions (fusions/).
 
 May import: every layer below ``backends``.
 """

@@ -27,6 +27,7 @@ from torch import fx
 from lowrank_compiler.adapter_sets.named import adapter_names, named_adapter_modules
 from lowrank_compiler.backends.onnx.adapters import GAIN, LORA_A, LORA_B, input_name, write_onnx_adapter
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx, unmerged_copy
+from lowrank_compiler.backends.onnx.quantize_decoder import quantize_decoder
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod, LowRank
@@ -151,8 +152,13 @@ def tokenizer_source(gm: fx.GraphModule, tokenizer: str | os.PathLike | None) ->
 
 def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name: str | None = None,
                  tokenizer: str | os.PathLike | None = None, opset: int | None = None,
-                 validate: bool = True) -> dict[str, Any]:
+                 validate: bool = True, quantize: str | None = None, gate: bool = True, force: bool = False,
+                 min_cosine: float | None = None) -> dict[str, Any]:
     """Write an onnxruntime-genai folder for the causal LM ``gm``; returns ``{path, format, adapters, ...}``.
+
+    ``quantize`` (``"int8"`` / ``"int4"``): ``model.onnx`` holds the quantized base and is gated with every
+    adapter file active (:mod:`.quantize_decoder`; ``gate``, ``force``, ``min_cosine`` as there); the
+    adapter files stay fp32, the same as for the fp32 folder.
 
     Each adapter set of ``gm`` (the active one named ``adapter_name`` or its own name, and every named
     set of ``lrc.adapter_sets``) becomes ``<out_dir>/adapters/<name>.onnx_adapter``. The folder is written
@@ -182,8 +188,16 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
 
     def fill(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:  # the exporter's own adapter file goes here
-            rep = export_decoder_onnx(base, tmp / MODEL_FILE, merge=False, adapters_dir=scratch, opset=opset,
+            fp32 = Path(scratch) / MODEL_FILE if quantize else tmp / MODEL_FILE
+            rep = export_decoder_onnx(base, fp32, merge=False, adapters_dir=scratch, opset=opset,
                                       external_data=True, validate=validate, gain_sites=gain_sites)
+            for label, tensors in sets.items():
+                (tmp / "adapters").mkdir(exist_ok=True)
+                write_onnx_adapter(tensors, tmp / "adapters" / f"{label}.onnx_adapter")
+            if quantize:
+                files = [str(tmp / "adapters" / f"{label}.onnx_adapter") for label in sets]
+                report.update(quantize_decoder(fp32, tmp / MODEL_FILE, quantize, adapters=files, gate=gate,
+                                               force=force, min_cosine=min_cosine, external_data=True))
         if "max_abs_diff" in rep:
             report["max_abs_diff"] = rep["max_abs_diff"]
         import onnx
@@ -192,9 +206,6 @@ def export_genai(gm: fx.GraphModule, out_dir: str | os.PathLike, *, adapter_name
         shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
         cfg = genai_config(model.config, getattr(model, "generation_config", None), rep["inputs"], shapes)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        for label, tensors in sets.items():
-            (tmp / "adapters").mkdir(exist_ok=True)
-            write_onnx_adapter(tensors, tmp / "adapters" / f"{label}.onnx_adapter")
         copied = []
         for name in TOKENIZER_FILES if tok is not None else ():
             if (tok / name).is_file():

@@ -76,6 +76,20 @@ def weight_matmuls(model: Any) -> tuple[list[str], list[str]]:
     return base, lora
 
 
+def nbits_quantizer() -> Any:
+    """ORT's ``MatMulNBitsQuantizer`` class, imported without the root-logger setup its module does
+    (``logging.basicConfig(level=INFO)``: every library's INFO lines would print afterwards)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.handlers[:], root.level = handlers, level
+    return MatMulNBitsQuantizer
+
+
 def _quantize(src: Path, dst: Path, mode: str, include: list[str], exclude: list[str]) -> None:
     """Write ``src`` with the ``include`` MatMuls quantized (ORT's per-node INFO/WARNING logs silenced)."""
     import logging
@@ -97,8 +111,7 @@ def _quantize_impl(src: Path, dst: Path, mode: str, include: list[str], exclude:
                          weight_type=QuantType.QInt8, nodes_to_quantize=include, nodes_to_exclude=exclude,
                          extra_options={"MatMulConstBOnly": True})
         return
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    MatMulNBitsQuantizer = nbits_quantizer()
     model = onnx.load(str(src))
     weight_matmuls(model)  # names every node, so include/exclude lists refer to the same names
     skip = {n.name for n in model.graph.node if n.op_type == "MatMul"} - set(include)
@@ -259,6 +272,15 @@ def _search(src: Path, tmp: Path, d: Path, mode: str, cands: list[str], exclude:
     return best
 
 
+def check_finite(gm: Any) -> None:
+    """Refuse (ExportError) a model with a NaN/inf parameter or buffer: its quantization scales would be undefined."""
+    bad = [k for k, t in [*gm.named_parameters(), *gm.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(f"cannot quantize: tensor(s) {bad[:5]} have NaN/inf entries (quantization scales "
+                          "would be undefined); fix or merge the model first")
+
+
 def export_quantized(gm: Any, path: str | os.PathLike, mode: str, *, force: bool = False,
                      min_cosine: float = DEFAULT_MIN_COSINE, samples: list[Any] | None = None,
                      **onnx_kwargs: Any) -> dict[str, Any]:
@@ -270,11 +292,7 @@ def export_quantized(gm: Any, path: str | os.PathLike, mode: str, *, force: bool
 
     if mode not in MODES:
         raise ExportError(f"unknown quantization {mode!r}; valid: {', '.join(MODES)}")
-    bad = [k for k, t in [*gm.named_parameters(), *gm.named_buffers()]
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ExportError(f"cannot quantize: tensor(s) {bad[:5]} have NaN/inf entries (quantization scales "
-                          "would be undefined); fix or merge the model first")
+    check_finite(gm)
     inputs, names = example_inputs_of(gm)
     feeds = [dict(zip(names, inputs))]
     for s in samples or []:
