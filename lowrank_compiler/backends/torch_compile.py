@@ -17,6 +17,9 @@ from lowrank_compiler.ir import shared_copy
 from lowrank_compiler.lowerings import lower as _lower
 from lowrank_compiler.passes.pipelines import merge_pipeline
 
+#: the lowerings that change the dropout random stream: the default (``lower=None``) leaves them out
+RANDOM_LOWERINGS = ("dropout",)
+
 
 def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Switch ``optimizer`` (in place) to torch's fused single-kernel step (Adam, AdamW, SGD, Adagrad);
@@ -33,7 +36,7 @@ def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor", mode: str | None = None,
-            dynamic: bool | None = None, fullgraph: bool = True, lower: bool = False,
+            dynamic: bool | None = None, fullgraph: bool = True, lower: bool | None = None,
             optimizer: torch.optim.Optimizer | None = None, exact_dropout: bool = True, **options: Any) -> nn.Module:
     """``torch.compile`` of ``gm`` (or of a merged copy with ``merge=True``); same call signature as ``gm``.
 
@@ -64,7 +67,10 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         raise ExportError("compile(lower=True) is for training; merge=True is for inference: pick one")
     if optimizer is not None:
         fuse_optimizer(optimizer)
-    target = _lower(gm) if lower else gm  # the lowered graph serves every call gm serves (lowerings/lower.py)
+    if lower is None and not merge and isinstance(gm, fx.GraphModule):
+        target = _lower(gm, skip=RANDOM_LOWERINGS)  # exact lowerings: torch's random stream is kept
+    else:  # the lowered graph serves every call gm serves (lowerings/lower.py)
+        target = _lower(gm) if lower else gm
     if merge:
         target = merge_pipeline()(copy.deepcopy(gm)).gm
     if exact_dropout and backend == "inductor":  # torch.compile takes mode or options, not both: fold mode in
