@@ -115,7 +115,7 @@ def plot(path: Path, ratios: dict[str, float], ratios_min: dict[str, float], tit
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.9))
     y = range(len(names))
     for off, vals, label, alpha in ((0.2, ratios, "ratio of medians", 1.0), (-0.2, ratios_min, "ratio of minima", 0.55)):
-        colors = ["tab:gray" if n == "peft" else "tab:orange" if "compile" in n else "tab:blue" for n in names]
+        colors = ["tab:gray" if n.endswith("peft") else "tab:orange" if "compile" in n else "tab:blue" for n in names]
         ax.barh([i + off for i in y], [vals[n] for n in names], height=0.38, color=colors, alpha=alpha, label=label)
         for i, n in zip(y, names):
             ax.text(vals[n], i + off, f" {vals[n]:.3f}x", va="center", fontsize=7)
@@ -123,7 +123,8 @@ def plot(path: Path, ratios: dict[str, float], ratios_min: dict[str, float], tit
     ax.axvline(0.90, ls="--", lw=1, color="tab:blue", label="target, eager: 0.90")
     ax.axvline(0.75, ls="--", lw=1, color="tab:orange", label="target, compiled: 0.75")
     ax.set_xlim(0, max(1.1, 1.12 * max(*ratios.values(), *ratios_min.values())))
-    ax.set_xlabel("train step time / PEFT eager (lower is faster); dark: medians, light: minima")
+    ax.set_xlabel("train step time / PEFT eager; eval rows: forward / PEFT's (lower is faster); dark: medians, "
+                  "light: minima", fontsize=8)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=7, frameon=False)
     ax.set_title(title.replace(", load", "\nload", 1), fontsize=8)
     fig.tight_layout()
