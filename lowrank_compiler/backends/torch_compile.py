@@ -17,6 +17,9 @@ from lowrank_compiler.ir import shared_copy
 from lowrank_compiler.lowerings import lower as _lower
 from lowrank_compiler.passes.pipelines import merge_pipeline
 
+#: the lowerings that change the dropout random stream: the default (``lower=None``) leaves them out
+RANDOM_LOWERINGS = ("dropout",)
+
 
 def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Switch ``optimizer`` (in place) to torch's fused single-kernel step (Adam, AdamW, SGD, Adagrad);
@@ -33,27 +36,28 @@ def fuse_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor", mode: str | None = None,
-            dynamic: bool | None = None, fullgraph: bool = True, lower: bool = False,
+            dynamic: bool | None = None, fullgraph: bool = True, lower: bool | None = None,
             optimizer: torch.optim.Optimizer | None = None, exact_dropout: bool = True, **options: Any) -> nn.Module:
-    """``torch.compile`` of ``gm`` (or of a merged copy with ``merge=True``); same call signature as ``gm``.
+    """``torch.compile`` of ``gm`` (or of a merged copy with ``merge=True``); same calls as ``gm`` (every signature).
 
     Training works through the result: the adapter parameters are the graph's own, so an optimizer
     built on ``gm`` (``lrc.optimizer``) steps them; ``gm.train()``/``gm.eval()`` switch dropout
     (dynamo guards on the mode and recompiles once per mode). ``fullgraph=True`` (the default)
     makes any graph break an error: lrc adapters are plain tensor code and add none.
 
-    The default is exact: ``exact_dropout=True`` makes inductor draw dropout masks (hidden and attention) with
-    torch's own random ops (inductor's ``fallback_random``), so a seeded compiled step drops the same elements
-    as the eager model and is not slowed by inductor's per-element CPU Philox. ``exact_dropout=False`` gives
-    inductor's own stream (another draw, same distribution).
+    The default (``lower=None``) is the fastest *exact* path (docs/speed.md): each call signature's graph gets the
+    lowerings that keep torch's random stream (``lower_lora``: LoRA as one kernel; ``lower_linear``: oneDNN GEMMs),
+    then inductor with ``exact_dropout=True``: dropout masks (hidden and attention) drawn by torch's own random ops
+    (inductor's ``fallback_random``), so a seeded compiled step drops the same elements as the eager model and no
+    per-element CPU Philox runs. ``exact_dropout=False`` gives inductor's own stream. ``generate`` on the result
+    runs as on ``gm`` (eager modules with adapters where ``gm`` can), never through per-length recompiles.
 
-    ``lower=True`` compiles :func:`lower`'s training graph instead: the fastest path, opt-in because its dropout
-    masks come from another random stream (docs/speed.md); like ``gm`` it serves every call signature, e.g. ``labels=``. ``optimizer=opt``
-    also makes ``opt``'s step fused (:func:`fuse_optimizer`, in place), so one call covers forward, backward and
-    the step.
+    ``lower=True`` adds the dropout lowering (cheaper masks from another random stream: the fastest path, opt-in);
+    ``lower=False`` compiles the graph as transformed. ``optimizer=opt`` also makes ``opt``'s step fused
+    (:func:`fuse_optimizer`, in place), so one call covers forward, backward and the step.
 
     Raises:
-        ExportError: ``gm`` is not a module, the backend is unknown, or ``lower`` with ``merge``.
+        ExportError: ``gm`` is not a module, the backend is unknown, or ``lower=True`` with ``merge``.
     """
     if not isinstance(gm, nn.Module):
         raise ExportError(f"compile() needs a GraphModule (from lrc.transform/lrc.load), got {type(gm).__name__}")
@@ -64,20 +68,23 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
         raise ExportError("compile(lower=True) is for training; merge=True is for inference: pick one")
     if optimizer is not None:
         fuse_optimizer(optimizer)
-    target = _lower(gm) if lower else gm  # the lowered graph serves every call gm serves (lowerings/lower.py)
-    if merge:
-        target = merge_pipeline()(copy.deepcopy(gm)).gm
+    target = merge_pipeline()(copy.deepcopy(gm)).gm if merge else gm
+    skip = None if lower is False or merge or not isinstance(gm, fx.GraphModule) else () if lower else RANDOM_LOWERINGS
     if exact_dropout and backend == "inductor":  # torch.compile takes mode or options, not both: fold mode in
         modal = torch._inductor.list_mode_options(mode) if mode is not None else {}
         options["options"] = {**modal, "fallback_random": True, **(options.get("options") or {})}
         mode = None
     opts = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
+
+    def post(g: nn.Module) -> nn.Module:  # one signature's graph -> its (lowered) compiled module
+        return torch.compile(g if skip is None else _lower(g, skip=skip), **opts)
+
     if getattr(target, "lrc_face", None) is None:
-        return torch.compile(target, **opts)
-    # one kind of model object: the result dispatches like ``target`` (every call signature, generate) and
-    # compiles each signature's graph on its first call; dynamo never traces the dispatcher itself
-    primary = torch.compile(shared_copy(target), **opts)
-    return target.lrc_derive(shared_copy(target), lambda g: torch.compile(g, **opts), run_primary=primary)
+        return post(target)
+    # one kind of model object: the result holds gm's own graph (so generate and anything reading the graph see
+    # gm's), dispatches like gm (every call signature) and runs each signature's lowered compiled module, made on
+    # its first call; dynamo never traces the dispatcher itself
+    return target.lrc_derive(shared_copy(target), post, run_primary=post(shared_copy(target)))
 
 
 def graph_breaks(gm: nn.Module, *inputs: Any, **kwargs: Any) -> list[str]:

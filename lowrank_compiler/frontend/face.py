@@ -101,8 +101,17 @@ class Face:
         self.run_primary: nn.Module | None = None  # runs the primary graph instead of the module (compiled)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Face:
-        new = Face(self.model, self.signature)  # the original model is shared, never copied
+        """A face for the copy of the graph being deep-copied: the original model is shared (never copied); a derived
+        face copies its parent graph with the same ``memo``, so the copy's new signatures are lowered (compiled) from
+        graphs over the copy's own parameters, never the original's."""
+        new = Face(self.model, self.signature)
         new.primary_key, new.primary = self.primary_key, copy.copy(self.primary)
+        if self.parent is not None:
+            new.parent, new.post = copy.deepcopy(self.parent, memo), self.post
+            run = self.run_primary  # torch.compile's module: compile the copy of the graph it wraps again
+            orig = getattr(run, "_orig_mod", None)
+            new.run_primary = (self.post(copy.deepcopy(orig, memo)) if orig is not None and self.post is not None
+                               else copy.deepcopy(run, memo))
         return new
 
     def derive_face(self, parent_gm: fx.GraphModule, post: Callable[[fx.GraphModule], nn.Module],

@@ -34,7 +34,7 @@ from torch import fx, nn
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.formats import model as _formats
 from lowrank_compiler.ir import META_KEY, adapter_nodes, lrc_meta
-from lowrank_compiler.lowerings.outline import outline_blocks
+from lowrank_compiler.lowerings.outline import borrow_units, outline_blocks
 from lowrank_compiler.methods.base import AdapterMethod
 
 __all__ = ["ddp", "fsdp", "is_sharded", "full_copy", "save", "save_adapters", "rank", "world_size", "barrier"]
@@ -105,9 +105,11 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     ``per_block=False`` shards the whole graph as one unit and returns ``gm``. ``per_block=True``
     outlines each numbered block (``encoder.layer.3``), and what runs before (embeddings) and after
     (head) the blocks, into called submodules (:func:`lowrank_compiler.lowerings.outline.outline_blocks`),
-    makes each an FSDP2 unit, and returns that outlined module: forward through it (``gm``'s primary
-    call signature), while ``gm`` holds the same sharded parameters (optimizer, ``save``,
-    ``full_copy``). Only one unit is then unsharded at a time.
+    makes each an FSDP2 unit, and returns that outlined module: forward through it with any call ``gm``
+    serves (``labels=``, no mask ...: another signature's graph is traced on first use, outlined the same
+    way and run through the same units, :func:`~lowrank_compiler.lowerings.outline.borrow_units`), while
+    ``gm`` holds the same sharded parameters (optimizer, ``save``, ``full_copy``). Only one unit is then
+    unsharded at a time.
 
     Raises:
         LrcError: torch.distributed is not initialized, ``gm`` is not a GraphModule, a method's
@@ -133,11 +135,16 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
     if offload_policy is not None:
         kw["offload_policy"] = offload_policy
     if not per_block:
+        slots = _slots(gm)
         fully_shard(gm, **kw)
+        _remap_extra(gm, slots)
         return gm
 
     top, units = outline_blocks(gm)
-    slots = {id(p): (mod, name) for mod in top.modules() for name, p in mod._parameters.items() if p is not None}
+    if getattr(gm, "lrc_face", None) is not None:  # every call gm serves (labels=, no mask ...), through these units
+        outlined = top
+        top = gm.lrc_derive(top, lambda variant: borrow_units(outlined, variant))
+    slots = _slots(top)
     sharded = []
     for name in units:
         unit = top.get_submodule(name)
@@ -155,8 +162,23 @@ def fsdp(gm: fx.GraphModule, *, per_block: bool = False, reshard_after_forward: 
             if p is not None and id(p) in slots:
                 owner, attr = slots[id(p)]
                 mod._parameters[name] = owner._parameters[attr]
+    _remap_extra(gm, slots)
     lrc_meta(top)["flat"] = gm  # save / save_adapters / full_copy of the outlined module use gm
     return top
+
+
+def _slots(root: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """``{id(parameter): (owning module, name)}`` of every parameter under ``root`` (before sharding replaces them)."""
+    return {id(p): (mod, name) for mod in root.modules() for name, p in mod._parameters.items() if p is not None}
+
+
+def _remap_extra(gm: fx.GraphModule, slots: dict[int, tuple[nn.Module, str]]) -> None:
+    """The ``full`` modules' trainable parameters listed in gm's meta become the sharded ones: the graphs traced
+    later for other call signatures then share the head instead of copying it (``passes/full.py``)."""
+    meta = lrc_meta(gm)
+    if meta.get("trainable_extra"):
+        meta["trainable_extra"] = [slots[id(p)][0]._parameters[slots[id(p)][1]] if id(p) in slots else p
+                                   for p in meta["trainable_extra"]]
 
 
 def is_sharded(gm: nn.Module) -> bool:

@@ -136,3 +136,32 @@ def test_default_compile_is_exact_in_train_mode():
     torch._dynamo.reset()
     other, _ = step(lrc.compile(gm, exact_dropout=False))
     assert other != pytest.approx(want, rel=1e-4)  # another draw: the test can tell the two apart
+
+
+def test_default_compiles_the_exact_lowerings():
+    """lrc.compile(gm) runs the lowerings that keep torch's random stream (LoRA kernel, oneDNN linears), not the
+    dropout lowering; lower=False compiles the graph as transformed."""
+    from lowrank_compiler.lowerings.kernels import LoweredLoRA
+
+    gm, x = _mlp()
+    default, plain = lrc.compile(gm, backend="aot_eager"), lrc.compile(gm, backend="aot_eager", lower=False)
+    for fast, lowered in ((default, True), (plain, False)):
+        inner = fast._orig_mod if hasattr(fast, "_orig_mod") else fast
+        assert any(isinstance(m, LoweredLoRA) for m in inner.modules()) is lowered
+
+
+@pytest.mark.slow
+def test_default_compile_keeps_gms_graph_and_runs_the_lowered_one():
+    """On an HF model the compiled object holds gm's own graph (generate and eager_ready read it) and runs the
+    lowered graph (LoRA kernel, oneDNN linears) for the call; eval outputs equal gm's."""
+    from lowrank_compiler.lowerings.kernels import LoweredLoRA, linear
+
+    hf, ids, mask = transformed("bert")
+    fast = lrc.compile(hf, backend="aot_eager")
+    assert str(fast.graph) == str(hf.graph)  # gm's graph: generate and eager_ready read it
+    run = fast.lrc_face.run_primary._orig_mod
+    assert any(isinstance(m, LoweredLoRA) for m in run.modules()) and any(n.target is linear for n in run.graph.nodes)
+    hf.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, attention_mask=mask).last_hidden_state,
+                                   hf(ids, attention_mask=mask).last_hidden_state, rtol=1e-5, atol=1e-5)

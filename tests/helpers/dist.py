@@ -181,6 +181,61 @@ def worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node 2 tests/dist_helpers.py OUT_DIR
+def labels_batch(step: int) -> dict[str, torch.Tensor]:
+    """Global batch ``step`` of the BERT classifier rows (4 rows, class labels)."""
+    from helpers import trainer as th
+
+    rows = [th.Rows("bert")[4 * step + i] for i in range(GLOBAL_BATCH)]
+    return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def labels_run(rank: int, world: int, per_block: bool) -> dict:
+    """The BERT classifier (LoRA + a ``full`` head) traced for (input_ids, attention_mask), trained with ``labels=``
+    (another call signature) for STEPS steps; per_block: through ``fsdp(gm, per_block=True)``'s outlined module.
+    Returns the losses (mean over the ranks) and the eval logits of a call without a mask (a third signature)."""
+    import torch.distributed as dist
+
+    import lowrank_compiler as lrc
+    from helpers import trainer as th
+    from lowrank_compiler.training import distributed as lrcd
+
+    b0 = labels_batch(0)
+    gm = lrc.transform(*th.model_and_spec("bert"), example_inputs=(b0["input_ids"],),
+                       example_kwargs={"attention_mask": b0["attention_mask"]}, progress=False)
+    fwd = lrcd.fsdp(gm, per_block=True) if per_block else gm
+    opt = lrc.optimizer(gm, torch.optim.AdamW, lr=LR)
+    losses = []
+    fwd.train()
+    for step in range(STEPS):
+        b = {k: shard(v, rank, world) for k, v in labels_batch(step).items()}
+        loss = fwd(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        val = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(val)
+            val /= world
+        losses.append(float(val))
+    fwd.eval()
+    with torch.no_grad():
+        y = fwd(input_ids=th.probe()["input_ids"]).logits
+    return {"losses": losses, "y": y, "sharded": lrcd.is_sharded(gm)}
+
+
+def labels_worker(out_dir: str) -> None:
+    """One torchrun rank of the per-block FSDP run with ``labels=``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    try:
+        torch.save(labels_run(rank, world, per_block=True), Path(out_dir) / f"labels_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python -m torch.distributed.run --nproc_per_node 2 tests/helpers/dist.py OUT_DIR [labels]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    worker(sys.argv[1])
+    (labels_worker if sys.argv[2:] == ["labels"] else worker)(sys.argv[1])

@@ -219,3 +219,29 @@ def test_outline_keeps_a_tied_weight_in_the_root():
     b = batch(4)
     with torch.no_grad():
         torch.testing.assert_close(top(b["input_ids"], b["attention_mask"]).logits, gm(**b).logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def labels_runs(tmp_path_factory):
+    """2 gloo processes train the BERT classifier through ``fsdp(gm, per_block=True)`` with ``labels=``."""
+    out = tmp_path_factory.mktemp("dist_labels")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "helpers" / "dist.py"), str(out), "labels"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=HERE.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"labels_rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+def test_per_block_fsdp_serves_labels_and_other_signatures(labels_runs):
+    """The outlined per-block FSDP2 module was traced for (input_ids, attention_mask); calls with ``labels=`` train
+    through the same units and sharded parameters (LoRA and the ``full`` head) as one process's flat graph does on the
+    global batch, and a call without a mask after training gives the same logits."""
+    one = dh.labels_run(0, 1, per_block=False)
+    with torch.no_grad():  # it trained: the head and adapters moved the logits
+        y0 = lrc.transform(*th.model_and_spec("bert"), progress=False).eval()(input_ids=th.probe()["input_ids"]).logits
+    assert (one["y"] - y0).abs().max() > 1e-3
+    for r in labels_runs:
+        assert r["sharded"]
+        assert r["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(r["y"], one["y"], rtol=1e-4, atol=1e-5)
