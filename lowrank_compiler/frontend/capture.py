@@ -143,14 +143,20 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
     quiet.setLevel(logging.ERROR)
     label = f"{type(model).__name__} ({', '.join(list(names) + [f'{k}={v!r}' for k, v in consts.items()])})"
     try:
-        ep = trace_cache.exported(
+        return trace_cache.exported(
             model, wrapper, label,
             lambda: trace_cache.call_key(model, names, values, consts, n_pos, choices),
             lambda: _torch_export(wrapper, tuple(values), shapes.dynamic_shapes(wrapper, tuple(values))),
-            lambda ep: trace_cache.fits(ep, values), cache)
+            lambda ep: trace_cache.fits(ep, values),
+            lambda ep: _graph_module(ep, model, root, names, consts, was_training), cache)
     finally:
         model.train(was_training)
         quiet.setLevel(level)
+
+
+def _graph_module(ep: torch.export.ExportedProgram, model: nn.Module, root: nn.Module | None, names: list[str],
+                  consts: dict[str, Any], was_training: bool) -> fx.GraphModule:
+    """The mode-switchable GraphModule of ``ep``: model tensors resolved against ``root``, lifted constants kept."""
     em = ep.module(check_guards=False)
     graph, prefix = em.graph, _ROOT + "."
     found: dict[str, Any] = {}

@@ -29,16 +29,17 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.ir import lookup_attr
 from lowrank_compiler.safety import pt2
 from lowrank_compiler.safety.atomic import atomic_write
+from lowrank_compiler.safety.names import check_graph
 from lowrank_compiler.safety.staging import load_exported_program_bound
 from lowrank_compiler.safety.window import FileWindow, member_window
 
@@ -47,6 +48,7 @@ KEY, PROGRAM, SUFFIX = "key.json", "program.pt2", ".lrctrace"
 DEFAULT_MB = 1024
 _SIMPLE = (bool, int, float, str, type(None))
 _OFF = ("0", "false", "off", "no")
+_G = TypeVar("_G")
 _SOURCES: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: source files hashed once
 
 
@@ -219,7 +221,12 @@ def fits(ep: torch.export.ExportedProgram, values: list[Any]) -> bool:
 
 
 def entry_path(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]
+    """The entry's file: the key's hash in :func:`traces_dir` (_Uncacheable when the key is not plain JSON)."""
+    try:
+        text = json.dumps(key, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise _Uncacheable(f"the key is not plain JSON ({e})") from None
+    digest = hashlib.sha256(text.encode()).hexdigest()[:40]
     return traces_dir() / f"{digest}{SUFFIX}"
 
 
@@ -297,31 +304,37 @@ def evict(keep: Path | None = None) -> None:
 # -- the one entry point -----------------------------------------------------------------------------------
 def exported(model: nn.Module, root: nn.Module, label: str, key_of: Callable[[], dict[str, Any]],
              export: Callable[[], torch.export.ExportedProgram],
-             fits: Callable[[torch.export.ExportedProgram], bool], use: bool | None = None
-             ) -> torch.export.ExportedProgram:
-    """``export()``, or the cached program for ``key_of()`` when one is stored and ``fits`` the call.
+             fits: Callable[[torch.export.ExportedProgram], bool], build: Callable[[torch.export.ExportedProgram], _G],
+             use: bool | None = None) -> _G:
+    """``build(export())``, or ``build`` of the cached program for ``key_of()`` when one is stored and ``fits``
+    the call (a graph built from an entry passes :func:`..safety.names.check_graph`, like one from a file).
 
     ``root`` holds the tensors the program names (``m.<model path>``). A miss prints one progress line
-    (``lrc: tracing <label> … 12.3 s; cached for next time``); a hit prints nothing.
+    (``lrc: tracing <label> … 12.3 s; cached for next time``); a hit prints nothing. An entry that is refused,
+    or whose program does not build, is reported on one line and traced again (then replaced).
     """
     key = path = None
+    why = "trace cache off"
     if enabled(use):
         try:
             key = key_of()
             path = entry_path(key)
         except _Uncacheable as e:
             key, why = None, f"not cached: {e}"
-    else:
-        why = "trace cache off"
     if path is not None and path.is_file():
         try:
             ep = read_entry(path, key, root)
             if fits(ep):
+                out = build(ep)
+                if isinstance(out, fx.GraphModule):
+                    check_graph(out, f"trace cache entry {path}")
                 with contextlib.suppress(OSError):
                     os.utime(path)  # least recently used goes first
-                return ep
-        except LoadError as e:
-            print(f"lrc: refused {pt2.one_line(str(e))[:300]}; tracing again", file=sys.stderr)
+                return out
+        except Exception as e:  # noqa: BLE001 - an untrusted entry may fail in any way: trace instead
+            why_not = pt2.one_line(str(e)) if isinstance(e, LoadError) else \
+                f"trace cache entry {path}: {type(e).__name__}: {pt2.one_line(str(e))}"
+            print(f"lrc: refused {why_not[:300]}; tracing again", file=sys.stderr)
     print(f"lrc: tracing {label} … ", end="", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
@@ -338,4 +351,4 @@ def exported(model: nn.Module, root: nn.Module, label: str, key_of: Callable[[],
         except (ExportError, OSError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             why = f"not cached ({type(e).__name__}: {pt2.one_line(str(e))[:160]})"
     print(f"{took:.1f} s; {why}", file=sys.stderr)
-    return ep
+    return build(ep)

@@ -93,7 +93,8 @@ def _parse_once() -> Iterator[None]:
     - parse each (already validated) shape expression once: torch re-parses the same few strings with sympy for
       every node; a parse is reused only while every symbol in it is still the one the deserializer's table
       holds, so the result is what a fresh parse would give;
-    - resolve each schema dataclass's type hints once (``typing.get_type_hints`` per JSON object otherwise).
+    - resolve each schema dataclass's type hints once (``typing.get_type_hints`` per JSON object otherwise);
+    - process each (string, hint) once per deserializer (symbol table, hints, ranges: the first time did it all).
 
     Both are swapped in for the deserializer module only, for the duration of the load.
     """
@@ -124,12 +125,28 @@ def _parse_once() -> Iterator[None]:
             hints[k] = real_typing.get_type_hints(obj, globalns, localns, include_extras)
         return hints[k]
 
+    cls = getattr(serialize, "GraphModuleDeserializer", None)
+    real_parse = getattr(cls, "_parse_sym_expr", None)
+    done: dict[tuple[int, str, Any], Any] = {}
+
+    def parse_sym_expr(self: Any, expr_str: str, hint: Any = None) -> Any:
+        # the same string (and hint) gives the same expression; its side effects (symbol table, hints, ranges)
+        # were all made by the first parse of this deserializer
+        k = (id(self), expr_str, hint)
+        if k not in done:
+            done[k] = real_parse(self, expr_str, hint)
+        return done[k]
+
     fast_sympy, fast_typing = type(real_sympy)("sympy"), type(real_typing)("typing")
     fast_sympy.__dict__.update(real_sympy.__dict__)
     fast_typing.__dict__.update(real_typing.__dict__)
     fast_sympy.sympify, fast_typing.get_type_hints = sympify, get_type_hints
     serialize.sympy, serialize.typing = fast_sympy, fast_typing
+    if callable(real_parse):
+        cls._parse_sym_expr = parse_sym_expr
     try:
         yield
     finally:
         serialize.sympy, serialize.typing = real_sympy, real_typing
+        if callable(real_parse):
+            cls._parse_sym_expr = real_parse
