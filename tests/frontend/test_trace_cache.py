@@ -258,3 +258,23 @@ def test_entry_is_a_plain_zip_of_key_and_program(traces):
     key = json.loads(z.read(trace_cache.KEY))
     assert key["versions"]["torch"] == torch.__version__ and key["call"]["names"] == ["x"]
     assert key["model"]["class"].endswith(".Tiny")
+
+
+class Branchy(torch.nn.Module):
+    """Export specialises the batch size (a Python branch on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * 2 if x.shape[0] == 3 else self.fc(x)
+
+
+def test_a_program_specialised_to_other_sizes_is_not_used(traces, capsys):
+    model = Branchy()
+    lrc.transform(model, "fc:lora(r=2)", example_inputs=(torch.randn(3, 6),), strategy="export")
+    x = torch.randn(5, 6)  # the same key (batch >= 2), but the stored program holds batch == 3
+    gm = lrc.transform(model, "fc:lora(r=2)", example_inputs=(x,), strategy="export")
+    assert len(traces.count) == 2 and "refused" not in capsys.readouterr().err
+    torch.testing.assert_close(gm(x), model(x))
