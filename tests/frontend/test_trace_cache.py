@@ -272,9 +272,8 @@ class Branchy(torch.nn.Module):
 
 
 def test_a_program_specialised_to_other_sizes_is_not_used(traces, capsys):
-    model = Branchy()
-    lrc.transform(model, "fc:lora(r=2)", example_inputs=(torch.randn(3, 6),), strategy="export")
-    x = torch.randn(5, 6)  # the same key (batch >= 2), but the stored program holds batch == 3
+    lrc.transform(Branchy(), "fc:lora(r=2)", example_inputs=(torch.randn(3, 6),), strategy="export")
+    model, x = Branchy(), torch.randn(5, 6)  # the same key (batch >= 2), but the stored program holds batch == 3
     gm = lrc.transform(model, "fc:lora(r=2)", example_inputs=(x,), strategy="export")
     assert len(traces.count) == 2 and "refused" not in capsys.readouterr().err
     torch.testing.assert_close(gm(x), model(x))
