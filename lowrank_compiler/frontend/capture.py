@@ -144,7 +144,7 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
     label = f"{type(model).__name__} ({', '.join(list(names) + [f'{k}={v!r}' for k, v in consts.items()])})"
     try:
         return trace_cache.exported(
-            model, wrapper, label,
+            wrapper, label,
             lambda: trace_cache.call_key(model, names, values, consts, n_pos, choices),
             lambda: _torch_export(wrapper, tuple(values), shapes.dynamic_shapes(wrapper, tuple(values))),
             lambda ep: trace_cache.fits(ep, values),

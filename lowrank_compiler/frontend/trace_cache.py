@@ -302,7 +302,7 @@ def evict(keep: Path | None = None) -> None:
 
 
 # -- the one entry point -----------------------------------------------------------------------------------
-def exported(model: nn.Module, root: nn.Module, label: str, key_of: Callable[[], dict[str, Any]],
+def exported(root: nn.Module, label: str, key_of: Callable[[], dict[str, Any]],
              export: Callable[[], torch.export.ExportedProgram],
              fits: Callable[[torch.export.ExportedProgram], bool], build: Callable[[torch.export.ExportedProgram], _G],
              use: bool | None = None) -> _G:
