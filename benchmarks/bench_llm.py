@@ -8,17 +8,24 @@ Phases (each variant, each phase in its own subprocess so peaks are clean; varia
 transform, first call (forward + backward with labels), train step (mean of the next steps),
 generate (greedy tokens/s, batch 1), save, load, export (ONNX decode graph, adapters separate,
 external data). Peak = VmHWM after a reset minus the RSS just before the phase, as a multiple of the
-weights' bytes W (load: of the file's size).
+weights' bytes W (load: of the file's size). These phases run with the trace cache off (``LRC_TRACE_CACHE=0``:
+every process traces, the cost before issue 22's cache).
+
+Trace cache (issue 22): ``first_call_cold`` and ``first_call_warm`` time ``transform`` and the first
+``labels`` step in a first process (empty cache folder, which it fills) and then a second one (the
+folder the first filled): the cost a script pays on its first run and on every later run.
 
     python benchmarks/bench_llm.py                     # 1.1B, fp32 (≈ 6 GB per process; 24 GB machine)
     python benchmarks/bench_llm.py --layers 4          # the same shape, 4 layers (development, CI's slow test)
     python benchmarks/bench_llm.py --dtype bf16 --phases generate save load
+    python benchmarks/bench_llm.py --layers 4 --phases first_call_cold first_call_warm
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +36,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from tests.helpers.memory import run_phase  # noqa: E402  (the subprocess + VmHWM harness the slow test uses)
 
-PHASES = ("transform", "first_call", "train_step", "generate", "save", "load", "export")
+PHASES = ("transform", "first_call", "train_step", "generate", "save", "load", "export", "first_call_cold",
+          "first_call_warm")
+CACHED = ("first_call_cold", "first_call_warm")  # the phases that use the trace cache (the others: LRC_TRACE_CACHE=0)
 VARIANTS = ("lrc", "peft", "hf")
 SPEC = "self_attn.q_proj:lora(r=16, alpha=32); self_attn.v_proj:lora(r=16, alpha=32)"
 
@@ -135,6 +144,14 @@ if KIND == "peft":
 _, s, peak = measure(fn)
 print(json.dumps({"s": s, "peak": peak / W, "over_file": peak / size, "W": W}))
 ''',
+    "first_call_cold": '''
+t = time.perf_counter()
+m = make(KIND)
+t_transform = time.perf_counter() - t
+m.train(); opt = optim(KIND, m)
+_, s, peak = measure(lambda: step(m, opt))
+print(json.dumps({"s": s, "transform_s": t_transform, "peak": peak / W, "W": W}))
+''',
     "export": '''
 if KIND != "lrc":
     print(json.dumps({"s": None, "peak": None, "W": W})); raise SystemExit
@@ -145,6 +162,7 @@ rep, s, peak = measure(lambda: export_decoder_onnx(m, out, merge=False, external
 print(json.dumps({"s": s, "peak": peak / W, "W": W, "external": rep.get("external_data")}))
 ''',
 }
+BODIES["first_call_warm"] = BODIES["first_call_cold"]
 
 
 def main() -> None:
@@ -174,7 +192,7 @@ def main() -> None:
                 t = time.time()
                 body = BUILD.format(args=args, spec=SPEC) + f"KIND = {kind!r}\n" + BODIES[phase]
                 try:
-                    res = run_phase(body, timeout=3600)
+                    res = run_phase(body, env=_cache_env(args, phase, kind), timeout=3600)
                 except RuntimeError as e:
                     res = {"error": str(e).strip().splitlines()[-1][:300]}
                 results.setdefault(phase, {})[kind] = res
@@ -186,6 +204,19 @@ def main() -> None:
     print(table(results))
     if a.png:
         plot(results, a.png, f"{a.layers if not a.config else Path(a.config).name} layers, {a.dtype}")
+
+
+def _cache_env(args: dict, phase: str, kind: str) -> dict[str, str]:
+    """The trace cache's environment for ``phase``: off, or a folder in the run's temp dir (empty for the cold
+    phase; filled by a cold run first when the warm phase runs alone)."""
+    folder = Path(args["tmp"], "trace_cache")
+    env = {"LRC_CACHE_DIR": str(folder), "LRC_TRACE_CACHE": "1" if phase in CACHED else "0"}
+    if phase == "first_call_cold" and kind == "lrc":
+        shutil.rmtree(folder, ignore_errors=True)
+    elif phase == "first_call_warm" and kind == "lrc" and not any(folder.glob("traces/*")):
+        run_phase(BUILD.format(args=args, spec=SPEC) + f"KIND = {kind!r}\n" + BODIES["first_call_cold"], env=env,
+                  timeout=3600)
+    return env
 
 
 def _ensure_saved(args: dict, variants: list[str], results: dict) -> None:
@@ -200,6 +231,8 @@ def _fmt(res: dict) -> str:
     if "error" in res:
         return "ERROR " + res["error"]
     parts = [f"{res['s']:.2f} s" if res.get("s") is not None else "-"]
+    if res.get("transform_s") is not None:
+        parts.append(f"(transform {res['transform_s']:.2f} s)")
     if res.get("tok_s"):
         parts.append(f"{res['tok_s']:.2f} tok/s")
     if res.get("peak") is not None:

@@ -30,8 +30,12 @@ def transform(
     init_batches: int | None = None,
     strategy: str = "auto",
     progress: bool = True,
+    trace_cache: bool | None = None,
 ) -> fx.GraphModule:
     """Trace ``model``, insert the adapters ``spec`` asks for, and initialize them.
+
+    Each trace (this one and each later call signature's) is stored in, and read back from, the trace
+    cache (README, "The trace cache"); ``trace_cache=False`` (or ``LRC_TRACE_CACHE=0``) always traces.
 
     The returned GraphModule shares the model's (now frozen) base parameters; only adapter
     parameters require grad, and those of modules a ``full`` rule trains (copied first).
@@ -44,7 +48,7 @@ def transform(
         InitError: a data-dependent method is missing ``data``/``loss_fn`` or saw non-finite gradients.
     """
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
-    gm = trace(model, example_inputs, example_kwargs, strategy=strategy)
+    gm = trace(model, example_inputs, example_kwargs, strategy=strategy, trace_cache=trace_cache)
     return transform_pipeline(parsed, data, loss_fn, init_batches, progress)(gm).gm
 
 

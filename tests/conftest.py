@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# the trace cache never touches the real home: a folder for this process (session fixtures, subprocesses), and
+# a fresh one per test (below), so no test depends on what another traced
+os.environ["LRC_CACHE_DIR"] = tempfile.mkdtemp(prefix="lrc_test_cache_")
+atexit.register(shutil.rmtree, os.environ["LRC_CACHE_DIR"], True)
 
 # one intra-op thread per xdist worker (the workers share the cores), else up to 2
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
@@ -13,6 +21,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 from lowrank_compiler.passes.manager import set_verify  # noqa: E402
 
 set_verify(True)  # every pipeline checks ir.verify after each pass in the test suite
+
+
+
+@pytest.fixture(autouse=True)
+def _own_trace_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty trace cache of its own (``$LRC_CACHE_DIR``; subprocesses inherit it)."""
+    monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path_factory.mktemp("lrc_cache")))
 
 
 # spec that hits the attention projections of each tiny model

@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from lowrank_compiler.errors import TraceError
+from lowrank_compiler.frontend import trace_cache
 from lowrank_compiler.frontend.hierarchy import lookup_attr
 from lowrank_compiler.ir import lrc_meta
 from lowrank_compiler.passes.mode import make_mode_switchable
@@ -113,31 +114,49 @@ def register_cache_pytrees() -> None:
 
 def export_call(model: nn.Module, names: list[str], values: list[Any], consts: dict[str, Any],
                 n_pos: int = 0, dims: Callable[[torch.Tensor], dict[int, Any]] | None = None,
-                root: nn.Module | None = None) -> fx.GraphModule:
+                root: nn.Module | None = None, cache: bool | None = None) -> fx.GraphModule:
     """``torch.export`` (non-strict, eval mode) of ``model(names[:n_pos]..., name=value..., **consts)``.
 
     ``values`` may be pytrees (a ``DynamicCache``); every tensor leaf gets the dynamic dims
     ``dims(t)`` (default: every dim ``Dim.AUTO``, so sizes the model fixes specialise). get_attr
     targets resolve against ``root`` (default the model) and, for constants export lifted, the
     exported module. The result is a mode-switchable GraphModule whose forward takes ``values``.
+    The program comes from the trace cache when it holds this trace (:mod:`.trace_cache`; ``cache``,
+    default: ``root``'s recorded ``trace_cache`` choice, else ``$LRC_TRACE_CACHE``).
     """
     register_cache_pytrees()
     dims = dims or (lambda t: {d: torch.export.Dim.AUTO for d in range(t.dim())})
     wrapper = _binding_wrapper(model, names, n_pos, consts)
     shapes = torch.export.ShapesCollection()
+    choices = []
     for leaf in tree_flatten(list(values))[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim():
-            shapes[leaf] = dims(leaf)
+            choice = dims(leaf)
+            shapes[leaf] = choice
+            choices.append(choice)
+    if cache is None and root is not None:
+        cache = lrc_meta(root).get("trace_cache") if isinstance(root, fx.GraphModule) else None
     was_training = model.training
     model.eval()  # eval-mode trace: matches eager exactly; the mode pass restores train-time dropout
     quiet = logging.getLogger("torch._export.non_strict_utils")  # "0/1 specialized" notes: expected, guarded
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    label = f"{type(model).__name__} ({', '.join(list(names) + [f'{k}={v!r}' for k, v in consts.items()])})"
     try:
-        ep = _torch_export(wrapper, tuple(values), shapes.dynamic_shapes(wrapper, tuple(values)))
+        return trace_cache.exported(
+            wrapper, label,
+            lambda: trace_cache.call_key(model, names, values, consts, n_pos, choices),
+            lambda: _torch_export(wrapper, tuple(values), shapes.dynamic_shapes(wrapper, tuple(values))),
+            lambda ep: trace_cache.fits(ep, values),
+            lambda ep: _graph_module(ep, model, root, names, consts, was_training), cache)
     finally:
         model.train(was_training)
         quiet.setLevel(level)
+
+
+def _graph_module(ep: torch.export.ExportedProgram, model: nn.Module, root: nn.Module | None, names: list[str],
+                  consts: dict[str, Any], was_training: bool) -> fx.GraphModule:
+    """The mode-switchable GraphModule of ``ep``: model tensors resolved against ``root``, lifted constants kept."""
     em = ep.module(check_guards=False)
     graph, prefix = em.graph, _ROOT + "."
     found: dict[str, Any] = {}
@@ -168,14 +187,17 @@ def export_call(model: nn.Module, names: list[str], values: list[Any], consts: d
     return gm
 
 
-def export_model(model: nn.Module, args: tuple, kwargs: dict, was_training: bool) -> fx.GraphModule:
+def export_model(model: nn.Module, args: tuple, kwargs: dict, was_training: bool,
+                 cache: bool | None = None) -> fx.GraphModule:
+    """The primary graph of ``model`` traced on ``args``/``kwargs`` (tensor kwargs become inputs, others constants)."""
     tensor_kw = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     consts = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise TraceError("example_inputs must all be tensors; pass other values in example_kwargs")
     names = _positional_names(model, len(args)) + list(tensor_kw)
     inputs = tuple(args) + tuple(tensor_kw.values())
-    gm = export_call(model, names, list(inputs), consts, n_pos=len(args), dims=lambda t: dynamic_dims((t,))[0])
+    gm = export_call(model, names, list(inputs), consts, n_pos=len(args), dims=lambda t: dynamic_dims((t,))[0],
+                     cache=cache)
     gm.train(was_training)
     lrc_meta(gm).update(example_inputs=inputs, example_kwargs={}, **model_record(model))
     return gm

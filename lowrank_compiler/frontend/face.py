@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -93,7 +92,6 @@ class Face:
         self.primary: _Entry | None = None
         self.variants: dict[tuple, list[_Entry]] = {}
         self.stamp: Any = None
-        self.announced: set[tuple] = set()
         # a derived face (a lowering of another graph): its variants are the parent's, rewritten by ``post``
         self.parent: tuple[Face, fx.GraphModule] | None = None
         self.post: Callable[[fx.GraphModule], fx.GraphModule] | None = None
@@ -237,17 +235,7 @@ class Face:
             entry.gm.train(gm.training)
         return entry.gm(*values)
 
-    def _announce(self, key: tuple) -> None:
-        if key in self.announced:
-            return
-        self.announced.add(key)
-        desc = ", ".join(f"{k}={leaves[0][2]!r}" if len(leaves) == 1 and leaves[0][0] == "V"
-                         else k if isinstance(spec, str) else f"{k}[{len(leaves)} tensors]" for k, spec, leaves in key)
-        print(f"lrc: tracing {type(self.model).__name__} for a new call signature ({desc}); once per signature",
-              file=sys.stderr)
-
     def _trace_variant(self, gm: fx.GraphModule, bound: dict[str, Any], key: tuple) -> _Entry:
-        self._announce(key)
         names = [k for k, v in bound.items() if _has_tensor(v)]
         consts = {k: v for k, v in bound.items() if k not in names}
         values = [bound[n] for n in names]

@@ -17,6 +17,7 @@ def trace(
     example_inputs: tuple[Any, ...] | None = None,
     example_kwargs: dict[str, Any] | None = None,
     strategy: str = "auto",
+    trace_cache: bool | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into an :class:`~lowrank_compiler.frontend.module.LrcGraphModule` whose dropout follows train()/eval().
 
@@ -26,6 +27,9 @@ def trace(
     ``strategy``: ``"auto"`` tries ``fx.symbolic_trace`` then ``torch.export``; ``"fx"`` or
     ``"export"`` forces one. For export, tensor inputs get dynamic batch (dim 0) and sequence
     (dim 1) sizes; non-tensor kwargs (``use_cache=False``) are baked into the graph.
+
+    ``trace_cache``: use the trace cache (:mod:`.trace_cache`) for this trace and every later call
+    signature's (``None``: unless ``$LRC_TRACE_CACHE`` is 0); ``False`` always traces.
 
     Raises:
         TraceError: every strategy failed; the message names each failure.
@@ -47,7 +51,7 @@ def trace(
             gm = fx.symbolic_trace(model)
             lrc_meta(gm).update(trace="fx", example_inputs=example_inputs, example_kwargs=example_kwargs,
                                 input_names=[n.target for n in gm.graph.nodes if n.op == "placeholder"],
-                                **model_record(model))
+                                trace_cache=trace_cache, **model_record(model))
             gm.train(was_training)
             return attach(gm, model)
         except Exception as e:  # noqa: BLE001 - reported below
@@ -58,7 +62,9 @@ def trace(
                             "and/or example_kwargs={...}")
         else:
             try:
-                return attach(export_model(model, example_inputs, example_kwargs, was_training), model)
+                gm = export_model(model, example_inputs, example_kwargs, was_training, cache=trace_cache)
+                lrc_meta(gm)["trace_cache"] = trace_cache
+                return attach(gm, model)
             except Exception as e:  # noqa: BLE001
                 failures.append(f"torch.export (non-strict): {type(e).__name__}: {_first_line(e)}")
             finally:

@@ -127,7 +127,7 @@ def test_face_attributes_and_signature(capsys):
     gm(**batch(seed=1), output_hidden_states=True)
     gm(**batch(seed=2), output_hidden_states=True)
     err = capsys.readouterr().err
-    assert err.count("new call signature") == 1  # traced once, announced once
+    assert err.count("lrc: tracing") == 1  # traced once, announced once
     c = copy.deepcopy(gm)
     assert type(c).__mro__[1] is type(gm).__mro__[1] and c.config is model.config
 
