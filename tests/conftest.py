@@ -24,10 +24,17 @@ set_verify(True)  # every pipeline checks ir.verify after each pass in the test 
 
 
 
+# modules that run with the trace cache on, as users do: the cache's own tests and the lifecycle matrix (a trace
+# written to the cache and read back is part of every stage there); elsewhere a cache write would only add ~1 s
+# per trace to the suite, so LRC_TRACE_CACHE=0 (subprocesses inherit both settings)
+CACHE_ON = ("test_trace_cache.py", "test_lifecycle.py")
+
+
 @pytest.fixture(autouse=True)
-def _own_trace_cache(tmp_path_factory, monkeypatch):
-    """Each test starts with an empty trace cache of its own (``$LRC_CACHE_DIR``; subprocesses inherit it)."""
+def _own_trace_cache(request, tmp_path_factory, monkeypatch):
+    """Each test starts with an empty trace cache of its own (``$LRC_CACHE_DIR``), on only in ``CACHE_ON``."""
     monkeypatch.setenv("LRC_CACHE_DIR", str(tmp_path_factory.mktemp("lrc_cache")))
+    monkeypatch.setenv("LRC_TRACE_CACHE", "1" if request.path.name in CACHE_ON else "0")
 
 
 # spec that hits the attention projections of each tiny model
