@@ -2,8 +2,9 @@
 
 A stock tiny ``LlamaConfig`` (random weights), LoRA r=8 on q/v, AdamW, a fixed batch the model learns to
 continue (next token = token + 1 mod vocab). Three runs from the same weights and adapter init:
-``fp32`` (model and adapters fp32: the reference), ``bf16`` (adapters in the base dtype, lrc's default before
-fp32 master weights), ``bf16+fp32 adapters`` (bf16 base, adapter parameters and AdamW state fp32).
+``fp32`` (model and adapters fp32: the reference), ``bf16 adapters`` (adapters cast to the base dtype: lrc's
+behaviour before fp32 master weights), ``fp32 adapters`` (bf16 base, adapter parameters and AdamW state fp32:
+what ``lora`` now creates on a bf16 / fp16 base, as PEFT's ``autocast_adapter_dtype``).
 
     python benchmarks/bench_bf16_adapters.py --steps 200 --lr 1e-4
 """
@@ -26,7 +27,7 @@ SPEC = "self_attn.q_proj:lora(r=8, alpha=16); self_attn.v_proj:lora(r=8, alpha=1
 
 
 def run(base_dtype: torch.dtype, adapter_dtype: torch.dtype | None, steps: int, lr: float) -> list[float]:
-    """Loss per step; ``adapter_dtype`` None: the adapters as lrc creates them."""
+    """Loss per step; ``adapter_dtype``: cast the adapters to it (None: as lrc creates them)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def run(base_dtype: torch.dtype, adapter_dtype: torch.dtype | None, steps: int, 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

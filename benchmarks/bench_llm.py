@@ -13,6 +13,7 @@ weights' bytes W (load: of the file's size).
     python benchmarks/bench_llm.py                     # 1.1B, fp32 (≈ 6 GB per process; 24 GB machine)
     python benchmarks/bench_llm.py --layers 4          # the same shape, 4 layers (development, CI's slow test)
     python benchmarks/bench_llm.py --dtype bf16 --phases generate save load
+    python benchmarks/bench_llm.py --phases train_step --variants lrc peft --rounds 4 --steps 4
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ print(json.dumps({"s": s, "peak": peak / W, "W": W}))
 m = make(KIND); m.train(); opt = optim(KIND, m)
 step(m, opt)
 def steps():
+    times = []
     for _ in range(ARGS["steps"]):
-        step(m, opt)
-_, s, peak = measure(steps)
-print(json.dumps({"s": s / ARGS["steps"], "peak": peak / W, "W": W}))
+        t = time.perf_counter(); step(m, opt); times.append(time.perf_counter() - t)
+    return times
+times, s, peak = measure(steps)
+print(json.dumps({"s": sorted(times)[len(times) // 2], "steps_s": times, "peak": peak / W, "W": W}))
 ''',
     "generate": '''
 m = make(KIND); m.eval()
@@ -156,7 +159,8 @@ def main() -> None:
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="train steps per process (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each phase, variant order alternating (ABBA)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results" / "bench_llm.json"))
@@ -166,8 +170,8 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
         args = {**vars(a), "tmp": tmp}
-        for phase in a.phases:
-            variants = list(a.variants)
+        for phase, rnd in [(p, r) for p in a.phases for r in range(a.rounds)]:
+            variants = list(a.variants) if rnd % 2 == 0 else list(reversed(a.variants))  # ABBA: no order bias
             if phase == "load":  # peft loads the hf checkpoint plus its adapter: both must exist
                 _ensure_saved(args, variants, results)
             for kind in variants:  # interleaved: every phase runs each variant back to back
@@ -177,7 +181,11 @@ def main() -> None:
                     res = run_phase(body, timeout=3600)
                 except RuntimeError as e:
                     res = {"error": str(e).strip().splitlines()[-1][:300]}
-                results.setdefault(phase, {})[kind] = res
+                prev = results.setdefault(phase, {}).get(kind)
+                if prev is not None and "error" not in res and prev.get("s") is not None:  # rounds: keep every time
+                    res["rounds_s"] = [*prev.get("rounds_s", [prev["s"]]), res["s"]]
+                    res["s"] = sorted(res["rounds_s"])[len(res["rounds_s"]) // 2]
+                results[phase][kind] = res
                 print(f"{phase:11s} {kind:5s} {_fmt(res)}  ({time.time() - t:.0f} s wall)", flush=True)
     report = {"args": vars(a), "loadavg_before": load, "loadavg_after": open("/proc/loadavg").read().split()[:3],
               "results": results}

@@ -99,9 +99,9 @@ def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None)
             x = g.call_function(_aten._to_copy.default, (x,), {"dtype": a.dtype})
         h = g.call_function(_aten.matmul.default, (x, pa))
         d = g.call_function(_aten.matmul.default, (h, pb))
-        if a.dtype != x_dtype:  # back to the activation dtype, so the next layer sees what the model did
-            d = g.call_function(_aten._to_copy.default, (d,), {"dtype": x_dtype})
         y = g.call_function(_aten.add.Tensor, (lin, d))
+        if a.dtype != x_dtype:  # the sum in the factors' dtype, rounded once to the activation dtype (LoRA.forward)
+            y = g.call_function(_aten._to_copy.default, (y,), {"dtype": x_dtype})
     lin.meta.update({k: v for k, v in node.meta.items() if k != META_KEY})
     y.meta["lrc_separate"] = mark.site
     node.replace_all_uses_with(y)
