@@ -47,7 +47,8 @@ else:
 DT = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[ARGS["dtype"]]
 DEV = ARGS["device"]
 torch.manual_seed(0)
-model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=DT).to(DEV).eval()
+model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).to(DT).to(DEV).eval()  # fp32 draws, cast:
+# the bf16 run's weights are the fp32 run's rounded, so their greedy tokens can be compared
 W = sum(p.numel() * p.element_size() for p in model.parameters())
 V = int(cfg.vocab_size)
 ids = torch.randint(3, V, (1, ARGS["seq"]), device=DEV)
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results" / "bench_llm.json"))
+    ap.add_argument("--ref-tokens", default="", help="a bench_llm JSON whose generate tokens to compare with")
     ap.add_argument("--png", default="", help="write the bar chart here (e.g. docs/bench_llm.png)")
     a = ap.parse_args()
     load = open("/proc/loadavg").read().split()[:3]
@@ -187,6 +189,14 @@ def main() -> None:
                     res["s"] = sorted(res["rounds_s"])[len(res["rounds_s"]) // 2]
                 results[phase][kind] = res
                 print(f"{phase:11s} {kind:5s} {_fmt(res)}  ({time.time() - t:.0f} s wall)", flush=True)
+    if a.ref_tokens and "generate" in results:  # greedy tokens against another run (e.g. bf16 vs fp32)
+        ref = json.loads(Path(a.ref_tokens).read_text())["results"].get("generate", {})
+        for kind, res in results["generate"].items():
+            theirs, ours = ref.get(kind, {}).get("tokens"), res.get("tokens")
+            if theirs and ours:
+                same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+                res["tokens_equal_to_ref"] = same
+                print(f"generate {kind}: the first {same} of {len(ours)} greedy tokens equal {a.ref_tokens}'s")
     report = {"args": vars(a), "loadavg_before": load, "loadavg_after": open("/proc/loadavg").read().split()[:3],
               "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
