@@ -145,8 +145,7 @@ class AdapterMethod(nn.Module):
     args: ClassVar[dict[str, Arg]] = {}
     #: True when after_step / initialize may change the base weight.
     modifies_base: ClassVar[bool] = False
-    #: True when the adapter keeps fp32 parameters (so fp32 optimizer state) on a bf16 / fp16 base: "fp32
-    #: master weights", as PEFT's ``autocast_adapter_dtype``; its forward casts the input up and the result back.
+    #: fp32 parameters (and optimizer state) on a bf16 / fp16 base, as PEFT's ``autocast_adapter_dtype``
     fp32_master: ClassVar[bool] = False
 
     @classmethod
