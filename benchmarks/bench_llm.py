@@ -167,7 +167,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "bench_llm.json"))
     ap.add_argument("--ref-tokens", default="", help="a bench_llm JSON whose generate tokens to compare with")
     ap.add_argument("--png", default="", help="write the bar chart here (e.g. docs/bench_llm.png)")
+    ap.add_argument("--from-json", nargs="+", default=[], help="run nothing: merge these results (later files "
+                    "win per phase and variant), print the table and draw --png")
     a = ap.parse_args()
+    if a.from_json:
+        merged: dict[str, dict[str, dict]] = {}
+        for f in a.from_json:
+            for phase, row in json.loads(Path(f).read_text())["results"].items():
+                merged.setdefault(phase, {}).update(row)
+        merged = {ph: merged[ph] for ph in PHASES if ph in merged}
+        print(table(merged))
+        if a.png:
+            plot(merged, a.png, f"{a.layers} layers, {a.dtype}")
+        return
     load = open("/proc/loadavg").read().split()[:3]
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
