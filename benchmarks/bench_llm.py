@@ -269,6 +269,8 @@ def plot(results: dict, path: str, title: str) -> None:
             ax.bar([j + i * 0.27 for j in range(len(phases))], vals, width=0.27, label=k)
         ax.set_xticks([j + 0.27 for j in range(len(phases))], phases, rotation=30)
         ax.set_ylabel(label)
+        if key == "s":
+            ax.set_yscale("log")  # seconds span 0.1 (a token) to 700 (the 1.1B export)
         ax.legend()
     fig.suptitle(f"bench_llm: {title}")
     fig.tight_layout()
