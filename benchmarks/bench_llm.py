@@ -19,6 +19,7 @@ folder the first filled): the cost a script pays on its first run and on every l
     python benchmarks/bench_llm.py --layers 4          # the same shape, 4 layers (development, CI's slow test)
     python benchmarks/bench_llm.py --dtype bf16 --phases generate save load
     python benchmarks/bench_llm.py --layers 4 --phases first_call_cold first_call_warm
+    python benchmarks/bench_llm.py --phases train_step --variants lrc peft --rounds 4 --steps 4
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ else:
 DT = {{"fp32": torch.float32, "bf16": torch.bfloat16}}[ARGS["dtype"]]
 DEV = ARGS["device"]
 torch.manual_seed(0)
-model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=DT).to(DEV).eval()
+model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).to(DT).to(DEV).eval()  # fp32 draws, cast:
+# the bf16 run's weights are the fp32 run's rounded, so their greedy tokens can be compared
 W = sum(p.numel() * p.element_size() for p in model.parameters())
 V = int(cfg.vocab_size)
 ids = torch.randint(3, V, (1, ARGS["seq"]), device=DEV)
@@ -96,10 +98,12 @@ print(json.dumps({"s": s, "peak": peak / W, "W": W}))
 m = make(KIND); m.train(); opt = optim(KIND, m)
 step(m, opt)
 def steps():
+    times = []
     for _ in range(ARGS["steps"]):
-        step(m, opt)
-_, s, peak = measure(steps)
-print(json.dumps({"s": s / ARGS["steps"], "peak": peak / W, "W": W}))
+        t = time.perf_counter(); step(m, opt); times.append(time.perf_counter() - t)
+    return times
+times, s, peak = measure(steps)
+print(json.dumps({"s": sorted(times)[len(times) // 2], "steps_s": times, "peak": peak / W, "W": W}))
 ''',
     "generate": '''
 m = make(KIND); m.eval()
@@ -174,18 +178,32 @@ def main() -> None:
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="train steps per process (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each phase, variant order alternating (ABBA)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results" / "bench_llm.json"))
+    ap.add_argument("--ref-tokens", default="", help="a bench_llm JSON whose generate tokens to compare with")
     ap.add_argument("--png", default="", help="write the bar chart here (e.g. docs/bench_llm.png)")
+    ap.add_argument("--from-json", nargs="+", default=[], help="run nothing: merge these results (later files "
+                    "win per phase and variant), print the table and draw --png")
     a = ap.parse_args()
+    if a.from_json:
+        merged: dict[str, dict[str, dict]] = {}
+        for f in a.from_json:
+            for phase, row in json.loads(Path(f).read_text())["results"].items():
+                merged.setdefault(phase, {}).update(row)
+        merged = {ph: merged[ph] for ph in PHASES if ph in merged}
+        print(table(merged))
+        if a.png:
+            plot(merged, a.png, f"{a.layers} layers, {a.dtype}")
+        return
     load = open("/proc/loadavg").read().split()[:3]
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
         args = {**vars(a), "tmp": tmp}
-        for phase in a.phases:
-            variants = list(a.variants)
+        for phase, rnd in [(p, r) for p in a.phases for r in range(a.rounds)]:
+            variants = list(a.variants) if rnd % 2 == 0 else list(reversed(a.variants))  # ABBA: no order bias
             if phase == "load":  # peft loads the hf checkpoint plus its adapter: both must exist
                 _ensure_saved(args, variants, results)
             for kind in variants:  # interleaved: every phase runs each variant back to back
@@ -195,8 +213,20 @@ def main() -> None:
                     res = run_phase(body, env=_cache_env(args, phase, kind), timeout=3600)
                 except RuntimeError as e:
                     res = {"error": str(e).strip().splitlines()[-1][:300]}
-                results.setdefault(phase, {})[kind] = res
+                prev = results.setdefault(phase, {}).get(kind)
+                if prev is not None and "error" not in res and prev.get("s") is not None:  # rounds: keep every time
+                    res["rounds_s"] = [*prev.get("rounds_s", [prev["s"]]), res["s"]]
+                    res["s"] = sorted(res["rounds_s"])[len(res["rounds_s"]) // 2]
+                results[phase][kind] = res
                 print(f"{phase:11s} {kind:5s} {_fmt(res)}  ({time.time() - t:.0f} s wall)", flush=True)
+    if a.ref_tokens and "generate" in results:  # greedy tokens against another run (e.g. bf16 vs fp32)
+        ref = json.loads(Path(a.ref_tokens).read_text())["results"].get("generate", {})
+        for kind, res in results["generate"].items():
+            theirs, ours = ref.get(kind, {}).get("tokens"), res.get("tokens")
+            if theirs and ours:
+                same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+                res["tokens_equal_to_ref"] = same
+                print(f"generate {kind}: the first {same} of {len(ours)} greedy tokens equal {a.ref_tokens}'s")
     report = {"args": vars(a), "loadavg_before": load, "loadavg_after": open("/proc/loadavg").read().split()[:3],
               "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +302,8 @@ def plot(results: dict, path: str, title: str) -> None:
             ax.bar([j + i * 0.27 for j in range(len(phases))], vals, width=0.27, label=k)
         ax.set_xticks([j + 0.27 for j in range(len(phases))], phases, rotation=30)
         ax.set_ylabel(label)
+        if key == "s":
+            ax.set_yscale("log")  # seconds span 0.1 (a token) to 700 (the 1.1B export)
         ax.legend()
     fig.suptitle(f"bench_llm: {title}")
     fig.tight_layout()

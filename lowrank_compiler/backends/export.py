@@ -30,6 +30,7 @@ from lowrank_compiler.formats.load import load_adapters
 from lowrank_compiler.formats.model import save, save_adapters
 from lowrank_compiler.formats.peft import save_peft
 from lowrank_compiler.formats.peft_load import peft_onnx_tensors
+from lowrank_compiler.formats.stream import ForwardStream, write_safetensors
 from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import META_KEY, adapter_nodes
 from lowrank_compiler.quiet import quiet
@@ -206,20 +207,16 @@ def adapter_tensors_from(gm: fx.GraphModule, src: str | os.PathLike) -> dict[str
 
 
 def _save_safetensors(gm: fx.GraphModule, path: Path, merge: bool) -> None:
-    from safetensors.torch import save as st_save
-
+    """The adapters file, or with ``merge`` the merged model's tensors, streamed one tensor at a time."""
     if not merge:
         save_adapters(gm, path)
         return
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in merged_copy(gm).state_dict().items()
-             if isinstance(v, torch.Tensor)}
-    data = st_save(state, metadata={"format": "pt"})
-    atomic_write(path, lambda f: f.write(data))
+    state = {k: v for k, v in merged_copy(gm).state_dict().items() if isinstance(v, torch.Tensor)}
+    atomic_write(path, lambda f: write_safetensors(f, state, {"format": "pt"}))
 
 
 def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
-    import io
-
+    """A ``torch.export`` archive streamed into the file (no whole-archive bytes in memory)."""
     inputs, _ = example_inputs_of(gm)
     was = gm.training
     target = (merged_copy(gm) if merge else gm).eval()
@@ -229,6 +226,10 @@ def _save_pt2(gm: fx.GraphModule, path: Path, merge: bool) -> None:
         raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
     finally:
         gm.train(was)
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+    def write(f: Any) -> None:
+        stream = ForwardStream(f)
+        torch.export.save(ep, stream)
+        stream.done()
+
+    atomic_write(path, write)

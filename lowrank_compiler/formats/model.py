@@ -3,18 +3,17 @@ manifest (which adapter sits where) and safetensors (adapter tensors, example in
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 from torch import fx
 
 from lowrank_compiler.errors import LoadError
 from lowrank_compiler.formats.rebuild import face_record
+from lowrank_compiler.formats.stream import ForwardStream, write_safetensors
 from lowrank_compiler.frontend.capture import export_program
 from lowrank_compiler.ir import (
     META_KEY,
@@ -33,10 +32,6 @@ ADAPTER_FORMAT = "lrc-adapters"
 VERSION = 1
 KEPT_META = ("model_class", "hf_config", "base_model_name_or_path")  # what HF layout / PEFT export read later
 MANIFEST, PROGRAM, ADAPTERS, INPUTS = "manifest.json", "program.pt2", "adapters.safetensors", "inputs.safetensors"
-
-
-def _tensors(d: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in d.items()})
 
 
 def adapter_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
@@ -92,51 +87,15 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
             z.writestr(MANIFEST, json.dumps(manifest, indent=1))
             with z.open(PROGRAM, "w", force_zip64=big) as member:  # streamed: one tensor in memory at a time
-                stream = _Forward(member)
+                stream = ForwardStream(member)
                 torch.export.save(ep, stream)
                 stream.done()
-            z.writestr(ADAPTERS, _tensors(adapter_state(gm)))
-            z.writestr(INPUTS, _tensors(dict(zip(names, inputs))))
+            for name, tensors in ((ADAPTERS, adapter_state(gm)), (INPUTS, dict(zip(names, inputs)))):
+                with z.open(name, "w", force_zip64=big) as member:
+                    write_safetensors(member, tensors)
 
     atomic_write(path, write)
     gm.train(gm.training)
-
-
-class _Forward(io.RawIOBase):
-    """A write-only stream torch.export.save accepts (it asks for a seekable file and seeks to 0 when done).
-
-    An OSError (disk full, file-size limit) is held and raised by :meth:`done`: raised inside torch's C++
-    writer it would abort the process when the writer is destroyed.
-    """
-
-    def __init__(self, out: Any) -> None:
-        super().__init__()
-        self.out, self.n, self.error = out, 0, None
-
-    def done(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        if self.error is None:
-            try:
-                self.out.write(b)
-            except OSError as e:
-                self.error = e
-        self.n += len(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.n
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.n  # only the final rewind comes here; nothing is written after it
 
 
 def _node_order(gm: fx.GraphModule, module_path: str) -> int:
@@ -150,17 +109,16 @@ def _node_order(gm: fx.GraphModule, module_path: str) -> int:
 def save_adapters(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write only what training changes: the adapters (tensors + which method sits where) and the
     modules a ``full`` rule trains, as one safetensors file."""
-    data = adapter_file_bytes(gm)
-    atomic_write(path, lambda f: f.write(data))
+    write_adapter_file(gm, path)
 
 
-def adapter_file_bytes(gm: fx.GraphModule, extra: dict[str, torch.Tensor] | None = None,
-                       extra_meta: dict[str, str] | None = None) -> bytes:
-    """The :func:`save_adapters` file as bytes: adapter tensors, ``full`` modules' parameters and ``extra``
-    tensors, with the records (which method sits where) in the metadata."""
+def write_adapter_file(gm: fx.GraphModule, path: str | os.PathLike, extra: dict[str, torch.Tensor] | None = None,
+                       extra_meta: dict[str, str] | None = None) -> None:
+    """The :func:`save_adapters` file, streamed (one tensor at a time), atomically: adapter tensors, ``full``
+    modules' parameters and ``extra`` tensors, with the records (which method sits where) in the metadata."""
     meta = {"format": ADAPTER_FORMAT, "version": str(VERSION), "adapters": json.dumps(adapter_records(gm)),
             "full_modules": json.dumps(list(lrc_meta(gm).get("full_modules", []))), **(extra_meta or {})}
     state = {**adapter_state(gm), **full_parameters(gm), **(extra or {})}
-    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, metadata=meta)
+    atomic_write(path, lambda f: write_safetensors(f, state, meta))
 
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.load import copy_checked, load_adapter_tensors, read_file, set_merged
-from lowrank_compiler.formats.model import ADAPTER_FORMAT, VERSION, adapter_file_bytes, adapter_records
+from lowrank_compiler.formats.model import ADAPTER_FORMAT, VERSION, adapter_records, write_adapter_file
 from lowrank_compiler.formats.peft import CONFIG as PEFT_CONFIG
 from lowrank_compiler.formats.peft import WEIGHTS as PEFT_WEIGHTS
 from lowrank_compiler.formats.peft import peft_state
@@ -79,7 +79,7 @@ def write_pretrained(directory: Path, gm: fx.GraphModule, base_model_name_or_pat
     config = {"format": FORMAT, "version": VERSION, "base_model_name_or_path": name,
               "model_class": meta.get("model_class"), "specs": list(meta.get("specs", [])),
               "methods": sorted({r["method"] for r in adapter_records(gm)})}
-    (directory / LRC_WEIGHTS).write_bytes(adapter_file_bytes(gm, changed_bases(gm)))
+    write_adapter_file(gm, directory / LRC_WEIGHTS, changed_bases(gm))
     (directory / LRC_CONFIG).write_text(json.dumps(config, indent=2))
     return "lrc"
 

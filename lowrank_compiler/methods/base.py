@@ -145,6 +145,14 @@ class AdapterMethod(nn.Module):
     args: ClassVar[dict[str, Arg]] = {}
     #: True when after_step / initialize may change the base weight.
     modifies_base: ClassVar[bool] = False
+    #: fp32 parameters (and optimizer state) on a bf16 / fp16 base, as PEFT's ``autocast_adapter_dtype``
+    fp32_master: ClassVar[bool] = False
+
+    @classmethod
+    def param_dtype(cls, site: SiteInfo) -> torch.dtype:
+        """The dtype of this method's parameters at ``site``: float32 for an ``fp32_master`` method on a
+        bf16 / fp16 base, else the base weight's dtype."""
+        return torch.float32 if cls.fp32_master and site.dtype in (torch.bfloat16, torch.float16) else site.dtype
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__()

@@ -32,6 +32,7 @@ class DeltaLoRA(LoRA):
         SpecError: ratio ≤ 0, start < 0, or a LoRA argument out of range.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "delta_lora"
     args = {
         "r": LoRA.args["r"],

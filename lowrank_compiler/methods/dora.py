@@ -41,6 +41,7 @@ class DoRA(LoRA):
         SpecError: an argument out of range.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "dora"
     args = {
         "r": Arg(32, (int,), positive, "rank"),

@@ -56,6 +56,7 @@ class LoRA(AdapterMethod):
     """
 
     name = "lora"
+    fp32_master = True  # bf16 / fp16 bases: fp32 A, B and optimizer state (benchmarks/bench_bf16_adapters.py)
     args = {**LORA_ARGS, "init": Arg("default", (str,), lora_inits.check_init, "PEFT's init_lora_weights"),
             "loftq_bits": Arg(4, (int,), one_of(4, 8), "LoftQ: 4 (NF4) or 8 (int8)"),
             "loftq_iter": Arg(1, (int,), positive, "LoftQ: alternating iterations")}
@@ -83,8 +84,9 @@ class LoRA(AdapterMethod):
         alpha = float(cfg["alpha"])
         self.scaling = alpha / math.sqrt(self.r) if cfg.get("rslora", False) else alpha / self.r
         dropout = float(cfg.get("dropout", 0.0))
-        self.lora_A = nn.Parameter(torch.empty(self.r, site.d_in, dtype=site.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(site.d_out, self.r, dtype=site.dtype))
+        dtype = self.param_dtype(site)
+        self.lora_A = nn.Parameter(torch.empty(self.r, site.d_in, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(site.d_out, self.r, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -127,7 +129,7 @@ class LoRA(AdapterMethod):
             out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
             return out.view(*x.shape[:-1], out.shape[-1])
         out = F.linear(x, weight, bias)
-        return out + self.lora_branch(x).to(out.dtype)
+        return (out + self.lora_branch(x)).to(out.dtype)  # fp32 masters: one rounding of the sum, as PEFT
 
     def _merge_on_the_fly(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """True for eager inference (no grad needed, no active dropout, not being traced) when the
@@ -169,6 +171,7 @@ class OffsetLoRA(DataDependentInit, LoRA):
     (PEFT export, ``formats/rebase.py``), as LoRA-GA (docs/loraga.md).
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     modifies_base = True
     identity_before_init = True
 
@@ -236,6 +239,7 @@ class EvaLoRA(DataDependentInit, LoRA):
     spec; ``whiten``. A = B = 0 until ``passes.initialize`` runs (no loss_fn needed: forward only).
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     identity_before_init = True
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:

@@ -84,6 +84,7 @@ class LoRADrop(DataDependentInit, LoRA):
         SpecError: bad argument. InitError: no init batch is left after the warm-up to measure importance.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "lora_drop"
     args = {
         **LORA_ARGS,

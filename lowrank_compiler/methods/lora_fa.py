@@ -57,6 +57,7 @@ class LoRAFA(FrozenAProjection, LoRA):
         SpecError: an argument out of range.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "lora_fa"
     args = LORA_ARGS
 

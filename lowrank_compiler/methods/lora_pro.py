@@ -69,6 +69,7 @@ class LoRAPro(LoRA):
         SpecError: an argument out of range.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "lora_pro"
     args = {**LORA_ARGS, "mode": Arg("full", (str,), one_of("full", "efficient"), "AdamW variant")}
 

@@ -46,6 +46,7 @@ class LoRASC(LoRA):
         SpecError: cascade_every missing or < 1, slow_rate outside (0, 1], noise < 0.
     """
 
+    fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
     name = "lorasc"
     args = {
         **LORA_ARGS,

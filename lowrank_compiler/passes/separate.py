@@ -138,9 +138,9 @@ def _try_rewrite(gm: fx.GraphModule, node: fx.Node, gen: torch.Generator | None,
             x = g.call_function(_aten._to_copy.default, (x,), {"dtype": a.dtype})
         h = g.call_function(_aten.matmul.default, (x, pa))
         d = g.call_function(_aten.matmul.default, (h, pb))
-        if a.dtype != x_dtype:  # back to the activation dtype, so the next layer sees what the model did
-            d = g.call_function(_aten._to_copy.default, (d,), {"dtype": x_dtype})
         y = g.call_function(_aten.add.Tensor, (lin, d))
+        if a.dtype != x_dtype:  # the sum in the factors' dtype, rounded once to the activation dtype (LoRA.forward)
+            y = g.call_function(_aten._to_copy.default, (y,), {"dtype": x_dtype})
         if gain is not None:  # g ⊙ (W x + Δ) + b: the bias is outside the gain, as DoRA's forward
             y = g.call_function(_aten.mul.Tensor, (y, g.get_attr(f"{mark.module_path}.{GAIN}")))
             if bias is not None:

@@ -75,3 +75,35 @@ print(json.dumps({{"W": W, "peak": peak, "external": rep["external_data"]}}))
     proto = onnx.load(str(out), load_external_data=False)
     lora = [i.name for i in proto.graph.input if i.name.endswith(".lora_A.weight")]
     assert len(lora) == 8  # q and v of 4 layers are adapter inputs
+
+
+@pytest.mark.slow
+def test_pt2_and_safetensors_exports_stream(tmp_path):
+    """``lrc.export`` to pt2 and to (merged) safetensors writes tensor by tensor: no whole-file bytes in memory.
+
+    pt2: torch.export.save's own two payload copies as for ``lrc.save``; merged safetensors: the merged copy
+    of the weights (1 W, ``lrc.merge``) plus at most one tensor; the adapters file: a few MB.
+    """
+    rep = run_phase(BUILD + f'''
+from safetensors import safe_open
+out = {{}}
+for name, kw in (("m.pt2", {{}}), ("merged.safetensors", {{"merge": True}}), ("ad.safetensors", {{}})):
+    p = os.path.join({str(tmp_path)!r}, name)
+    _, s, peak = measure(lambda: lrc.export(gm, p, **kw))
+    out[name] = {{"peak": peak, "size": os.path.getsize(p)}}
+with safe_open(os.path.join({str(tmp_path)!r}, "merged.safetensors"), "pt") as f:
+    w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    m = lrc.adapters(gm)["model.layers.0.self_attn.q_proj"]
+    base = gm.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    out["merge_diff"] = float((w - base - m.scaling * m.lora_B @ m.lora_A).abs().max())
+ep = torch.export.load(os.path.join({str(tmp_path)!r}, "m.pt2"))
+got = ep.module()(ids)
+got = got["logits"] if isinstance(got, dict) else got[0]
+out["pt2_diff"] = float((got - ref).abs().max())
+print(json.dumps({{"W": W, "big": BIG, **out}}))
+''')
+    W, big = rep["W"], rep["big"]
+    assert rep["m.pt2"]["peak"] <= 0.3 * W + 2 * big and rep["m.pt2"]["size"] >= W, rep
+    assert rep["merged.safetensors"]["peak"] <= 1.1 * W + big and rep["merged.safetensors"]["size"] >= W, rep
+    assert rep["ad.safetensors"]["peak"] <= 0.01 * W, rep
+    assert rep["merge_diff"] < 1e-4 and rep["pt2_diff"] < 1e-4, rep  # the files hold the model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,36 @@ def with_hf_face(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+def low_precision(gm: fx.GraphModule) -> torch.dtype | None:
+    """The floating dtype of ``gm``'s tensors other than float32 (bf16, fp16), or None for an fp32 model."""
+    kinds = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()} - {torch.float32}
+    return min(kinds, key=str) if kinds else None
+
+
+def fp32_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """An fp32 copy of ``gm`` (a bf16 / fp16 HF causal LM with a face): the model's tensors upcast (exact),
+    traced again (a traced graph bakes its dtype), the same adapters with their state in fp32, unmerged.
+    Costs the fp32 weights once; ``gm`` is untouched."""
+    model = gm.lrc_face.model
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point() and id(t) not in memo:
+            up = t.detach().float()
+            memo[id(t)] = nn.Parameter(up, requires_grad=False) if isinstance(t, nn.Parameter) else up
+    twin = trace(copy.deepcopy(model, memo).eval())
+    apply_records(twin, [{**r, "merged": False} for r in adapter_records(gm)], "the model's adapters")
+    theirs = adapters_of(twin)
+    with torch.no_grad():
+        for site, mod in adapters_of(gm).items():
+            theirs[site].load_state_dict({k: v.float() if v.is_floating_point() else v
+                                          for k, v in mod.state_dict().items()})
+            if mod.merged:  # the shared base weight holds W + ΔW: the twin's adapter is separate again
+                mark = next(n.meta[META_KEY] for n in adapter_nodes(twin) if n.meta[META_KEY].site == site)
+                set_logical_weight(twin, mark, theirs[site].unmerged_weight(logical_weight(twin, mark)))
+    lrc_meta(twin).update({k: v for k, v in lrc_meta(gm).items() if k == "base_model_name_or_path"})
+    return twin.eval()
+
+
 def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:
     """(decode graph, its input names, the cache's pytree spec) from ``gm``'s face dispatcher."""
     from transformers import DynamicCache
@@ -136,6 +167,11 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     """
     import onnx
 
+    source_dtype = low_precision(gm)
+    if source_dtype is not None:  # ORT's CPU provider has no bf16 Mul / Gemm: the file would not run there
+        print(f"lrc: exporting the {str(source_dtype).replace('torch.', '')} model as float32 ONNX (its weights upcast "
+              "exactly; ONNX Runtime's CPU provider has no bf16 kernels): the file holds fp32 weights", file=sys.stderr)
+        gm = fp32_twin(gm)
     var, names, (spec, values) = decode_graph(gm)
     var.eval()
     renames: dict[str, tuple[str, int | None]] = {}
@@ -185,7 +221,8 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(path))
     report: dict[str, Any] = {"path": str(path), "inputs": in_names, "outputs": out_names, "adapters": [],
-                              "external_data": bool(external)}
+                              "external_data": bool(external), "dtype": "float32",
+                              "source_dtype": str(source_dtype or torch.float32).replace("torch.", "")}
     if optimize:
         report["optimize"] = fusion_report or {"fusions": {}, "ops": {}, "max_abs_diff": 0.0, "seconds": 0.0,
                                                "fallback": "not fused: the weights are external data"}
