@@ -32,8 +32,11 @@ from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.load import with_face
-from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
+from lowrank_compiler.formats.model import adapter_records
+from lowrank_compiler.frontend.trace import trace
+from lowrank_compiler.ir import META_KEY, adapter_nodes, adapters_of, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.merge import merge as merge_pass
+from lowrank_compiler.passes.pipelines import apply_records
 from lowrank_compiler.passes.separate import separate
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
