@@ -73,7 +73,9 @@ def test_docs_have_python_blocks_and_skips_have_reasons():
     assert len(blocks) >= 8
     skipped = [b for b in blocks if b.skip is not None]
     assert all(b.skip for b in skipped), [f"{b.path.name}:{b.line}" for b in skipped if not b.skip]
-    assert len(skipped) <= 3, "doc-test skips are for the rare block that cannot run here (torchrun, a long session)"
+    # 5 today: scale.md's two torchrun flows, a session continued in quantize.md, a genai folder, a causal LM on an
+    # encoder page; each names the test that runs the same calls
+    assert len(skipped) <= 5, "doc-test skips are for the rare block that cannot run here (torchrun, a long session)"
     assert len(EXAMPLES) >= 5
 
 
