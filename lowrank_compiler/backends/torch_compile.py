@@ -77,7 +77,7 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     opts = dict(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **options)
 
     def post(g: nn.Module) -> nn.Module:  # one signature's graph -> its (lowered) compiled module
-        return torch.compile(g if skip is None else _lower(g, skip=skip), **opts)
+        return _compiled(g if skip is None else _lower(g, skip=skip), opts)
 
     if getattr(target, "lrc_face", None) is None:
         return post(target)
@@ -85,6 +85,30 @@ def compile(gm: fx.GraphModule, *, merge: bool = False, backend: str = "inductor
     # gm's), dispatches like gm (every call signature) and runs each signature's lowered compiled module, made on
     # its first call; dynamo never traces the dispatcher itself
     return target.lrc_derive(shared_copy(target), post, run_primary=post(shared_copy(target)))
+
+
+class FlatCompiled(nn.Module):
+    """``torch.compile`` of a GraphModule over flat tensors: the pytree calling convention (a ``DynamicCache`` in or
+    out ...) is applied around the compiled graph, in eager, so dynamo never traces a pytree node's Python (transformers'
+    cache unflatten builds the cache from a generator, which dynamo 2.13 cannot reconstruct)."""
+
+    def __init__(self, gm: fx.GraphModule, opts: dict[str, Any]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig_mod", gm)  # what was compiled (as torch.compile's module names it), unregistered
+        self.codegen = gm.graph._codegen
+        flat = shared_copy(gm)
+        flat.graph._codegen = fx.graph.CodeGen()
+        flat.recompile()
+        self.compiled = torch.compile(flat, **opts)
+
+    def forward(self, *args: Any) -> Any:
+        return self.codegen.process_outputs(self.compiled(*self.codegen.process_inputs(*args)))
+
+
+def _compiled(g: nn.Module, opts: dict[str, Any]) -> nn.Module:
+    if isinstance(g, fx.GraphModule) and isinstance(g.graph._codegen, fx.graph._PyTreeCodeGen):
+        return FlatCompiled(g, opts)
+    return torch.compile(g, **opts)
 
 
 def graph_breaks(gm: nn.Module, *inputs: Any, **kwargs: Any) -> list[str]:
