@@ -23,8 +23,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
-from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight, lrc_meta
+from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight, lookup_attr, lrc_meta
 from lowrank_compiler.methods.base import AdapterMethod
 
 
@@ -41,8 +42,8 @@ class EagerSite(nn.Module):
         return self.adapter(x, self.weight, self.bias)
 
 
-def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
-    """Whether running ``model`` with :func:`eager_adapters` computes what ``gm``'s graph computes."""
+def _plain_graph(gm: fx.GraphModule) -> bool:
+    """Every call_module an adapter, dropout or SDPA; every call_function an ATen op or an ``operator`` builtin."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and not isinstance(gm.get_submodule(node.target),
                                                        (AdapterMethod, TrainOnlySDPA, nn.Dropout)):
@@ -51,6 +52,13 @@ def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
                                                or getattr(node.target, "__module__", None) == operator.__name__
                                                or node.target is operator.getitem):
             return False
+    return True
+
+
+def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
+    """Whether running ``model`` with :func:`eager_adapters` computes what ``gm``'s graph computes."""
+    if not _plain_graph(gm):
+        return False
     sites = adapter_sites(gm)
     if not sites:
         return False
@@ -91,3 +99,34 @@ def eager_adapters(gm: fx.GraphModule, model: nn.Module) -> Iterator[nn.Module]:
         for parent, leaf, old in reversed(swapped):
             setattr(parent, leaf, old)
         model.train(was)
+
+
+def merged_tensors(gm: fx.GraphModule, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """For a graph with no adapter left (``lrc.merge``: its own copy of every weight, W + ΔW where adapters were),
+    ``{name: gm's tensor}`` for each of ``model``'s parameters and buffers, so the original modules can run over
+    them (:func:`over_tensors`); None when ``gm`` is not the original model's computation tensor for tensor."""
+    if adapter_sites(gm) or not _plain_graph(gm):
+        return None
+    out: dict[str, torch.Tensor] = {}
+    twin: dict[int, torch.Tensor] = {}
+    params = {id(p) for p in model.parameters()}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        mine = lookup_attr(gm, name)
+        mine = mine if isinstance(mine, torch.Tensor) else twin.get(id(t))
+        if mine is None:
+            if id(t) in params:
+                return None
+            continue  # a buffer the graph does not hold (built from the config: RoPE tables ...): the model's own
+        if mine.shape != t.shape or mine.dtype != t.dtype:
+            return None
+        twin.setdefault(id(t), mine)
+        out[name] = mine
+    return out
+
+
+@contextmanager
+def over_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """``model`` with its parameters and buffers read from ``tensors`` (by name) while inside; restored after."""
+    with _reparametrize_module(model, tensors, tie_weights=True):
+        yield model

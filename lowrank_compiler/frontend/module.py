@@ -20,7 +20,7 @@ from torch import fx, nn
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.frontend.checkpoint import called_by_trainer_save, trained_keys
 from lowrank_compiler.frontend.dtypes import baked_dtypes, dtype_change
-from lowrank_compiler.frontend.eager import eager_adapters, eager_ready
+from lowrank_compiler.frontend.eager import eager_adapters, eager_ready, merged_tensors, over_tensors
 from lowrank_compiler.frontend.face import Face
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import lrc_meta
@@ -184,6 +184,10 @@ class LrcGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)  # PEFT's per-row adapters ("__base__": none)
         if names is None and not lrc_graphs and eager_ready(self, face.model):
             with eager_adapters(self, face.model) as model:
+                return model.generate(*args, **kwargs)
+        merged = None if names is not None or lrc_graphs else merged_tensors(self, face.model)
+        if merged is not None:  # lrc.merge's graph: the original modules over the merged weights (the base's speed)
+            with over_tensors(face.model, merged) as model:
                 return model.generate(*args, **kwargs)
         gm: fx.GraphModule = self
         if names is not None:  # per-row routing needs graphs that call the adapter modules

@@ -172,9 +172,8 @@ def test_compiled_llama_trains_with_labels_and_returns_its_cache():
     """A stock Llama (LoRA on attention and MLP, no example inputs) compiled with defaults takes a ``labels=`` call
     whose output holds a DynamicCache: the pytree convention runs around the compiled graph (dynamo 2.13 cannot
     rebuild transformers' cache), loss and logits equal the transformed model's, and gradients reach the adapters."""
-    from transformers import DynamicCache
-
     from helpers.decoder import batch, make_decoder
+    from transformers import DynamicCache
 
     torch.manual_seed(0)
     gm = lrc.transform(make_decoder("llama"), "self_attn.*:lora(r=4); mlp.*:lora(r=4)", progress=False)

@@ -62,3 +62,21 @@ def test_loaded_model_takes_the_eager_path(tmp_path):
     assert eager_ready(loaded, loaded.lrc_face.model)
     assert torch.equal(loaded.generate(**b, max_new_tokens=6, do_sample=False), want)
     assert torch.equal(loaded.generate(**b, max_new_tokens=6, do_sample=False, lrc_graphs=True), want)
+
+
+def test_merged_model_generates_over_its_weights_eagerly():
+    """lrc.merge's graph (no adapters left, its own copy of every weight) generates with the original modules
+    reading the merged weights: tokens equal the merged graph path's and the unmerged model's; the original model
+    keeps its own tensors afterwards."""
+    from lowrank_compiler.frontend.eager import merged_tensors
+
+    model, gm = _transformed("llama")
+    b = batch(2, 10)
+    want = gm.generate(**b, max_new_tokens=6, do_sample=False)
+    before = {n: t for n, t in model.named_parameters()}
+    merged = lrc.merge(gm)
+    assert merged_tensors(merged, model) is not None and merged_tensors(gm, model) is None
+    assert torch.equal(merged.generate(**b, max_new_tokens=6, do_sample=False), want)
+    assert torch.equal(merged.generate(**b, max_new_tokens=6, do_sample=False, lrc_graphs=True), want)
+    assert all(t is before[n] for n, t in model.named_parameters())  # restored
+    assert not torch.equal(model.generate(**b, max_new_tokens=6, do_sample=False), want)  # base differs
