@@ -129,7 +129,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(serialize, "_tensors", boom)
+    monkeypatch.setattr(serialize, "write_safetensors", boom)  # fails after the program member is written
     with pytest.raises(RuntimeError):
         lrc.save(gm, path)
     assert path.read_bytes() == before
