@@ -52,19 +52,28 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     return rec
 
 
+class LrcBinding(nn.Module):
+    """The module torch.export traces: ``forward(name1, ...)`` (generated per call signature) calls the model
+    with those inputs and the call's non-tensor values ``consts``."""
+
+    consts: dict[str, Any]
+
+    def __init__(self, consts: dict[str, Any]) -> None:
+        super().__init__()
+        self.consts = consts
+
+
 def _binding_wrapper(model: nn.Module, names: list[str], n_pos: int, consts: dict[str, Any]) -> nn.Module:
     """A module whose forward(name1, name2, ...) calls model(pos..., kw=..., **consts)."""
     for n in names:
         if not n.isidentifier() or keyword.iskeyword(n):
             raise TraceError(f"input name {n!r} is not a Python identifier")
     call = ", ".join(names[:n_pos] + [f"{n}={n}" for n in names[n_pos:]])
-    src = f"def forward(self, {', '.join(names)}):\n    return self.{_ROOT}({call}, **self._lrc_consts)\n"
+    src = f"def forward(self, {', '.join(names)}):\n    return self.{_ROOT}({call}, **self.consts)\n"
     ns: dict[str, Any] = {}
     exec(compile(src, "<lrc-binding>", "exec"), ns)  # our own generated source, identifiers only
-    cls = type("LrcBinding", (nn.Module,), {"forward": ns["forward"]})
-    wrapper = cls()
+    wrapper = type("LrcBinding", (LrcBinding,), {"forward": ns["forward"]})(consts)
     setattr(wrapper, _ROOT, model)
-    wrapper._lrc_consts = consts
     return wrapper
 
 
