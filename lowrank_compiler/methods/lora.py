@@ -159,7 +159,43 @@ class LoRA(AdapterMethod):
         return MixedFactors(self.lora_A, self.lora_B * self.scaling, None, p)
 
 
-class OffsetLoRA(DataDependentInit, LoRA):
+class OffsetFactors(DataDependentInit):
+    """Mixin for a LoRA whose init moves the base weight by −s·B0 A0 (:class:`OffsetLoRA`, LoRA-GA).
+
+    A = B = 0 until ``passes.initialize`` runs; A0, B0 stay as buffers ``init_A``/``init_B`` (saved with the
+    adapter; ``initialized`` stops a re-init) so merge folds the offset base and :meth:`original_weight` /
+    ``original_base_factors`` re-express the adapter against the unmodified base.
+    """
+
+    modifies_base = True
+    identity_before_init = True
+
+    def _register_offset(self, site: SiteInfo, dtype: torch.dtype) -> None:
+        self.register_buffer("init_A", torch.zeros(self.r, site.d_in, dtype=dtype))
+        self.register_buffer("init_B", torch.zeros(site.d_out, self.r, dtype=dtype))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def reset_parameters(self) -> None:
+        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
+        nn.init.zeros_(self.lora_A)
+        nn.init.zeros_(self.lora_B)
+
+    def _set_factors(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        with torch.no_grad():
+            for dst, src in ((self.lora_A, A0), (self.lora_B, B0), (self.init_A, A0), (self.init_B, B0)):
+                dst.copy_(src)
+            self.initialized.fill_(True)
+
+    def base_offset(self) -> LowRank | None:
+        """W_now = W_original − s·B0 A0 (zero before initialization)."""
+        return LowRank(self.init_A, self.init_B, float(self.scaling))
+
+    def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""
+        return (weight.float() + self.scaling * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+
+
+class OffsetLoRA(OffsetFactors, LoRA):
     """``lora(init=...)`` for the PEFT inits that start from the base weight and move it: PiSSA,
     ``pissa_niter_<k>``, OLoRA, LoftQ (no data), CorDA IPM/KPM (input covariance from ``data``).
 
@@ -172,19 +208,10 @@ class OffsetLoRA(DataDependentInit, LoRA):
     """
 
     fp32_master = False  # adapter tensors in the base dtype (fp32 masters are verified for lora / lora_plus)
-    modifies_base = True
-    identity_before_init = True
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(site, **kwargs)
-        self.register_buffer("init_A", torch.zeros(self.r, site.d_in, dtype=site.dtype))
-        self.register_buffer("init_B", torch.zeros(site.d_out, self.r, dtype=site.dtype))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-
-    def reset_parameters(self) -> None:
-        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
-        nn.init.zeros_(self.lora_A)
-        nn.init.zeros_(self.lora_B)
+        self._register_offset(site, site.dtype)
 
     def init_stats(self, device: torch.device | None = None) -> InputCovariance | None:
         """CorDA's input covariance (forward only, eval mode, as PEFT's ``preprocess_corda``); None
@@ -212,22 +239,10 @@ class OffsetLoRA(DataDependentInit, LoRA):
         self._set_factors(A0, B0)
         return (W - s * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
 
-    def _set_factors(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
-        with torch.no_grad():
-            for dst, src in ((self.lora_A, A0), (self.lora_B, B0), (self.init_A, A0), (self.init_B, B0)):
-                dst.copy_(src)
-            self.initialized.fill_(True)
-
     def base_offset(self) -> LowRank | None:
-        """W_now = W_original − s·B0 A0 (zero before initialization); None for LoftQ, whose base is the
-        quantized W (no low-rank offset: the adapter belongs with that base, as in PEFT)."""
-        if self.config["init"] == "loftq":
-            return None
-        return LowRank(self.init_A, self.init_B, float(self.scaling))
-
-    def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""
-        return (weight.float() + self.scaling * (self.init_B.float() @ self.init_A.float())).to(weight.dtype)
+        """The offset of :class:`OffsetFactors`; None for LoftQ, whose base is the quantized W (no low-rank
+        offset: the adapter belongs with that base, as in PEFT)."""
+        return None if self.config["init"] == "loftq" else super().base_offset()
 
 
 class EvaLoRA(DataDependentInit, LoRA):

@@ -7,13 +7,10 @@ import zlib
 from typing import Any
 
 import torch
-from torch import nn
 
 from lowrank_compiler.errors import InitError
 from lowrank_compiler.methods.base import (
     Arg,
-    DataDependentInit,
-    LowRank,
     SiteInfo,
     non_negative,
     one_of,
@@ -21,14 +18,14 @@ from lowrank_compiler.methods.base import (
     register_method,
 )
 from lowrank_compiler.methods.gradstats import ExactGradient, GradientSketch, GradStats
-from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
+from lowrank_compiler.methods.lora import LORA_ARGS, LoRA, OffsetFactors
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit", "gd")
 
 
 @register_method
-class LoRAGA(DataDependentInit, LoRA):
+class LoRAGA(OffsetFactors, LoRA):
     """LoRA-GA: Low-Rank Adaptation with Gradient Approximation (Wang, Yu, Li 2024, arXiv:2407.05000).
 
     Follows the authors' code (github.com/Outsider565/LoRA-GA, ``peft/tuners/lora/layer.py::
@@ -62,9 +59,6 @@ class LoRAGA(DataDependentInit, LoRA):
     """
 
     name = "loraga"
-    modifies_base = True
-    #: A = B = 0 until initialize(): the init pass may run the site as its plain linear meanwhile.
-    identity_before_init = True
     args = {
         **LORA_ARGS,
         "direction": Arg("ArB2r", (str,), one_of(*DIRECTIONS), "which singular vectors go to A and B"),
@@ -77,14 +71,7 @@ class LoRAGA(DataDependentInit, LoRA):
 
     def __init__(self, site: SiteInfo, **kwargs: Any) -> None:
         super().__init__(dataclasses.replace(site, dtype=torch.float32), **kwargs)
-        self.register_buffer("init_A", torch.zeros(self.r, site.d_in, dtype=torch.float32))
-        self.register_buffer("init_B", torch.zeros(site.d_out, self.r, dtype=torch.float32))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-
-    def reset_parameters(self) -> None:
-        """A = B = 0 until initialize(): the branch is exactly zero and no RNG is consumed."""
-        nn.init.zeros_(self.lora_A)
-        nn.init.zeros_(self.lora_B)
+        self._register_offset(site, torch.float32)
 
     @classmethod
     def check_site(cls, args: dict[str, Any], site: SiteInfo) -> str | None:
@@ -143,21 +130,6 @@ class LoRAGA(DataDependentInit, LoRA):
         elif scale == "gd":
             A0, B0 = A0 / self.scaling, B0 / self.scaling
         A0, B0 = A0.float(), B0.float()
-        with torch.no_grad():
-            self.lora_A.copy_(A0)
-            self.lora_B.copy_(B0)
-            self.init_A.copy_(A0)
-            self.init_B.copy_(B0)
-            self.initialized.fill_(True)
+        self._set_factors(A0, B0)
         new = weight.detach().float() - self.scaling * (B0 @ A0).to(weight.device)
         return new.to(weight.dtype)
-
-    # -- export against the original base ---------------------------------------
-    def base_offset(self) -> LowRank | None:
-        """W_now = W_original − s·B0 A0 (zero before initialization): original_base_factors() gives the
-        rank-2r pair ([A; A0], [B, −B0]) that is this adapter on an UNMODIFIED base."""
-        return LowRank(self.init_A, self.init_B, float(self.scaling))
-
-    def original_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight before the offset, W + s·B0 A0, from the current (offset) base."""
-        return (weight.float() + self.scaling * (self.init_B @ self.init_A)).to(weight.dtype)
