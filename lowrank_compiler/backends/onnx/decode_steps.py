@@ -40,13 +40,13 @@ def decode_steps(sess: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
     Raises:
         ExportError: ``sess`` is not an lrc session, or its graph is not a decode graph.
     """
-    run, run_options = step_runner(sess, adapter)
-    inputs = sess.session.get_inputs()
+    inputs = sess.get_inputs()
     names = {i.name for i in inputs}
     pasts = [i for i in inputs if i.name.startswith("past.")]
     if "input_ids" not in names or not pasts:
         raise ExportError("this ONNX model has no input_ids / past.* inputs; export the causal LM (its lrc file, "
                           "HF directory or live model) again: `lrc export MODEL -o lm.onnx`")
+    run, run_options = step_runner(sess, adapter)
     out_names = [o.name for o in sess.session.get_outputs()]
     carry = [(k, n.replace("present.", "past.")) for k, n in enumerate(out_names) if n.startswith("present.")]
     b = input_ids.shape[0]
