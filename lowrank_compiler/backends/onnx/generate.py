@@ -251,7 +251,7 @@ def next_tokens(logits: np.ndarray, do_sample: bool = False, temperature: float 
     top_k=0 / top_p=1.0 switch a filter off), so a seeded generator draws the tokens HF draws after
     ``torch.manual_seed`` of the same seed."""
     if not do_sample:
-        return logits.argmax(-1).astype(np.int64)
+        return logits.argmax(-1).astype(np.int64, copy=False)
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ExportError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0; got temperature="
                           f"{temperature}, top_p={top_p}, top_k={top_k}")
