@@ -106,13 +106,13 @@ class _TimedSession:
 
     def __init__(self, sess: OrtSession) -> None:
         self.sess, self.first = sess, None
-        self.session = self  # ort_generate calls ``sess.session.run``
+        self.session = self._sess = self  # ort_generate calls ``sess.session._sess.run`` (decode_steps.step_runner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sess, name)
 
     def run(self, *args: Any) -> Any:
-        out = self.sess.session.run(*args)
+        out = self.sess.session._sess.run(*args)
         if self.first is None:
             self.first = (time.perf_counter(), time.process_time())
         return out

@@ -99,6 +99,36 @@ def test_loop_feeds_the_cache_back_and_switches_adapters_per_call(toy):
     assert not np.array_equal(_expected(prompt, 6, 1), base)  # the adapter changes the tokens: the check can fail
 
 
+def test_mask_buffer_growth_and_left_padding(toy, monkeypatch):
+    """The attention mask is a view of a row buffer that grows every ``GROW`` tokens (2 here): every step
+    feeds the prompt's mask plus a one per generated token, positions that count the mask's ones (HF's
+    ``generate`` for a left-padded row), and the tokens stay the formula's."""
+    from lowrank_compiler.backends.onnx import decode_steps
+
+    sess, d = toy
+    fed = []
+    real = decode_steps.step_runner
+
+    def recording(s, adapter):
+        run, ro = real(s, adapter)
+        return (lambda names, feeds, opts: fed.append({k: np.array(feeds[k]) for k in ("attention_mask",
+                "position_ids")}) or run(names, feeds, opts)), ro
+
+    monkeypatch.setattr(decode_steps, "GROW", 2)
+    monkeypatch.setattr(decode_steps, "step_runner", recording)
+    prompt, mask = np.array([[3, 4, 5], [0, 9, 2]], np.int64), np.array([[1, 1, 1], [0, 1, 1]], np.int64)
+    for adapter, bump in ((None, 0), (d / "plus1.onnx_adapter", 1)):
+        fed.clear()
+        got = ort_generate(sess, prompt, mask, max_new_tokens=9, adapter=adapter)
+        assert np.array_equal(got, _expected(prompt, 9, bump))
+        assert len(fed) == 9
+        for k, f in enumerate(fed):
+            want_mask = np.concatenate([mask, np.ones((2, k), np.int64)], axis=1)
+            want_pos = np.clip(np.cumsum(want_mask, -1) - 1, 0, None)[:, -1 if k else 0:]
+            assert np.array_equal(f["attention_mask"], want_mask), k
+            assert np.array_equal(f["position_ids"], want_pos), k
+
+
 def test_loop_stops_rows_at_eos_and_pads(toy):
     sess, _ = toy
     prompt = np.array([[3, 4, 5]], np.int64)

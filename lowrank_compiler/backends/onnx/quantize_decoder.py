@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_compiler.backends.onnx.decode_steps import decode_steps
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
 from lowrank_compiler.backends.onnx.quantize import MODES, check_finite, nbits_quantizer, weight_matmuls
@@ -94,22 +95,15 @@ def _decode(sess: Any, prompt: np.ndarray, steps: int, adapter: str | None,
             forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(greedy tokens [steps], last-position logits [steps, vocab] float64) with the KV cache; ``forced``:
     feed these tokens instead of the argmax (teacher forcing)."""
-    names = sess.input_names
-    state = {i.name: np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
-             for i in sess.get_inputs() if i.name.startswith("past.")}
-    ids, total = prompt, prompt.shape[1]
+    run = decode_steps(sess, prompt, np.ones_like(prompt), adapter)
     toks, logits = [], []
+    last = next(run)[0]
     for k in range(steps):
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **state}
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
-        res = sess(feeds, adapter=adapter)
-        last = np.asarray(res[0][0, -1], np.float64)
-        logits.append(last)
+        logits.append(np.asarray(last, np.float64))
         toks.append(int(last.argmax()))
-        state = {n.replace("present.", "past."): v for n, v in zip(sess.output_names[1:], res[1:])}
-        ids = np.array([[forced[k] if forced is not None else toks[-1]]], np.int64)
-        total += 1
+        if k + 1 < steps:
+            last = run.send(np.array([forced[k] if forced is not None else toks[-1]], np.int64))[0]
+    run.close()
     return np.array(toks), np.stack(logits)
 
 
