@@ -35,6 +35,7 @@ from lowrank_compiler.backends.onnx.upcast import (
     float32_inputs,
     fp32_compute,
     fp32_sites,
+    low_precision,
     upcast_notice,
 )
 from lowrank_compiler.errors import ExportError, LoadError
@@ -83,12 +84,6 @@ def with_hf_face(gm: fx.GraphModule) -> fx.GraphModule:
                         "or no traced call (transform the HF model again, or export with format='onnx' and "
                         "no decoder)")
     return out
-
-
-def low_precision(gm: fx.GraphModule) -> torch.dtype | None:
-    """The floating dtype of ``gm``'s tensors other than float32 (bf16, fp16), or None for an fp32 model."""
-    kinds = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()} - {torch.float32}
-    return min(kinds, key=str) if kinds else None
 
 
 def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:

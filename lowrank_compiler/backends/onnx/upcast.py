@@ -31,6 +31,12 @@ _aten = torch.ops.aten
 _BLOCK = 1 << 24  # bytes of float32 written per block
 
 
+def low_precision(gm: fx.GraphModule) -> torch.dtype | None:
+    """The floating dtype of ``gm``'s tensors other than float32 (bf16, fp16), or None for an fp32 model."""
+    kinds = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()} - {torch.float32}
+    return min(kinds, key=str) if kinds else None
+
+
 def fp32_compute(gm: fx.GraphModule, low: torch.dtype) -> fx.GraphModule:
     """A GraphModule over ``gm``'s own parameters and submodules (no copies) whose graph computes in float32:
     a ``_to_copy(float32)`` after each ``get_attr`` of a ``low`` tensor, ``low`` replaced by float32 in every
