@@ -114,7 +114,7 @@ def float32_initializers(model: Any) -> dict[str, int]:
             counts["casts_dropped"] += 1
     for node in list(graph):
         src = node.inputs[0] if node.inputs else None
-        if node.op_type != "Transpose" or src is None or not src.is_initializer() \
+        if node.op_type != "Transpose" or src is None or not src.is_initializer() or len(src.uses()) != 1 \
                 or not isinstance(src.const_value, _upcast_class()) or node.outputs[0].is_graph_output():
             continue
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
@@ -126,8 +126,7 @@ def float32_initializers(model: Any) -> dict[str, int]:
         graph.remove(node, safe=True)
         graph.register_initializer(folded)
         counts["transposes_folded"] += 1
-        if not src.uses() and not src.is_graph_output():
-            graph.initializers.pop(src.name)
+        graph.initializers.pop(src.name)  # its one use is gone (a tied weight keeps its Transpose, as in fp32)
     _float_types(graph, low)
     return counts
 
