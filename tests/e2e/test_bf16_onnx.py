@@ -103,3 +103,45 @@ def test_bf16_encoder_export_runs_on_cpu_and_matches_the_fp32_upcast(tmp_path, c
     got = session(merged["path"], providers="cpu")({"input_ids": ids})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert gm.get_parameter("encoder.layer.0.attention.self.query.weight").dtype == torch.bfloat16  # untouched
+
+
+def test_float32_initializers_on_a_hand_built_bf16_graph(tmp_path):
+    """Lazy upcast, dropped Casts, a folded Transpose (one use) and a kept one (a tied weight, two uses); the
+    file written by onnx_ir runs in ORT and equals numpy over the weights upcast."""
+    import ml_dtypes
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowrank_compiler.backends.onnx.export import session
+    from lowrank_compiler.backends.onnx.upcast import float32_initializers
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(ml_dtypes.bfloat16)  # 8192 < size: what onnxscript leaves unfolded
+    t = rng.standard_normal((128, 128)).astype(ml_dtypes.bfloat16)
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", ["W"], ["w32"], to=f32), helper.make_node("Transpose", ["w32"], ["wt"]),
+             helper.make_node("Cast", ["x"], ["xb"], to=bf16), helper.make_node("Cast", ["xb"], ["x2"], to=f32),
+             helper.make_node("MatMul", ["x2", "wt"], ["y"]),
+             helper.make_node("Cast", ["T"], ["t32"], to=f32), helper.make_node("Transpose", ["t32"], ["tt"]),
+             helper.make_node("Cast", ["T"], ["t32b"], to=f32), helper.make_node("MatMul", ["x", "tt"], ["z1"]),
+             helper.make_node("MatMul", ["x", "t32b"], ["z2"]), helper.make_node("Add", ["z1", "z2"], ["z"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(t, "T")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, [2, 128])],
+                              [helper.make_tensor_value_info("y", f32, [2, 64]),
+                               helper.make_tensor_value_info("z", f32, [2, 128])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    counts = float32_initializers(model)
+    assert counts == {"initializers": 2, "casts_dropped": 3, "transposes_folded": 1}, counts
+    path = tmp_path / "m.onnx"
+    ir.save(model, str(path), external_data="m.onnx.data", size_threshold_bytes=1024)
+    proto = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert {i.data_type for i in proto.graph.initializer} == {f32}
+    assert [n.op_type for n in proto.graph.node].count("Transpose") == 1  # the tied weight's
+    assert (tmp_path / "m.onnx.data").stat().st_size == 4 * (w.size + t.size)  # each weight once, fp32
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    y, z = session(path, providers="cpu")({"x": x})
+    w32, t32 = w.astype(np.float32), t.astype(np.float32)
+    np.testing.assert_allclose(y, x @ w32.T, rtol=1e-5, atol=1e-4)  # Cast(x, bf16) became fp32: x unrounded
+    np.testing.assert_allclose(z, x @ t32.T + x @ t32, rtol=1e-5, atol=1e-4)

@@ -117,10 +117,11 @@ def float32_initializers(model: Any) -> dict[str, int]:
         if node.op_type != "Transpose" or src is None or not src.is_initializer() or len(src.uses()) != 1 \
                 or not isinstance(src.const_value, _upcast_class()) or node.outputs[0].is_graph_output():
             continue
-        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+        ndim = len(src.const_value.shape)
+        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else range(ndim - 1, -1, -1)
         res = node.outputs[0]
         folded = ir.Value(name=res.name, type=ir.TensorType(ir.DataType.FLOAT),
-                          const_value=_lazy(src.const_value.source, tuple(perm) if perm else None, res.name))
+                          const_value=_lazy(src.const_value.source, tuple(perm), res.name))
         folded.shape = folded.const_value.shape
         res.replace_all_uses_with(folded)
         graph.remove(node, safe=True)
