@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ from lowrank_compiler.backends.onnx.adapters import (
     write_onnx_adapter,
 )
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
+from lowrank_compiler.backends.onnx.upcast import (
+    float32_initializers,
+    float32_inputs,
+    fp32_compute,
+    fp32_sites,
+    low_precision,
+    upcast_notice,
+)
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.frontend.capture import dynamic_dims
 from lowrank_compiler.ir import META_KEY, adapter_nodes
@@ -202,8 +211,10 @@ def example_inputs_of(gm: fx.GraphModule) -> tuple[tuple[torch.Tensor, ...], lis
     return inputs, names
 
 
-def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int | None) -> Any:
-    """torch.onnx.export (dynamo) → in-memory ModelProto with dynamic batch/seq."""
+def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str], opset: int | None,
+             low: torch.dtype | None = None) -> Any:
+    """torch.onnx.export (dynamo) → in-memory ModelProto with dynamic batch/seq; ``low``: ``module`` computes
+    in fp32 over tensors of this dtype (``upcast.fp32_compute``), whose initializers become float32."""
     module = module.eval()
     flat = _Flat(module).eval()  # eval on the top-level wrapper too (ONNX_FACTS §3 gotcha)
     try:
@@ -220,6 +231,8 @@ def _to_onnx(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: li
                                      optimize=True, verbose=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
+    if low is not None:
+        float32_initializers(prog.model)
     return prog.model_proto
 
 
@@ -239,6 +252,8 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     ``optimize`` fuses the graph for ONNX Runtime (attention, LayerNorm, GELU; ``backends/onnx/fusions``),
     checked against the unfused graph on the example inputs; its report is ``report["optimize"]``.
     ``optimize=None`` fuses fp32 graphs only (ORT's fused kernels and the numpy check are fp32).
+    A bf16 / fp16 model is written as float32 (ORT's CPU provider has no bf16 kernels; weights upcast
+    exactly, constants as the fp32 model's; one line says so), checked against the model computed in fp32.
     The file appears only when everything succeeded.
 
     Raises:
@@ -252,13 +267,18 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     if len(inputs) != len(names):
         raise ExportError(f"{len(inputs)} example inputs for {len(names)} graph inputs {names}")
     path = Path(path)
+    low = low_precision(gm)
+    if low is not None:
+        print(upcast_notice(low), file=sys.stderr)
     renames: dict[str, tuple[str, int | None]] = {}
-    if merge:
-        target = merge_pipeline()(copy.deepcopy(gm)).gm
+    if merge:  # a bf16 model's adapted weights merge in fp32, as the fp32 model's would
+        target = merge_pipeline()(fp32_sites(copy.deepcopy(gm)) if low else copy.deepcopy(gm)).gm
     else:
         target = separate_pipeline(placeholder_seed=0)(gm).gm  # distinct random values: no initializer dedup (ONNX_FACTS §5)
         renames = adapter_input_renames(gm, target)
-    model = _to_onnx(target, inputs, names, opset)
+    if low is not None:
+        target = fp32_compute(target, low)
+    model = _to_onnx(target, float32_inputs(inputs, low) if low else inputs, names, opset, low)
     if renames:
         model = make_lora_inputs(model, renames)
     try:
@@ -277,7 +297,8 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
     data = model.SerializeToString()
     adapter_tensors = lora_adapter_tensors(gm) if (not merge and adapter_nodes(gm)) else {}
     report: dict[str, Any] = {"path": str(path), "inputs": names, "outputs": [o.name for o in model.graph.output],
-                              "lora_inputs": sorted(v[0] for v in renames.values()), "adapters": []}
+                              "lora_inputs": sorted(v[0] for v in renames.values()), "adapters": [],
+                              "dtype": "float32", "source_dtype": str(low or torch.float32).replace("torch.", "")}
     if fusion_report is not None:
         report["optimize"] = fusion_report
     tmp_model = path.with_name(f".{path.name}.validate.tmp")
@@ -333,17 +354,21 @@ def _output_change(a: fx.GraphModule, b: fx.GraphModule, inputs: tuple[torch.Ten
 
 def _validate(model_path: Path, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: list[str],
               adapter_tensors: dict[str, np.ndarray], adapter_path: Path | None, merged: bool) -> float:
-    """Max |ORT − torch| over every output on the example inputs (with the adapter active if there is one)."""
+    """Max |ORT − torch| over every output on the example inputs (with the adapter active if there is one);
+    a bf16 / fp16 ``gm`` is computed in fp32 (``upcast.fp32_compute``), as its float32 file is."""
 
     sess = session(model_path, providers="cpu")
+    low = low_precision(gm)
+    if low is not None:
+        inputs = float32_inputs(inputs, low)
     feeds = dict(zip(names, (t.numpy() for t in inputs)))
     was = gm.training
     gm.eval()
     with torch.no_grad():
-        if merged or adapter_tensors:
-            ref = [t.numpy() for t in tree_flatten(gm(*inputs))[0] if isinstance(t, torch.Tensor)]
-        else:
-            ref = [t.numpy() for t in tree_flatten(base_pipeline()(gm).gm(*inputs))[0] if isinstance(t, torch.Tensor)]
+        graph = gm if merged or adapter_tensors else base_pipeline()(gm).gm
+        if low is not None:
+            graph = fp32_compute(graph, low)
+        ref = [t.numpy() for t in tree_flatten(graph(*inputs))[0] if isinstance(t, torch.Tensor)]
     gm.train(was)
     if adapter_path is not None:
         got = sess(feeds, adapter=adapter_path)

@@ -31,13 +31,18 @@ from lowrank_compiler.backends.onnx.adapters import (
 from lowrank_compiler.backends.onnx.decode_steps import decode_steps
 from lowrank_compiler.backends.onnx.export import session
 from lowrank_compiler.backends.onnx.fusions import optimize as ort_optimize
+from lowrank_compiler.backends.onnx.upcast import (
+    float32_initializers,
+    float32_inputs,
+    fp32_compute,
+    fp32_sites,
+    low_precision,
+    upcast_notice,
+)
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.load import with_face
-from lowrank_compiler.formats.model import adapter_records
-from lowrank_compiler.frontend.trace import trace
-from lowrank_compiler.ir import META_KEY, adapter_nodes, adapters_of, logical_weight, lrc_meta, set_logical_weight
+from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.merge import merge as merge_pass
-from lowrank_compiler.passes.pipelines import apply_records
 from lowrank_compiler.passes.separate import separate
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
@@ -80,36 +85,6 @@ def with_hf_face(gm: fx.GraphModule) -> fx.GraphModule:
                         "or no traced call (transform the HF model again, or export with format='onnx' and "
                         "no decoder)")
     return out
-
-
-def low_precision(gm: fx.GraphModule) -> torch.dtype | None:
-    """The floating dtype of ``gm``'s tensors other than float32 (bf16, fp16), or None for an fp32 model."""
-    kinds = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()} - {torch.float32}
-    return min(kinds, key=str) if kinds else None
-
-
-def fp32_twin(gm: fx.GraphModule) -> fx.GraphModule:
-    """An fp32 copy of ``gm`` (a bf16 / fp16 HF causal LM with a face): the model's tensors upcast (exact),
-    traced again (a traced graph bakes its dtype), the same adapters with their state in fp32, unmerged.
-    Costs the fp32 weights once; ``gm`` is untouched."""
-    model = gm.lrc_face.model
-    memo: dict[int, Any] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point() and id(t) not in memo:
-            up = t.detach().float()
-            memo[id(t)] = nn.Parameter(up, requires_grad=False) if isinstance(t, nn.Parameter) else up
-    twin = trace(copy.deepcopy(model, memo).eval())
-    apply_records(twin, [{**r, "merged": False} for r in adapter_records(gm)], "the model's adapters")
-    theirs = adapters_of(twin)
-    with torch.no_grad():
-        for site, mod in adapters_of(gm).items():
-            theirs[site].load_state_dict({k: v.float() if v.is_floating_point() else v
-                                          for k, v in mod.state_dict().items()})
-            if mod.merged:  # the shared base weight holds W + ΔW: the twin's adapter is separate again
-                mark = next(n.meta[META_KEY] for n in adapter_nodes(twin) if n.meta[META_KEY].site == site)
-                set_logical_weight(twin, mark, theirs[site].unmerged_weight(logical_weight(twin, mark)))
-    lrc_meta(twin).update({k: v for k, v in lrc_meta(gm).items() if k == "base_model_name_or_path"})
-    return twin.eval()
 
 
 def decode_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str], Any]:
@@ -173,17 +148,18 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
 
     source_dtype = low_precision(gm)
     if source_dtype is not None:  # ORT's CPU provider has no bf16 Mul / Gemm: the file would not run there
-        print(f"lrc: exporting the {str(source_dtype).replace('torch.', '')} model as float32 ONNX (its weights upcast "
-              "exactly; ONNX Runtime's CPU provider has no bf16 kernels): the file holds fp32 weights", file=sys.stderr)
-        gm = fp32_twin(gm)
+        print(upcast_notice(source_dtype), file=sys.stderr)
     var, names, (spec, values) = decode_graph(gm)
     var.eval()
     renames: dict[str, tuple[str, int | None]] = {}
     if merge:
-        target = merge_pass(copy.deepcopy(var)).gm
+        target = merge_pass(fp32_sites(copy.deepcopy(var)) if source_dtype else copy.deepcopy(var)).gm
     else:
         target = separate(var, placeholder_seed=0, gain_sites=gain_sites).gm
         renames = adapter_input_renames(var, target)
+    if source_dtype is not None:  # computes in fp32 over the bf16 tensors; initializers upcast when written
+        target, var = fp32_compute(target, source_dtype), fp32_compute(var, source_dtype)
+        values = float32_inputs(values, source_dtype)
     flat = _DecoderFlat(target.eval(), names, spec).eval()
     cache_leaves = tree_flatten(values[names.index("cache")])[0]
     n_layers = len(cache_leaves) // 2
@@ -211,6 +187,8 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
                           f"{str(e).strip().splitlines()[0][:300]}") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if source_dtype is not None:
+        float32_initializers(prog.model)
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     external = size > 2_000_000_000 if external_data is None else external_data
     fusion_report = None
