@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight, lookup_attr, lrc_meta
@@ -42,11 +43,20 @@ class EagerSite(nn.Module):
         self.weight = logical_weight(gm, mark)
         self.bias = gm.get_parameter(mark.bias_path) if mark.bias_path else None
         self.folded = folded
+        # no hook to run: call forward itself (``__call__``'s dispatch is per site and step; hooks added later
+        # during this generate call are not seen)
+        self.call = adapter.__call__ if _hooked(adapter) else adapter.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is not None:
             return F.linear(x, self.folded, self.bias)
-        return self.adapter(x, self.weight, self.bias)
+        return self.call(x, self.weight, self.bias)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs a forward (pre-)hook of its own or a global one."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks)
 
 
 #: default bound on the extra memory of generate's fold (MiB; ``LRC_GENERATE_FOLD_MB`` overrides, 0 turns it off)
@@ -136,7 +146,7 @@ def _folds(gm: fx.GraphModule, sites: list, budget: int) -> dict[str, torch.Tens
     for _, mark, adapter in sorted(sites, key=lambda s: logical_weight(gm, s[1]).numel()):
         w = logical_weight(gm, mark)
         size = w.numel() * w.element_size()
-        if size > budget or adapter._forward_hooks or adapter._forward_pre_hooks:
+        if size > budget or _hooked(adapter):
             continue
         with torch.no_grad():
             folded = adapter.inference_weight(w)

@@ -125,7 +125,8 @@ class LoRA(AdapterMethod):
             # out-of-place addmm the copy of `out`. Safe under autograd: the base GEMM saves only x and W.
             x2 = x.reshape(-1, x.shape[-1])
             out = F.linear(x2, weight, bias)
-            h = F.linear(self.lora_dropout(x2), self.lora_A)
+            drop = self.lora_dropout  # no Identity module call: a decode step pays Python per site
+            h = F.linear(x2 if type(drop) is nn.Identity else drop(x2), self.lora_A)
             out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
             return out.view(*x.shape[:-1], out.shape[-1])
         out = F.linear(x, weight, bias)
