@@ -8,6 +8,8 @@ nothing). So, while ``generate`` runs, each adapted ``nn.Linear`` / ``Conv1D`` o
 replaced by an :class:`EagerSite` that calls the very adapter module the graph calls, with the graph's current
 base weight (merged, LoRA-GA offset and Delta-LoRA weights included) and bias. The result is the graph's:
 same adapter code on the same tensors, so greedy tokens are equal; the modules are restored afterwards.
+Sites whose adapter has an exact merge run over W + ΔW folded once per ``generate`` call (:func:`_folds`, within
+:func:`fold_budget`): the base model's step cost, with merge()'s rounding; nothing of the model is written.
 
 Only when the graph is exactly "the original model + adapters" (:func:`eager_ready`): every call_module is an
 adapter, a mode-switchable dropout or SDPA, every call_function an ATen op or ``operator`` builtin, and every
