@@ -8,6 +8,8 @@ nothing). So, while ``generate`` runs, each adapted ``nn.Linear`` / ``Conv1D`` o
 replaced by an :class:`EagerSite` that calls the very adapter module the graph calls, with the graph's current
 base weight (merged, LoRA-GA offset and Delta-LoRA weights included) and bias. The result is the graph's:
 same adapter code on the same tensors, so greedy tokens are equal; the modules are restored afterwards.
+Sites whose adapter has an exact merge run over W + ΔW folded once per ``generate`` call (:func:`_folds`, within
+:func:`fold_budget`): the base model's step cost, with merge()'s rounding; nothing of the model is written.
 
 Only when the graph is exactly "the original model + adapters" (:func:`eager_ready`): every call_module is an
 adapter, a mode-switchable dropout or SDPA, every call_function an ATen op or ``operator`` builtin, and every
@@ -18,11 +20,14 @@ module copies, a file loaded without its model) keeps the graph path.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from lowrank_compiler.ir import AdapterMark, TrainOnlySDPA, adapter_sites, logical_weight, lookup_attr, lrc_meta
@@ -30,16 +35,42 @@ from lowrank_compiler.methods.base import AdapterMethod
 
 
 class EagerSite(nn.Module):
-    """``forward(x) = adapter(x, W, b)`` with the graph's current base weight and bias."""
+    """``forward(x) = adapter(x, W, b)`` with the graph's current base weight and bias, or with ``folded``
+    (W' = W + ΔW, computed once by :func:`eager_adapters`) ``linear(x, W', b)``."""
 
-    def __init__(self, gm: fx.GraphModule, mark: AdapterMark, adapter: AdapterMethod) -> None:
+    def __init__(self, gm: fx.GraphModule, mark: AdapterMark, adapter: AdapterMethod,
+                 folded: torch.Tensor | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         self.weight = logical_weight(gm, mark)
         self.bias = gm.get_parameter(mark.bias_path) if mark.bias_path else None
+        self.folded = folded
+        # no hook to run: call forward itself (``__call__``'s dispatch is per site and step; hooks added later
+        # during this generate call are not seen)
+        self.call = adapter.__call__ if _hooked(adapter) else adapter.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x, self.weight, self.bias)
+        if self.folded is not None:
+            return F.linear(x, self.folded, self.bias)
+        return self.call(x, self.weight, self.bias)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs a forward (pre-)hook of its own or a global one."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks)
+
+
+#: default bound on the extra memory of generate's fold (MiB; ``LRC_GENERATE_FOLD_MB`` overrides, 0 turns it off)
+FOLD_MB = 256
+
+
+def fold_budget() -> int:
+    """Bytes the folded weights of one ``generate`` call may take (``LRC_GENERATE_FOLD_MB``, default 256 MiB)."""
+    try:
+        return int(float(os.environ.get("LRC_GENERATE_FOLD_MB", FOLD_MB)) * (1 << 20))
+    except ValueError:
+        return FOLD_MB << 20
 
 
 def _plain_graph(gm: fx.GraphModule) -> bool:
@@ -83,22 +114,48 @@ def eager_ready(gm: fx.GraphModule, model: nn.Module) -> bool:
 
 
 @contextmanager
-def eager_adapters(gm: fx.GraphModule, model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with every adapted linear swapped for an :class:`EagerSite` (restored afterwards)."""
+def eager_adapters(gm: fx.GraphModule, model: nn.Module, fold: bool | None = None) -> Iterator[nn.Module]:
+    """``model`` with every adapted linear swapped for an :class:`EagerSite` (restored afterwards).
+
+    ``fold`` (call under ``torch.no_grad``): each site whose adapter has an exact merge runs ``linear(x, W + ΔW, b)``
+    over a copy folded once here, the base model's per-step cost; nothing of the model or the adapters is written.
+    None: smallest weights first while the copies total at most :func:`fold_budget` (the fixed per-site cost it
+    removes matters next to small weights; a large weight's product dwarfs it); True: every site; False: none."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     was = model.training
+    sites = adapter_sites(gm)
+    folded = _folds(gm, sites, fold_budget() if fold is None else (1 << 62 if fold else 0))
     try:
-        for _, mark, adapter in adapter_sites(gm):
+        for _, mark, adapter in sites:
             parent_path, _, leaf = mark.site.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             swapped.append((parent, leaf, getattr(parent, leaf)))
-            setattr(parent, leaf, EagerSite(gm, mark, adapter))
+            setattr(parent, leaf, EagerSite(gm, mark, adapter, folded.get(mark.site)))
         model.train(gm.training)
         yield model
     finally:
         for parent, leaf, old in reversed(swapped):
             setattr(parent, leaf, old)
         model.train(was)
+
+
+def _folds(gm: fx.GraphModule, sites: list, budget: int) -> dict[str, torch.Tensor]:
+    """``{site: W + ΔW}`` for the sites whose adapter gives an inference weight and has no hooks (a hook must
+    still see its calls), smallest weights first while the new copies total at most ``budget`` bytes."""
+    out: dict[str, torch.Tensor] = {}
+    if budget <= 0:
+        return out
+    for _, mark, adapter in sorted(sites, key=lambda s: logical_weight(gm, s[1]).numel()):
+        w = logical_weight(gm, mark)
+        size = w.numel() * w.element_size()
+        if size > budget or _hooked(adapter):
+            continue
+        with torch.no_grad():
+            folded = adapter.inference_weight(w)
+        if folded is not None:
+            out[mark.site] = folded
+            budget -= 0 if folded is w else size
+    return out
 
 
 def merged_tensors(gm: fx.GraphModule, model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -171,19 +171,22 @@ class LrcGraphModule(fx.GraphModule):
         return bool(face and hasattr(face.model, "generate") and getattr(face.model, "can_generate", lambda: False)())
 
     @torch.no_grad()
-    def generate(self, *args: Any, lrc_graphs: bool = False, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, lrc_graphs: bool = False, lrc_fold: bool | None = None, **kwargs: Any) -> Any:
         """The original model's ``generate`` (greedy, sampling, KV cache ...) with this model's adapters.
 
         When the graph is the original model plus adapters, the original modules run eagerly with each
         adapted linear calling its adapter (``frontend/eager.py``: HF's speed, the graph's tokens);
         otherwise, or with ``lrc_graphs=True``, its forward is routed through this model's graphs.
+        On the eager path, sites with an exact merge (LoRA and the methods sharing its forward) run over
+        W + ΔW folded once for this call (base speed; nothing written): ``lrc_fold=None`` folds the smallest
+        weights first while the copies total ≤ ``LRC_GENERATE_FOLD_MB`` (256 MiB), True folds all, False none.
         """
         face: Face | None = self.__dict__.get("_lrc_face")
         if face is None or not hasattr(face.model, "generate"):
             raise AttributeError("generate needs the original HF model (transform an HF model with a generate method)")
         names = kwargs.pop("adapter_names", None)  # PEFT's per-row adapters ("__base__": none)
         if names is None and not lrc_graphs and eager_ready(self, face.model):
-            with eager_adapters(self, face.model) as model:
+            with eager_adapters(self, face.model, lrc_fold) as model:
                 return model.generate(*args, **kwargs)
         merged = None if names is not None or lrc_graphs else merged_tensors(self, face.model)
         if merged is not None:  # lrc.merge's graph: the original modules over the merged weights (the base's speed)

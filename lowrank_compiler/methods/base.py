@@ -249,6 +249,11 @@ class AdapterMethod(nn.Module):
         """``(A, B, s)`` such that this adapter adds ``s·B A x`` to the current base linear, or None."""
         return None
 
+    def inference_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A new W' with ``forward(x, weight, b) = linear(x, W', b)`` in the current mode up to merge rounding
+        (``weight`` itself when passthrough), for a no-grad ``generate`` (frontend/eager.py); None: opt-in only."""
+        return None
+
     def mixed_factors(self, weight: torch.Tensor) -> MixedFactors | None:
         """This adapter as :class:`MixedFactors` (gradients flow to its parameters), or None when it is not
         additive-low-rank-with-gain (then it cannot share a mixed-adapter batch)."""

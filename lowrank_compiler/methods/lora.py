@@ -117,7 +117,7 @@ class LoRA(AdapterMethod):
             # Inference with many rows: W + s·B A costs d_out·d_in·r FLOPs and one d_out × d_in write,
             # far less than the low-rank branch's passes over the (rows × d) activations; the adapter
             # stays separate (swappable), only the arithmetic is merged (rounding differs as merge() does).
-            return F.linear(x, torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scaling), bias)
+            return F.linear(x, self._folded(weight), bias)
         if x.dim() >= 2 and x.dtype == weight.dtype == self.lora_A.dtype:
             # Flatten to 2-D so the base linear returns a fresh, contiguous (N, d_out) tensor, then let one
             # in-place GEMM do B·h, the scale and the residual add (beta=1). Versus PEFT's `out + s*B(A x)`
@@ -125,7 +125,8 @@ class LoRA(AdapterMethod):
             # out-of-place addmm the copy of `out`. Safe under autograd: the base GEMM saves only x and W.
             x2 = x.reshape(-1, x.shape[-1])
             out = F.linear(x2, weight, bias)
-            h = F.linear(self.lora_dropout(x2), self.lora_A)
+            drop = self.lora_dropout  # no Identity module call: a decode step pays Python per site
+            h = F.linear(x2 if type(drop) is nn.Identity else drop(x2), self.lora_A)
             out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
             return out.view(*x.shape[:-1], out.shape[-1])
         out = F.linear(x, weight, bias)
@@ -147,6 +148,24 @@ class LoRA(AdapterMethod):
         if not isinstance(rows, int):  # symbolic shape (tracing): never add a guard on the batch size
             return False
         return rows * (self.d_in + 2 * self.d_out) > 2 * self.d_in * self.d_out
+
+    def _folded(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + s·B A as one addmm: in W's dtype when the factors share it, else in fp32 rounded once."""
+        if weight.dtype == self.lora_A.dtype == self.lora_B.dtype:
+            return torch.addmm(weight, self.lora_B, self.lora_A, alpha=self.scaling)
+        return torch.addmm(weight.float(), self.lora_B.float(), self.lora_A.float(), alpha=self.scaling).to(weight.dtype)
+
+    def inference_weight(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """W + s·B A (the on-the-fly merge's formula; bf16/fp16 bases with fp32 masters: fp32, rounded once);
+        ``weight`` itself when passthrough; None while dropout is active or when a subclass changed forward."""
+        if self.passthrough:
+            return weight
+        if type(self).forward is not LoRA.forward or type(self).lora_branch is not LoRA.lora_branch:
+            return None
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            return None
+        with torch.no_grad():
+            return self._folded(weight)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
