@@ -20,7 +20,7 @@ from torch import fx, nn
 from lowrank_compiler.errors import LrcError
 from lowrank_compiler.frontend.checkpoint import called_by_trainer_save, trained_keys
 from lowrank_compiler.frontend.dtypes import baked_dtypes, dtype_change
-from lowrank_compiler.frontend.eager import eager_adapters, eager_ready, merged_tensors, over_tensors
+from lowrank_compiler.frontend.eager import eager_adapters, eager_ready, fold_default, merged_tensors, over_tensors
 from lowrank_compiler.frontend.face import Face
 from lowrank_compiler.frontend.tied import drop_aliases, fill_aliases
 from lowrank_compiler.ir import lrc_meta
@@ -179,14 +179,16 @@ class LrcGraphModule(fx.GraphModule):
         otherwise, or with ``lrc_graphs=True``, its forward is routed through this model's graphs.
         On the eager path, sites with an exact merge (LoRA and the methods sharing its forward) run over
         W + ΔW folded once for this call (base speed; nothing written): ``lrc_fold=None`` folds the smallest
-        weights first while the copies total ≤ ``LRC_GENERATE_FOLD_MB`` (256 MiB), True folds all, False none.
+        weights first while the copies total ≤ ``LRC_GENERATE_FOLD_MB`` (256 MiB), and not at all for a call
+        making fewer than 32 new tokens (the fold would not pay back); True folds all, False none.
         """
         face: Face | None = self.__dict__.get("_lrc_face")
         if face is None or not hasattr(face.model, "generate"):
             raise AttributeError("generate needs the original HF model (transform an HF model with a generate method)")
         names = kwargs.pop("adapter_names", None)  # PEFT's per-row adapters ("__base__": none)
         if names is None and not lrc_graphs and eager_ready(self, face.model):
-            with eager_adapters(self, face.model, lrc_fold) as model:
+            fold = fold_default(face.model, args, kwargs) if lrc_fold is None else lrc_fold
+            with eager_adapters(self, face.model, fold) as model:
                 return model.generate(*args, **kwargs)
         merged = None if names is not None or lrc_graphs else merged_tensors(self, face.model)
         if merged is not None:  # lrc.merge's graph: the original modules over the merged weights (the base's speed)

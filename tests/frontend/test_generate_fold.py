@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowrank_compiler as lrc
-from lowrank_compiler.frontend.eager import EagerSite, eager_adapters
+from lowrank_compiler.frontend.eager import FOLD_MIN_TOKENS, EagerSite, eager_adapters, fold_default
 from tests.helpers.decoder import SPECS, batch, make_decoder
 
 KW = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -46,11 +46,13 @@ def test_folded_generate_equals_unfolded_and_peft(kind, tmp_path):
     base, gm = _transformed(kind)
     assert all(_folded_sites(gm).values())
     b = batch(4, 12)
-    folded, unfolded = gm.generate(**b, **KW), gm.generate(**b, **KW, lrc_fold=False)
+    folded, unfolded = gm.generate(**b, **KW, lrc_fold=True), gm.generate(**b, **KW, lrc_fold=False)
     ref = _logits(unfolded)
     tol = 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()  # a few roundings per layer, fp32
     assert (_logits(folded) - ref).abs().max().item() <= tol
     assert torch.equal(folded.sequences, unfolded.sequences)
+    short = gm.generate(**b, **KW)  # 6 new tokens: below FOLD_MIN_TOKENS, the default runs unfolded
+    assert torch.equal(_logits(short), ref) and not torch.equal(_logits(folded), ref)
     assert (_logits(base.generate(**b, **KW)) - ref).abs().max().item() > 1e3 * tol  # the adapters act
     lrc.export(gm, tmp_path / "peft", format="peft")
     peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
@@ -63,7 +65,7 @@ def test_fold_leaves_the_model_unmodified_and_training_works():
     model = gm.lrc_face.model
     tensors = {n: (t, t.detach().clone()) for n, t in [*gm.named_parameters(), *model.named_parameters()]}
     modules = {n: type(m) for n, m in model.named_modules()}
-    gm.generate(**batch(2, 10), max_new_tokens=4, do_sample=False)
+    gm.generate(**batch(2, 10), max_new_tokens=4, do_sample=False, lrc_fold=True)
     after = dict([*gm.named_parameters(), *model.named_parameters()])
     assert after.keys() == tensors.keys()
     assert all(after[n] is t and torch.equal(t, copy_) for n, (t, copy_) in tensors.items())  # same objects, bits
@@ -114,7 +116,23 @@ def test_bf16_folds_in_fp32_and_keeps_the_fp32_tokens():
     assert all(_folded_sites(gb).values())
     b = batch(2, 10, seed=1)
     want = gm.generate(**b, **KW)
-    folded = gb.generate(**b, **KW)
+    folded = gb.generate(**b, **KW, lrc_fold=True)
     ref = _logits(want)
     assert (_logits(folded) - ref).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
     assert torch.equal(folded.sequences, want.sequences)
+
+
+def test_fold_default_by_new_tokens():
+    """The default folds only a call that makes at least FOLD_MIN_TOKENS new tokens (the fold costs a few steps)."""
+    from transformers import GenerationConfig
+
+    class M(torch.nn.Module):
+        generation_config = GenerationConfig()  # HF's default: max_length 20
+
+    ids = torch.zeros(1, 12, dtype=torch.long)
+    n = FOLD_MIN_TOKENS
+    assert fold_default(M(), (ids,), {}) is False  # 20 - 12 = 8 new tokens
+    assert fold_default(M(), (), {"input_ids": ids, "max_length": 12 + n}) is None
+    assert fold_default(M(), (ids,), {"max_new_tokens": n - 1}) is False
+    assert fold_default(M(), (ids,), {"max_new_tokens": n}) is None
+    assert fold_default(M(), (ids,), {"generation_config": GenerationConfig(max_new_tokens=4 * n)}) is None
