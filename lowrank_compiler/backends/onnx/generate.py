@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from lowrank_compiler.formats.load import with_face
 from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
 from lowrank_compiler.passes.merge import merge as merge_pass
 from lowrank_compiler.passes.separate import separate
+from lowrank_compiler.safety.atomic import check_target
 
 _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so none specialises
 
@@ -185,23 +188,31 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.onnx.export of the decode graph failed: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300]}") from None
-    path = Path(path)
+    path = check_target(path, "file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if source_dtype is not None:
         float32_initializers(prog.model)
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     external = size > 2_000_000_000 if external_data is None else external_data
     fusion_report = None
-    if external:  # weights streamed from the torch tensors to <path>.data, once; the proto never holds them
-        model = _save_external(prog, path, renames)
-    else:
-        model = prog.model_proto
-        if renames:
-            model = make_lora_inputs(model, renames)
-        if optimize:  # the numerics check runs ORT on the in-memory model
-            model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save_model(model, str(path))
+    # written in a folder beside ``path`` and moved in when complete: a failed export leaves nothing behind
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = stage / path.name
+        if external:  # weights streamed from the torch tensors to <path>.data, once; the proto never holds them
+            _save_external(prog, staged, renames)
+        else:
+            model = prog.model_proto
+            if renames:
+                model = make_lora_inputs(model, renames)
+            if optimize:  # the numerics check runs ORT on the in-memory model
+                model, fusion_report = ort_optimize(model, feeds={n: v.numpy() for n, v in zip(in_names, inputs)})
+            onnx.checker.check_model(model, full_check=True)
+            onnx.save_model(model, str(staged))
+        for f in sorted(stage.iterdir(), key=lambda f: f == staged):  # the data file before the graph naming it
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     report: dict[str, Any] = {"path": str(path), "inputs": in_names, "outputs": out_names, "adapters": [],
                               "external_data": bool(external), "dtype": "float32",
                               "source_dtype": str(source_dtype or torch.float32).replace("torch.", "")}

@@ -1,0 +1,41 @@
+"""A decoder ONNX export is staged beside its target and moved in when complete: a failure leaves the folder as it
+was (an earlier export's files included), a success leaves the graph, its data file and nothing else."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+import lowrank_compiler as lrc
+from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
+from lowrank_compiler.errors import ExportError
+from tests.helpers.decoder import SPECS, make_decoder
+
+pytestmark = pytest.mark.slow  # a decoder export each: 10-25 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def gm():
+    return lrc.transform(make_decoder("llama"), SPECS["llama"][0])
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_failed_export_leaves_the_folder_as_it_was(gm, tmp_path, monkeypatch, external):
+    target = tmp_path / "lm.onnx"
+    target.write_bytes(b"an earlier export")
+    (tmp_path / "lm.onnx.data").write_bytes(b"its weights")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(*a, **k):
+        raise ExportError("disk full (simulated)")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        export_decoder_onnx(gm, target, merge=False, external_data=external, validate=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp folder, nothing replaced
+
+
+def test_export_with_external_data_leaves_graph_data_and_adapter(gm, tmp_path):
+    report = export_decoder_onnx(gm, tmp_path / "lm.onnx", merge=False, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.onnx_adapter", "lm.onnx", "lm.onnx.data"]
+    assert report["max_abs_diff"] < 1e-4  # the moved files still find each other: ORT ran them against torch
