@@ -210,6 +210,16 @@ def _lrc_torch(ctx: Context, merged: bool) -> Runner:
     return torch_runner(gm, ctx.device)
 
 
+class _Unfolded:
+    """``gm.generate(..., lrc_fold=False)``: the per-site adapter path (what a call under 32 new tokens runs)."""
+
+    def __init__(self, gm: Any) -> None:
+        self.gm = gm
+
+    def generate(self, **kw: Any) -> Any:
+        return self.gm.generate(**kw, lrc_fold=False)
+
+
 def _ort(ctx: Context, which: str) -> Runner:
     if which == "merged":
         return ort_runner(ort_session(merged_onnx(ctx), ctx.device, ctx.threads), None)
@@ -236,6 +246,7 @@ VARIANTS: list[Variant] = [
     Variant("HF torch, base", "torch", lambda c: torch_runner(c.model, c.device)),
     Variant("PEFT, LoRA", "torch", _peft),
     Variant("lrc torch, unmerged", "torch", lambda c: _lrc_torch(c, merged=False)),
+    Variant("lrc torch, unmerged, unfolded", "torch", lambda c: torch_runner(_Unfolded(c.gm), c.device)),
     Variant("lrc torch, merged", "torch", lambda c: _lrc_torch(c, merged=True)),
     Variant("lrc ORT loop, base", "ort", lambda c: _ort(c, "base")),
     Variant("lrc ORT loop, adapter", "ort", lambda c: _ort(c, "adapter")),
