@@ -1,8 +1,9 @@
-"""Issue 22: a bf16 decoder's ONNX export (fp32 file, adapters separate, external data) peaks under 2.5× the
-bf16 weights W at 4 layers of the TinyLlama-1.1B shape (subprocess; VmHWM after a reset minus the RSS before).
+"""Issue 22: a bf16 decoder's ONNX export (fp32 file, adapters separate, external data) peaks under 0.5× the
+bf16 weights W (issue 22's target: 2.5×) at 4 layers of the TinyLlama-1.1B shape (subprocess; VmHWM after a reset minus the RSS before).
 
 The fp32 twin the export used to trace cost 2 W (an fp32 copy) plus the separate pass's copy of it (2 W):
-over 4 W, so the bound fails with it. Now: the separate pass's bf16 copy (1 W) plus one upcast block in flight.
+over 4 W; then the separate pass's copy of the bf16 graph (1 W). Now: that pass shares the frozen base, so what
+is left is the exporter's own bookkeeping plus one upcast block in flight.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ print(json.dumps({{"W": W, "peak": peak, "external": rep["external_data"], "dtyp
                    "source": rep["source_dtype"]}}))
 ''')
     assert rep["external"] and (rep["dtype"], rep["source"]) == ("float32", "bfloat16"), rep
-    assert rep["peak"] <= 2.5 * rep["W"], rep
+    assert rep["peak"] <= 0.5 * rep["W"], rep
     data = out.with_name("model.onnx.data").stat().st_size
     assert 2 * rep["W"] <= data <= 2.1 * rep["W"]  # every weight once, as float32
     import onnx

@@ -59,7 +59,8 @@ print(json.dumps({{"F": F, "peak": peak, "diff": float((got - want["ref"]).abs()
 
 @pytest.mark.slow
 def test_decoder_onnx_export_with_external_data_peak_is_bounded(tmp_path):
-    """Decode graph, LoRA pairs as ORT adapter inputs, weights written once to ``model.onnx.data``: ≤ 2.5 W."""
+    """Decode graph, LoRA pairs as ORT adapter inputs, weights written once to ``model.onnx.data``: ≤ 0.5 W
+    (issue 22's target 2.5 W; +1.1 W while the separate pass copied the graph's weights)."""
     out = tmp_path / "onnx" / "model.onnx"
     rep = run_phase(BUILD + f'''
 from lowrank_compiler.backends.onnx.generate import export_decoder_onnx
@@ -67,7 +68,7 @@ rep, s, peak = measure(lambda: export_decoder_onnx(gm, {str(out)!r}, merge=False
                                                    validate=False))
 print(json.dumps({{"W": W, "peak": peak, "external": rep["external_data"]}}))
 ''')
-    assert rep["external"] and rep["peak"] <= 2.5 * rep["W"], rep
+    assert rep["external"] and rep["peak"] <= 0.5 * rep["W"], rep
     data = out.with_name("model.onnx.data").stat().st_size
     assert rep["W"] <= data <= 1.05 * rep["W"]  # every weight once (the LoRA pairs' traced values are r x d)
     import onnx
