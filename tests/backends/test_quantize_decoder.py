@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers.decoder import SPECS, make_decoder
+from helpers.decoder import SPECS, greedy_tokens, make_decoder
 
 import lowrank_compiler as lrc
 from lowrank_compiler.backends.onnx.export import session
@@ -46,11 +46,7 @@ def lm(tmp_path_factory):
 
 
 def _torch_tokens(model, prompt: np.ndarray) -> np.ndarray:
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return np.asarray(out)
+    return greedy_tokens(model, prompt, NEW)
 
 
 @slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowrank_compiler as lrc
-from tests.helpers.decoder import batch, make_decoder
+from tests.helpers.decoder import batch, fill_lora, make_decoder
 
 pytestmark = pytest.mark.slow  # traces and two ONNX exports: 53 s at load 1.5, 293 s at load 11 (2 cores)
 
@@ -25,14 +25,7 @@ def _pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     twin = copy.deepcopy(model)
     gm = lrc.transform(model, SPEC, example_inputs=(batch(2, 8)["input_ids"],))
     pm = peft.get_peft_model(twin, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    theirs = dict(pm.named_parameters())
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for site, mod in lrc.adapters(gm).items():
-            for which in ("lora_A", "lora_B"):
-                p = getattr(mod, which)
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-                theirs[f"base_model.model.{site}.{which}.default.weight"].copy_(p)
+    fill_lora(gm, pm)
     return gm, pm
 
 

@@ -15,21 +15,9 @@ import pytest
 import torch
 
 import lowrank_compiler as lrc
+from tests.helpers.decoder import fill_lora
 
 SPEC_LM = "self_attn.q_proj:lora(r=4, alpha=8); self_attn.v_proj:lora(r=4, alpha=8)"
-
-
-def _fill_adapters(gm: torch.nn.Module, peft_model: torch.nn.Module | None = None) -> None:
-    """Random non-zero LoRA pairs (seeded), copied into ``peft_model``'s adapters when given."""
-    theirs = dict(peft_model.named_parameters()) if peft_model is not None else {}
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for site, mod in lrc.adapters(gm).items():
-            for which in ("lora_A", "lora_B"):
-                p = getattr(mod, which)
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-                if theirs:
-                    theirs[f"base_model.model.{site}.{which}.default.weight"].copy_(p)
 
 
 def _first_logits(sess, ids, mask, adapter):
@@ -56,7 +44,7 @@ def test_bf16_decoder_export_equals_the_fp32_twin_export(tmp_path, capfd):
                          eos_token_id=2, pad_token_id=0)
     model = tf.LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
     gm = lrc.transform(model, SPEC_LM, example_inputs=(batch(2, 8)["input_ids"],))
-    _fill_adapters(gm)
+    fill_lora(gm)
     b = batch(2, 8)
     for merge in (False, True):
         new = export_decoder_onnx(gm, tmp_path / f"new{merge}.onnx", merge=merge, external_data=True)
@@ -90,7 +78,7 @@ def test_bf16_encoder_export_runs_on_cpu_and_matches_the_fp32_upcast(tmp_path, c
     gm = lrc.transform(model, "attention.self.query:lora(r=4, alpha=8); intermediate.dense:lora(r=4, alpha=8)",
                        example_inputs=(ids,))
     pm = peft.get_peft_model(twin, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense"]))
-    _fill_adapters(gm, pm)
+    fill_lora(gm, pm)
     ref = copy.deepcopy(pm).float().eval()  # independent: HF + PEFT upcast (bf16 -> fp32 is exact)
     with torch.no_grad():
         want = ref(input_ids=ids).last_hidden_state.numpy()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.common import trainer_args
-from helpers.decoder import SPECS, VOCAB, make_decoder
+from helpers.decoder import SPECS, VOCAB, greedy_tokens, make_decoder
 from helpers.trainer import Rows
 
 import lowrank_compiler as lrc
@@ -34,11 +34,7 @@ NEW = 6  # greedy tokens per prompt
 
 
 def _torch_tokens(model, prompt: np.ndarray) -> np.ndarray:
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return np.asarray(out)
+    return greedy_tokens(model, prompt, NEW)
 
 
 def _last_logits(sess, prefix: np.ndarray, adapter) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 import lowrank_compiler as lrc
@@ -66,3 +67,26 @@ def trained(kind: str, steps: int = 20) -> tuple[torch.nn.Module, torch.nn.Modul
         opt.zero_grad()
     gm.eval()
     return gm, base
+
+
+def greedy_tokens(model: torch.nn.Module, prompt: np.ndarray, new: int) -> np.ndarray:
+    """``model.generate``'s greedy tokens for ``prompt`` [batch, seq] (exactly ``new`` steps: no eos, pad 0)."""
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return np.asarray(out)
+
+
+def fill_lora(gm: torch.nn.Module, peft_model: torch.nn.Module | None = None, seed: int = 3,
+              std: float = 0.3) -> None:
+    """Seeded random non-zero LoRA pairs in ``gm``'s adapters, copied into ``peft_model``'s when given."""
+    theirs = dict(peft_model.named_parameters()) if peft_model is not None else {}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site, mod in lrc.adapters(gm).items():
+            for which in ("lora_A", "lora_B"):
+                p = getattr(mod, which)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+                if theirs:
+                    theirs[f"base_model.model.{site}.{which}.default.weight"].copy_(p)
