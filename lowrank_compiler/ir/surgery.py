@@ -73,6 +73,13 @@ def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+def frozen_shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (its own graph and submodules) that shares ``gm``'s frozen tensors (``requires_grad``
+    False: the base weights), for a pass that never writes one in place (a rewritten base weight is a new tensor:
+    ``set_logical_weight``). Separating or merging a 1.1B model's copy then costs its adapters, not +1 W."""
+    return copy.deepcopy(gm, {id(t): t for t in [*gm.parameters(), *gm.buffers()] if not t.requires_grad})
+
+
 def adapter_to_linear(graph: fx.Graph, node: fx.Node) -> fx.Node:
     """Replace the adapter node ``adapter(x, W, b)`` by ``aten.linear(x, W, b)``; returns the new node.
 

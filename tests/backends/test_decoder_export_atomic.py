@@ -39,3 +39,19 @@ def test_export_with_external_data_leaves_graph_data_and_adapter(gm, tmp_path):
     report = export_decoder_onnx(gm, tmp_path / "lm.onnx", merge=False, external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default.onnx_adapter", "lm.onnx", "lm.onnx.data"]
     assert report["max_abs_diff"] < 1e-4  # the moved files still find each other: ORT ran them against torch
+
+
+def test_exports_share_the_base_and_leave_the_model_as_it_was(tmp_path):
+    """Merged, separate and genai exports of a model whose init moved its base (PiSSA) work on copies that share
+    the frozen weights (ir.frozen_shared_copy): every tensor of the model is the same object, bitwise, afterwards."""
+    import torch
+
+    gm = lrc.transform(make_decoder("llama"), "self_attn.*:lora(r=4, alpha=8, init=\"pissa\")")
+    export_decoder_onnx(gm, tmp_path / "warm.onnx", merge=False)  # traces the decode signature (lifts its constants)
+    before = {n: (t, t.detach().clone()) for n, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    export_decoder_onnx(gm, tmp_path / "merged.onnx", merge=True)
+    export_decoder_onnx(gm, tmp_path / "separate.onnx", merge=False)
+    lrc.export(gm, tmp_path / "genai", format="genai")
+    after = dict([*gm.named_parameters(), *gm.named_buffers()])
+    assert after.keys() == before.keys()
+    assert all(after[n] is t and torch.equal(t, old) for n, (t, old) in before.items())

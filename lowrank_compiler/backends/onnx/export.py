@@ -43,7 +43,7 @@ from lowrank_compiler.backends.onnx.upcast import (
 )
 from lowrank_compiler.errors import ExportError
 from lowrank_compiler.frontend.capture import dynamic_dims
-from lowrank_compiler.ir import META_KEY, adapter_nodes
+from lowrank_compiler.ir import META_KEY, adapter_nodes, frozen_shared_copy
 from lowrank_compiler.passes.pipelines import base_pipeline, merge_pipeline, separate_pipeline
 from lowrank_compiler.safety.atomic import atomic_write
 
@@ -272,7 +272,7 @@ def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: bool = Tr
         print(upcast_notice(low), file=sys.stderr)
     renames: dict[str, tuple[str, int | None]] = {}
     if merge:  # a bf16 model's adapted weights merge in fp32, as the fp32 model's would
-        target = merge_pipeline()(fp32_sites(copy.deepcopy(gm)) if low else copy.deepcopy(gm)).gm
+        target = merge_pipeline()(fp32_sites(frozen_shared_copy(gm)) if low else frozen_shared_copy(gm)).gm
     else:
         target = separate_pipeline(placeholder_seed=0)(gm).gm  # distinct random values: no initializer dedup (ONNX_FACTS §5)
         renames = adapter_input_renames(gm, target)

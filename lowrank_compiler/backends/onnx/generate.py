@@ -43,7 +43,14 @@ from lowrank_compiler.backends.onnx.upcast import (
 )
 from lowrank_compiler.errors import ExportError, LoadError
 from lowrank_compiler.formats.load import with_face
-from lowrank_compiler.ir import META_KEY, adapter_nodes, logical_weight, lrc_meta, set_logical_weight
+from lowrank_compiler.ir import (
+    META_KEY,
+    adapter_nodes,
+    frozen_shared_copy,
+    logical_weight,
+    lrc_meta,
+    set_logical_weight,
+)
 from lowrank_compiler.passes.merge import merge as merge_pass
 from lowrank_compiler.passes.separate import separate
 from lowrank_compiler.safety.atomic import check_target
@@ -54,7 +61,7 @@ _EXAMPLE = (2, 3, 5)  # batch, new tokens, past tokens: distinct sizes > 1, so n
 def unmerged_copy(gm: fx.GraphModule, original: bool = False) -> fx.GraphModule:
     """A copy of ``gm`` with every adapter unmerged; ``original``: also undo known base offsets (LoRA-GA),
     so the base weights are the original model's."""
-    out = copy.deepcopy(gm)
+    out = frozen_shared_copy(gm)
     for node in adapter_nodes(out):
         mark = node.meta[META_KEY]
         mod = out.get_submodule(mark.module_path)
@@ -156,7 +163,7 @@ def export_decoder_onnx(gm: fx.GraphModule, path: str | os.PathLike, *, merge: b
     var.eval()
     renames: dict[str, tuple[str, int | None]] = {}
     if merge:
-        target = merge_pass(fp32_sites(copy.deepcopy(var)) if source_dtype else copy.deepcopy(var)).gm
+        target = merge_pass(fp32_sites(frozen_shared_copy(var)) if source_dtype else frozen_shared_copy(var)).gm
     else:
         target = separate(var, placeholder_seed=0, gain_sites=gain_sites).gm
         renames = adapter_input_renames(var, target)
