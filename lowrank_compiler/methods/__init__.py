@@ -10,9 +10,9 @@ May import: ``errors``, ``quiet``. A method never sees a graph.
 import importlib
 import pkgutil
 
+from lowrank_compiler.methods.args import Arg
 from lowrank_compiler.methods.base import (
     AdapterMethod,
-    Arg,
     SiteInfo,
     StepContext,
     get_method,

@@ -10,17 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_compiler.errors import SpecError
-from lowrank_compiler.methods.base import (
-    AdapterMethod,
-    Arg,
-    LowRank,
-    SiteInfo,
-    StepContext,
-    non_negative,
-    positive,
-    probability,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, non_negative, positive, probability
+from lowrank_compiler.methods.base import AdapterMethod, LowRank, SiteInfo, StepContext, register_method
 
 #: args that define one shared budget pool (adapters agreeing on all of them are allocated together)
 SCHEDULE = ("tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg", "total_step", "step_from", "orth_in_loss")

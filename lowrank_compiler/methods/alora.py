@@ -13,16 +13,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lowrank_compiler.errors import LrcError, SpecError
-from lowrank_compiler.methods.base import (
-    AdapterMethod,
-    Arg,
-    LowRank,
-    SiteInfo,
-    StepContext,
-    non_negative,
-    positive,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, non_negative, positive
+from lowrank_compiler.methods.base import AdapterMethod, LowRank, SiteInfo, StepContext, register_method
 
 
 @register_method

@@ -8,16 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compiler.methods.base import (
-    Arg,
-    LowRank,
-    MixedFactors,
-    SiteInfo,
-    check_finite,
-    positive,
-    probability,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, positive, probability
+from lowrank_compiler.methods.base import LowRank, MixedFactors, SiteInfo, check_finite, register_method
 from lowrank_compiler.methods.lora import LoRA
 
 

@@ -8,15 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compiler.methods.base import (
-    AdapterMethod,
-    Arg,
-    SiteInfo,
-    check_finite,
-    non_negative,
-    positive,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, non_negative, positive
+from lowrank_compiler.methods.base import AdapterMethod, SiteInfo, check_finite, register_method
 
 
 @register_method

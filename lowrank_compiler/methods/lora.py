@@ -10,16 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_compiler.methods import lora_inits
+from lowrank_compiler.methods.args import Arg, one_of, positive, probability
 from lowrank_compiler.methods.base import (
     AdapterMethod,
-    Arg,
     DataDependentInit,
     LowRank,
     MixedFactors,
     SiteInfo,
-    one_of,
-    positive,
-    probability,
     register_method,
 )
 from lowrank_compiler.methods.gradstats import InputCovariance, InputPCA

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_compiler.errors import InitError
-from lowrank_compiler.methods.base import Arg, DataDependentInit, SiteInfo, positive, register_method
+from lowrank_compiler.methods.args import Arg, positive
+from lowrank_compiler.methods.base import DataDependentInit, SiteInfo, register_method
 from lowrank_compiler.methods.gradstats import GradStats
 from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowrank_compiler.methods.base import Arg, SiteInfo, positive, register_method
+from lowrank_compiler.methods.args import Arg, positive
+from lowrank_compiler.methods.base import SiteInfo, register_method
 from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 

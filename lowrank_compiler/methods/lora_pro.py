@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from lowrank_compiler.errors import LrcError
-from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, one_of, register_method
+from lowrank_compiler.methods.args import Arg, one_of
+from lowrank_compiler.methods.base import SiteInfo, StepContext, register_method
 from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 _DELTA = 1e-8  # ridge on the r × r inverses, as the authors (pinv(M + 1e-8 I))

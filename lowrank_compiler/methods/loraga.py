@@ -9,14 +9,8 @@ from typing import Any
 import torch
 
 from lowrank_compiler.errors import InitError
-from lowrank_compiler.methods.base import (
-    Arg,
-    SiteInfo,
-    non_negative,
-    one_of,
-    positive,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, non_negative, one_of, positive
+from lowrank_compiler.methods.base import SiteInfo, register_method
 from lowrank_compiler.methods.gradstats import ExactGradient, GradientSketch, GradStats
 from lowrank_compiler.methods.lora import LORA_ARGS, LoRA, OffsetFactors
 

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from lowrank_compiler.errors import SpecError
-from lowrank_compiler.methods.base import Arg, SiteInfo, StepContext, non_negative, positive, register_method
+from lowrank_compiler.methods.args import Arg, non_negative, positive
+from lowrank_compiler.methods.base import SiteInfo, StepContext, register_method
 from lowrank_compiler.methods.lora import LORA_ARGS, LoRA
 
 

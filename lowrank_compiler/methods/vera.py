@@ -10,17 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compiler.methods.base import (
-    AdapterMethod,
-    Arg,
-    LowRank,
-    MixedFactors,
-    SiteInfo,
-    non_negative,
-    positive,
-    probability,
-    register_method,
-)
+from lowrank_compiler.methods.args import Arg, non_negative, positive, probability
+from lowrank_compiler.methods.base import AdapterMethod, LowRank, MixedFactors, SiteInfo, register_method
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 

@@ -15,7 +15,8 @@ from torch import nn
 
 import lowrank_compiler as lrc
 from lowrank_compiler.backends.onnx.export import session
-from lowrank_compiler.methods.base import Arg, LowRank, SiteInfo, positive
+from lowrank_compiler.methods.args import Arg, positive
+from lowrank_compiler.methods.base import LowRank, SiteInfo
 
 
 @lrc.register_method
